@@ -1,0 +1,1 @@
+"""The `kiln` command line: one entry point, each subcommand importing only what it needs."""

@@ -1,0 +1,185 @@
+"""`kiln` subcommands. Serving and client commands never import torch; compile commands do."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _key_values(text: str, flag: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{flag} expects COMPONENT=NUMBER[,...]; got {item!r}")
+    return out
+
+
+def cmd_models_init(args: argparse.Namespace) -> int:
+    from compiler.source import init_model
+
+    path = init_model(args.dir, args.arch, args.seed)
+    print(f"wrote {args.arch} model (seed {args.seed}) to {path}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+
+    config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions)
+    if args.parity_threshold:
+        config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
+        config.__post_init__()
+    result = compile_model(args.source, args.store, config, progress=not args.quiet)
+    m = result.manifest
+    for name, c in m.components.items():
+        print(f"{name:<13} {c.precision}  max|diff| vs PyTorch {c.parity['max_abs_diff']:.2e}  passes: "
+              f"{', '.join(c.passes) or '-'}")
+    print(f"bundle {m.name} version {m.version} at {result.path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from runtime.server.app import ServeConfig, serve
+
+    config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
+                         shutdown_grace_s=args.shutdown_grace)
+    return asyncio.run(serve(config))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto.kiln.v1 import kiln_pb2 as pb
+    from runtime.client import describe_error, generate
+
+    request = pb.GenerateRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+        height=args.height, steps=args.steps, sampler=args.sampler, num_images=args.num_images,
+        request_id=args.request_id,
+    )
+    if args.guidance is not None:
+        request.guidance_scale = args.guidance
+    if args.seed is not None:
+        request.seed = args.seed
+    try:
+        result = generate(args.target, request, Path(args.out), timeout=args.timeout, progress=not args.quiet)
+    except grpc.RpcError as e:
+        print(describe_error(e), file=sys.stderr)
+        return 1
+    s = result.started
+    for path, a in zip(result.paths, result.artifacts):
+        total = sum(t.seconds for t in a.timings)
+        print(f"wrote {path} ({s.width}x{s.height}, {s.steps} steps, {s.sampler}, seed {a.seed}, {total:.2f}s)")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    import grpc
+
+    from runtime.client import describe_error, list_models
+
+    try:
+        response = list_models(args.target)
+    except grpc.RpcError as e:
+        print(describe_error(e), file=sys.stderr)
+        return 1
+    for m in response.models:
+        precision = ",".join(f"{k}={v}" for k, v in sorted(m.precision.items()))
+        print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
+              f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from runtime.client import wait_ready
+
+    wait_ready(args.target, args.timeout)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Compile Stable Diffusion models to ONNX bundles and serve them.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="source models and served models").add_subparsers(dest="models_command",
+                                                                                             required=True)
+    init = models.add_parser("init", help="write a diffusers folder with deterministic random weights")
+    init.add_argument("dir")
+    init.add_argument("--arch", required=True, choices=["tiny", "sd-v1"])
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_models_init)
+    ls = models.add_parser("list", help="list the models a server serves")
+    ls.add_argument("--target", default="127.0.0.1:50051")
+    ls.set_defaults(func=cmd_models_list)
+
+    c = sub.add_parser("compile", help="compile a local diffusers folder into a bundle")
+    c.add_argument("source", help="local diffusers folder (model_index.json, unet/, vae/, ...)")
+    c.add_argument("--name", required=True)
+    c.add_argument("--store", required=True)
+    c.add_argument("--precision", default="fp32", choices=["fp32"])
+    c.add_argument("--opset", type=int, default=17)
+    c.add_argument("--no-fusions", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    c.add_argument("--parity-threshold", default="", metavar="COMPONENT=MAXDIFF[,...]",
+                   help="override the max abs difference allowed against PyTorch, e.g. unet=2e-3")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("serve", help="serve a store's bundles over gRPC")
+    s.add_argument("--store", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
+    s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    s.set_defaults(func=cmd_serve)
+
+    g = sub.add_parser("generate", help="generate images from a running server")
+    g.add_argument("--target", default="127.0.0.1:50051")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--width", type=int, default=0, help="0: the model's default")
+    g.add_argument("--height", type=int, default=0, help="0: the model's default")
+    g.add_argument("--steps", type=int, default=0, help="0: the model's default")
+    g.add_argument("--guidance", type=float, default=None, help="unset: the model's default")
+    g.add_argument("--sampler", default="", help="euler | euler_a | dpmpp_2m_karras (unset: the model's default)")
+    g.add_argument("--seed", type=int, default=None, help="unset: random, printed")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--request-id", default="")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--out", default="out.png")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("wait", help="wait until a server reports SERVING")
+    w.add_argument("--target", default="127.0.0.1:50051")
+    w.add_argument("--timeout", type=float, default=60.0)
+    w.set_defaults(func=cmd_wait)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kiln's offline compiler: source model -> verified, optimized ONNX bundle."""

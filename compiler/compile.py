@@ -1,0 +1,145 @@
+"""`kiln compile`: source folder -> export -> optimize -> verify -> bundle in the store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from compiler.config import CompileConfig
+from compiler.export import COMPONENTS, export_component, save_model
+from compiler.passes import fusions
+from compiler.progress import Progress
+from compiler.source import load_source
+from compiler.source.load import TOKENIZER_FILES
+from compiler.verify import check_parity
+from model_store import ComponentEntry, Manifest, Store
+
+# release a source module once the last component that needs it is done
+LAST_USE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae"}
+
+
+@dataclass
+class CompileResult:
+    path: Path
+    manifest: Manifest
+
+
+def kiln_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kiln")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def compile_model(source_path: str | Path, store_root: str | Path, config: CompileConfig,
+                  progress: bool = True) -> CompileResult:
+    """Compile a local diffusers folder into a new bundle version; nothing is published on failure."""
+    import onnxruntime
+    import torch
+
+    source = load_source(source_path)
+    store = Store(store_root)
+    steps = Progress(total=2 + 3 * len(COMPONENTS) + 1, enabled=progress)
+    with steps.stage("hash source model"):
+        source_hash = source.content_hash()
+    staging = store.staging_dir(config.name)
+    try:
+        components: dict[str, ComponentEntry] = {}
+        for name, spec in COMPONENTS.items():
+            out = staging / f"{name}.onnx"
+            with steps.stage(f"export {name}"):
+                export_component(spec, source, out, config.opset)
+            passes: list[str] = []
+            with steps.stage(f"optimize {name}"):
+                if config.fusions:
+                    fused = fusions.apply(onnx.load(str(out)), name)
+                    save_model(fused, out)
+                    passes.append("fusions")
+            with steps.stage(f"verify {name}"):
+                parity = check_parity(spec, source, out, config.parity_threshold[name])
+            data = out.with_name(out.name + ".data")
+            components[name] = ComponentEntry(
+                file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision=config.precision,
+                external_data=data.name if data.exists() else None, passes=passes, parity=parity,
+                op_counts=fusions.op_counts(onnx.load(str(out), load_external_data=False)),
+            )
+            if name in LAST_USE:
+                source.release(LAST_USE[name])
+        with steps.stage("tokenizer and manifest"):
+            tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
+            manifest = _manifest(config, source, source_hash, components, tokenizer)
+            manifest.tool_versions = {
+                "onnx": onnx.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            }
+            ref = store.publish(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return CompileResult(ref.path, ref.manifest)
+
+
+def _write_tokenizer(src: Path, dst: Path) -> dict:
+    """Copy the CLIP tokenizer files and add `tokenizer.json`, which the runtime loads with `tokenizers`."""
+    from transformers import CLIPTokenizerFast
+
+    dst.mkdir()
+    for f in TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy(src / f, dst / f)
+    fast = CLIPTokenizerFast.from_pretrained(str(src))
+    fast.backend_tokenizer.save(str(dst / "tokenizer.json"))
+    max_length = min(int(fast.model_max_length), 77)
+    return {
+        "file": "tokenizer/tokenizer.json",
+        "files": sorted(p.name for p in dst.iterdir()),
+        "max_length": max_length,
+        "bos_id": fast.bos_token_id,
+        "eos_id": fast.eos_token_id,
+        "pad_id": fast.pad_token_id,
+    }
+
+
+def _manifest(config: CompileConfig, source, source_hash: str, components, tokenizer) -> Manifest:  # type: ignore[no-untyped-def]
+    import onnxruntime
+
+    text_cfg = json.loads((source.path / "text_encoder/config.json").read_text())
+    size = source.default_size
+    identity = hashlib.sha256(f"{source_hash}:{config.hash()}".encode()).hexdigest()[:8]
+    return Manifest(
+        name=config.name,
+        version=f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{identity}",
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        kiln_version=kiln_version(),
+        source={"path": str(source.path.resolve()), "sha256": source_hash},
+        compile_config=config.to_dict(),
+        config_hash=config.hash(),
+        opset=config.opset,
+        onnxruntime_version=onnxruntime.__version__,
+        components=components,
+        files=[],
+        scheduler_config=source.scheduler_config,
+        tokenizer=tokenizer,
+        model={
+            "latent_channels": int(source.vae_config["latent_channels"]),
+            "vae_scale_factor": source.vae_scale_factor,
+            "vae_scaling_factor": float(source.vae_config.get("scaling_factor", 0.18215)),
+            "unet_in_channels": int(source.unet_config["in_channels"]),
+            "text_hidden_size": int(text_cfg["hidden_size"]),
+        },
+        defaults={
+            "width": size, "height": size, "steps": config.default_steps,
+            "guidance_scale": config.default_guidance_scale, "sampler": config.default_sampler,
+        },
+        limits={
+            "min_size": 8 * source.vae_scale_factor, "max_size": max(config.max_size, size),
+            "max_steps": config.max_steps, "max_images": config.max_images, "max_guidance_scale": 30.0,
+        },
+    )

@@ -1,0 +1,72 @@
+"""Typed compile configuration; its hash over graph-changing fields is part of a bundle's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32",)
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass
+class CompileConfig:
+    name: str
+    """Bundle name clients ask for: lowercase letters, digits, `.`, `_`, `-`; at most 64 characters."""
+    precision: str = "fp32"
+    """Numeric precision of every component. Only fp32 so far."""
+    opset: int = 17
+    """ONNX opset of the exported graphs (17 to 21)."""
+    fusions: bool = True
+    """Apply ONNX Runtime's transformer fusions valid on the CPU execution provider."""
+    parity_threshold: dict[str, float] = field(
+        default_factory=lambda: {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vae_encoder": 1e-3}
+    )
+    """Largest allowed max-abs difference between ONNX Runtime and PyTorch fp32 outputs, per component."""
+    default_steps: int = 20
+    """Steps when a request leaves `steps` unset (1 to max_steps)."""
+    default_guidance_scale: float = 7.5
+    """Guidance when a request leaves it unset (0 to max_guidance_scale)."""
+    default_sampler: str = "dpmpp_2m_karras"
+    """Sampler when a request leaves it unset."""
+    max_size: int = 1024
+    """Largest width or height a client may ask for (multiple of 8, at least the default size)."""
+    max_steps: int = 150
+    """Largest number of denoising steps a request may ask for."""
+    max_images: int = 4
+    """Largest num_images per request."""
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(
+                f"name={self.name!r} must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
+        if not 17 <= self.opset <= 21:
+            raise ValueError(f"opset={self.opset} must be between 17 and 21")
+        if self.max_size % 8 or self.max_size < 64:
+            raise ValueError(f"max_size={self.max_size} must be a multiple of 8 and at least 64")
+        if not 1 <= self.max_steps <= 1000:
+            raise ValueError(f"max_steps={self.max_steps} must be between 1 and 1000")
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise ValueError(f"default_steps={self.default_steps} must be between 1 and max_steps={self.max_steps}")
+        if not 1 <= self.max_images <= 16:
+            raise ValueError(f"max_images={self.max_images} must be between 1 and 16")
+        unknown = set(self.parity_threshold) - set(COMPONENT_NAMES)
+        if unknown:
+            raise ValueError(f"parity_threshold names {sorted(unknown)}; components are {COMPONENT_NAMES}")
+
+    def graph_fields(self) -> dict[str, object]:
+        """The fields that change the exported graphs (defaults and limits do not)."""
+        return {"precision": self.precision, "opset": self.opset, "fusions": self.fusions}
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.graph_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)

@@ -1,0 +1,170 @@
+"""Export SD components (text encoder, UNet, VAE decoder/encoder) from PyTorch to ONNX."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import onnx.numpy_helper
+
+TWO_GB = 2**31 - 1  # protobuf's limit on one serialized ONNX file
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """How one component is wrapped for export: its ONNX input/output names and dynamic axes."""
+
+    name: str
+    source_module: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+COMPONENTS: dict[str, ComponentSpec] = {
+    "text_encoder": ComponentSpec(
+        "text_encoder", "text_encoder", ("input_ids",), ("last_hidden_state",),
+        {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
+    ),
+    "unet": ComponentSpec(
+        "unet", "unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
+        {
+            "sample": {0: "batch", 2: "height", 3: "width"},
+            "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            "out_sample": {0: "batch", 2: "height", 3: "width"},
+        },
+    ),
+    "vae_decoder": ComponentSpec(
+        "vae_decoder", "vae", ("latent_sample",), ("sample",),
+        {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
+    ),
+    "vae_encoder": ComponentSpec(
+        "vae_encoder", "vae", ("sample",), ("latent_moments",),
+        {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_moments": {0: "batch", 2: "height", 3: "width"}},
+    ),
+}
+
+
+def wrap(spec: ComponentSpec, module: Any) -> Any:
+    """A torch.nn.Module whose forward takes and returns plain tensors in the spec's order."""
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, input_ids):  # type: ignore[no-untyped-def]
+            return self.m(input_ids, return_dict=False)[0]
+
+    class UNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, sample, timestep, encoder_hidden_states):  # type: ignore[no-untyped-def]
+            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, latent_sample):  # type: ignore[no-untyped-def]
+            return self.m.decode(latent_sample, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, sample):  # type: ignore[no-untyped-def]
+            # mean and log-variance: the runtime samples the latent itself, with its own noise.
+            return self.m.quant_conv(self.m.encoder(sample))
+
+    cls = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+    return cls[spec.name]().eval()
+
+
+def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[Any, ...]:
+    """Inputs used for tracing and for parity checks.
+
+    The UNet's spatial size is deliberately not a multiple of its total upsampling factor: that
+    makes diffusers take the path that sizes each upsample from the skip connection, so the
+    exported graph serves every multiple-of-8 image size, not only multiples of 64.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    te = source.module("text_encoder").config if spec.name in ("text_encoder", "unet") else None
+    if spec.name == "text_encoder":
+        return (torch.randint(0, te.vocab_size, (batch, te.max_position_embeddings), generator=g, dtype=torch.int64),)
+    latent_ch = source.vae_config["latent_channels"]
+    if spec.name == "unet":
+        cfg = source.unet_config
+        up = 2 ** (len(cfg["block_out_channels"]) - 1)
+        h = up * 2 + 1
+        w = up * 2 + 3
+        return (
+            torch.randn(batch, cfg["in_channels"], h, w, generator=g),
+            torch.tensor([999.0, 1.0] * (batch // 2) + [500.0] * (batch % 2)),
+            torch.randn(batch, te.max_position_embeddings, cfg["cross_attention_dim"], generator=g),
+        )
+    if spec.name == "vae_decoder":
+        return (torch.randn(batch, latent_ch, 5, 7, generator=g),)
+    f = source.vae_scale_factor
+    return (torch.rand(batch, 3, 5 * f, 7 * f, generator=g) * 2 - 1,)
+
+
+def export_component(
+    spec: ComponentSpec, source: Any, out_path: Path, opset: int, log: Callable[[str], None] = print
+) -> Path:
+    """Export one component to `out_path` (plus `<name>.onnx.data` when weights exceed 2 GB)."""
+    import torch
+
+    model = wrap(spec, source.module(spec.source_module))
+    args = example_inputs(spec, source)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        raw = Path(tmp) / f"{spec.name}.onnx"
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+            torch.onnx.export(
+                model, args, str(raw), dynamo=False, opset_version=opset,
+                input_names=list(spec.inputs), output_names=list(spec.outputs),
+                dynamic_axes=spec.dynamic_axes, do_constant_folding=True,
+            )
+        save_model(onnx.load(str(raw)), out_path)
+    return out_path
+
+
+def save_model(model: onnx.ModelProto, out_path: Path) -> list[Path]:
+    """Save as one .onnx file, or .onnx plus one `.onnx.data` file when it would pass 2 GB.
+
+    Returns the files written. Never leaves hundreds of per-tensor files behind.
+    """
+    data = out_path.with_name(out_path.name + ".data")
+    for stale in (out_path, data):
+        if stale.exists():
+            os.remove(stale)
+    if weight_bytes(model) < TWO_GB - (64 << 20):  # leave room for the graph itself
+        onnx.save_model(model, str(out_path))
+        return [out_path]
+    onnx.save_model(
+        model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data.name, size_threshold=1024,
+    )
+    return [out_path, data]
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data held in memory (ByteSize() itself fails past 2 GB)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes
+    return total

@@ -1,0 +1,1 @@
+"""Graph optimization passes, one per module, each behind a CompileConfig switch."""

@@ -1,0 +1,80 @@
+"""`kiln models init`: write a diffusers-format SD folder with deterministic random weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+CONFIGS = Path(__file__).parent / "configs"
+TOKENIZER_DIR = CONFIGS / "sd-v1" / "tokenizer"
+
+# arch name -> (unet config folder, vae/text encoder/scheduler config folder)
+ARCHS: dict[str, tuple[str, str]] = {
+    "tiny": ("tiny", "tiny"),
+    "sd-v1": ("sd-v1", "sd-v1"),
+}
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = True) -> Path:
+    """Write a diffusers folder for `arch` whose weights are drawn from `torch.manual_seed(seed)`.
+
+    The same (arch, seed) always gives the same weights, so tests and benchmarks can rebuild
+    a model instead of downloading one.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r} is not one of: {', '.join(sorted(ARCHS))}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_dir, rest_dir = (CONFIGS / name for name in ARCHS[arch])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    parts = [
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**_clean(_read(rest_dir / "text_encoder/config.json"))))),
+        ("vae", lambda: AutoencoderKL.from_config(_read(rest_dir / "vae/config.json"))),
+        ("unet", lambda: UNet2DConditionModel.from_config(_read(unet_dir / "unet/config.json"))),
+    ]
+    for i, (name, build) in enumerate(parts):
+        if progress:
+            print(f"[{i + 1}/{len(parts)}] {name}: random weights (seed {seed + i})", flush=True)
+        torch.manual_seed(seed + i)
+        model = build().eval()
+        model.save_pretrained(tmp / name, safe_serialization=True)
+        del model
+
+    shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
+    (tmp / "scheduler").mkdir()
+    shutil.copy(rest_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
+    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def _clean(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}

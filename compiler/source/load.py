@@ -1,0 +1,86 @@
+"""Load a local diffusers-format Stable Diffusion folder into PyTorch modules for export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_store import sha256_file
+
+REQUIRED = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
+@dataclass
+class SourceModel:
+    """A diffusers folder, checked for the parts a bundle needs; modules load on first use."""
+
+    path: Path
+    scheduler_config: dict[str, Any]
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    _modules: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet_config["sample_size"]) * self.vae_scale_factor
+
+    def module(self, name: str) -> Any:
+        """`unet`, `vae` or `text_encoder` as an fp32 torch module in eval mode."""
+        if name not in self._modules:
+            import torch
+
+            if name == "unet":
+                from diffusers import UNet2DConditionModel as cls
+            elif name == "vae":
+                from diffusers import AutoencoderKL as cls
+            elif name == "text_encoder":
+                from transformers import CLIPTextModel as cls
+            else:
+                raise KeyError(name)
+            self._modules[name] = cls.from_pretrained(self.path / name, torch_dtype=torch.float32).eval()
+        return self._modules[name]
+
+    def release(self, name: str) -> None:
+        self._modules.pop(name, None)
+
+    def content_hash(self) -> str:
+        """sha256 over every file's relative path and bytes: the source identity in the manifest."""
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(self.path)).encode() + b"\0")
+            h.update(sha256_file(f).encode())
+        return h.hexdigest()
+
+
+
+
+def load_source(path: str | Path) -> SourceModel:
+    """Check that `path` is a diffusers SD folder and read its configs (no weights yet)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"source model {root} is not a folder; pass a local diffusers folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    missing = [p for p in REQUIRED if not (root / p).exists()]
+    missing += [f"tokenizer/{f}" for f in TOKENIZER_FILES[:2] if not (root / "tokenizer" / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"source model {root} lacks {', '.join(missing)}")
+    return SourceModel(
+        path=root,
+        scheduler_config=json.loads((root / "scheduler/scheduler_config.json").read_text()),
+        unet_config=json.loads((root / "unet/config.json").read_text()),
+        vae_config=json.loads((root / "vae/config.json").read_text()),
+    )

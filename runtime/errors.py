@@ -1,0 +1,74 @@
+"""Errors the runtime raises on purpose, each knowing its gRPC status and google.rpc details."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+DOMAIN = "kiln"
+
+
+class KilnError(Exception):
+    """Base: a request-level failure that maps to one gRPC status; the server keeps serving."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def details(self) -> list[any_pb2.Any]:
+        return []
+
+    def to_status(self) -> status_pb2.Status:
+        packed = []
+        for d in self.details():
+            a = any_pb2.Any()
+            a.Pack(d)
+            packed.append(a)
+        return status_pb2.Status(code=getattr(code_pb2, self.code.name), message=str(self), details=packed)
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(KilnError):
+    """One or more request fields are out of range; carries google.rpc.BadRequest."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: list[FieldViolation]):
+        self.violations = violations
+        super().__init__("; ".join(v.description for v in violations))
+
+    def details(self) -> list:  # type: ignore[override]
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class NotFound(KilnError):
+    """The requested model is not served here; carries google.rpc.ResourceInfo."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, kind: str, name: str, available: list[str]):
+        self.kind, self.name = kind, name
+        listing = ", ".join(available) if available else "none"
+        super().__init__(f"{kind} {name!r} is not served here; available: {listing}")
+
+    def details(self) -> list:  # type: ignore[override]
+        return [error_details_pb2.ResourceInfo(resource_type=self.kind, resource_name=self.name)]
+
+
+class Unavailable(KilnError):
+    """The server is shutting down and takes no new work."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,62 @@
+"""A loaded bundle: manifest, model sessions, tokenizer and noise schedule, ready to serve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_store import BundleRef, Manifest, ManifestError, Store
+from runtime.samplers.schedule import NoiseSchedule
+from runtime.sessions import ModelSession, OrtSession
+from runtime.tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    path: Path
+    sessions: dict[str, ModelSession]
+    tokenizer: PromptTokenizer
+    schedule: NoiseSchedule
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+def load_bundle(ref: BundleRef, providers: list[str] | None = None, threads: int = 0) -> LoadedModel:
+    """Open every component of a bundle; raises ManifestError if files are missing or resized."""
+    ref.check_files()
+    m = ref.manifest
+    missing = [c for c in REQUIRED if c not in m.components]
+    if missing:
+        raise ManifestError(f"bundle {ref.path} lacks components {missing}")
+    sessions: dict[str, ModelSession] = {
+        name: OrtSession(name, ref.path / c.file, providers, threads) for name, c in m.components.items()
+    }
+    tok = m.tokenizer
+    tokenizer = PromptTokenizer(ref.path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
+    return LoadedModel(m, ref.path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+
+
+def load_store(root: str | Path, providers: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:
+    """The latest version of every bundle in the store; a broken bundle is logged and skipped."""
+    store = Store(root)
+    models: dict[str, LoadedModel] = {}
+    for name in store.names():
+        try:
+            models[name] = load_bundle(store.latest(name), providers, threads)
+        except ManifestError as e:
+            log.error("skipping bundle %s: %s", name, e)
+            continue
+        log.info("loaded %s version %s from %s", name, models[name].version, models[name].path)
+    return models

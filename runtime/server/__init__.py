@@ -1,0 +1,1 @@
+"""gRPC serving: servicer, interceptors and the grpc.aio server lifecycle."""

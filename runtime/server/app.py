@@ -1,0 +1,121 @@
+"""`kiln serve`: grpc.aio server with health checking, reflection, explicit message limits, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto.kiln.v1 import kiln_pb2, kiln_pb2_grpc
+from runtime.engine import Engine
+from runtime.model import LoadedModel, load_store
+from runtime.server.interceptors import ErrorInterceptor
+from runtime.server.servicer import KilnServicer
+
+log = logging.getLogger("kiln.serve")
+
+SERVICE_NAME = kiln_pb2.DESCRIPTOR.services_by_name["Kiln"].full_name
+
+
+@dataclass
+class ServeConfig:
+    store: Path
+    """Folder of compiled bundles (`STORE/NAME/VERSION/`); the latest version of each is served."""
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default: there is no auth yet."""
+    port: int = 50051
+    """TCP port; 0 picks a free one (logged)."""
+    threads: int = 0
+    """ONNX Runtime intra-op threads per session; 0 means one per core."""
+    shutdown_grace_s: float = 300.0
+    """On SIGTERM, how long in-flight requests may run before they are cancelled."""
+    max_receive_bytes: int = 16 << 20
+    """Largest request message accepted."""
+    max_send_bytes: int = 64 << 20
+    """Largest response message sent (one PNG per message)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be between 0 and 65535")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be 0 (one per core) or more")
+
+
+def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_receive_bytes),
+        ("grpc.max_send_message_length", config.max_send_bytes),
+    ]
+
+
+class KilnServer:
+    """The running server: build with `start()`, stop with `stop()` (health goes NOT_SERVING first)."""
+
+    def __init__(self, config: ServeConfig, models: dict[str, LoadedModel] | None = None):
+        self.config = config
+        self.models = models if models is not None else load_store(config.store, threads=config.threads)
+        self.engine = Engine()
+        self.health = health.aio.HealthServicer()
+        self.servicer = KilnServicer(self.models, self.engine)
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=channel_options(config))
+        self.port = 0
+
+    async def start(self) -> int:
+        kiln_pb2_grpc.add_KilnServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        self.engine.start()
+        await self.server.start()
+        status = health_pb2.HealthCheckResponse.SERVING if self.models else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+        _log_exposure(self.config.host)
+        log.info("serving %d model(s) [%s] on %s:%d", len(self.models), ", ".join(self.models),
+                 self.config.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace period)."""
+        log.info("shutting down: health NOT_SERVING, finishing %d in-flight request(s)", self.engine.active)
+        self.servicer.accepting = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace_s)
+        await self.engine.stop()
+        log.info("stopped")
+
+
+def _log_exposure(host: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        log.warning("no auth configured: serving openly on loopback %s (reachable from this machine only)", host)
+    else:
+        log.warning("no auth configured and %s is not loopback: anyone who can reach it can generate", host)
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code."""
+    server = KilnServer(config)
+    if not server.models:
+        log.warning("no bundles in %s: compile one with `kiln compile`; health stays NOT_SERVING", config.store)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    return 0

@@ -1,0 +1,88 @@
+"""The kiln.v1.Kiln servicer: turns RPCs into engine jobs and engine events into responses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from proto.kiln.v1 import kiln_pb2 as pb
+from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
+from runtime import engine as ev
+from runtime.engine import Engine
+from runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from runtime.model import LoadedModel
+from runtime.pipeline import Generation, Pipeline
+from runtime.samplers import SAMPLERS
+from runtime.server.context import REQUEST_ID
+from runtime.validate import MAX_PROMPT_CHARS, validate
+
+
+class KilnServicer(pb_grpc.KilnServicer):
+    def __init__(self, models: dict[str, LoadedModel], engine: Engine):
+        self.models = models
+        self.engine = engine
+        self.accepting = True
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m) for m in self.models.values()])
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        t0 = time.perf_counter()
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if not request.model:
+            raise InvalidArgument([FieldViolation("model", f"model is required; available: {', '.join(self.models)}")])
+        model = self.models.get(request.model)
+        if model is None:
+            raise NotFound("model", request.model, sorted(self.models))
+        m = model.manifest
+        params = validate(request, m.defaults, m.limits, REQUEST_ID.get())
+        gen = Generation(params, model, started=t0)
+        gen.timings["validate"] = time.perf_counter() - t0
+        truncations = Pipeline(model).tokenize(gen)
+        rid = params.request_id
+
+        yield pb.GenerateResponse(request_id=rid, started=pb.Started(
+            model=model.name, model_version=model.version, width=params.width, height=params.height,
+            steps=params.steps, guidance_scale=params.guidance_scale, sampler=params.sampler, seed=params.seed,
+            num_images=params.num_images,
+            truncations=[pb.PromptTruncation(field=t.field, kept_tokens=t.kept_tokens,
+                                             dropped_tokens=t.dropped_tokens, dropped_text=t.dropped_text)
+                         for t in truncations],
+        ))
+        job = self.engine.submit(gen)
+        try:
+            async for event in job.events():
+                if isinstance(event, ev.Failed):
+                    raise event.error
+                if isinstance(event, ev.Progress):
+                    yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(
+                        stage=event.stage, step=event.step, total_steps=event.total_steps, elapsed_s=event.elapsed))
+                elif isinstance(event, ev.Artifact):
+                    yield pb.GenerateResponse(request_id=rid, artifact=pb.Artifact(
+                        index=event.index, mime="image/png", data=event.png, seed=event.seed,
+                        finish_reason=pb.FINISH_REASON_SUCCESS, width=params.width, height=params.height,
+                        timings=[pb.StageTiming(stage=k, seconds=v) for k, v in event.timings.items()],
+                    ))
+        finally:
+            job.cancel()  # a no-op when finished; on client cancel or deadline, stops before the next step
+
+
+def model_info(model: LoadedModel) -> pb.ModelInfo:
+    m = model.manifest
+    d, lim = m.defaults, m.limits
+    return pb.ModelInfo(
+        name=m.name, version=m.version, precision=m.precision,
+        default_width=d["width"], default_height=d["height"], default_steps=d["steps"],
+        default_guidance_scale=d["guidance_scale"], default_sampler=d["sampler"],
+        limits=pb.ModelLimits(
+            min_size=lim["min_size"], max_size=lim["max_size"], max_steps=lim["max_steps"],
+            max_images=lim["max_images"], max_guidance_scale=lim["max_guidance_scale"],
+            max_prompt_chars=MAX_PROMPT_CHARS,
+        ),
+        samplers=list(SAMPLERS),
+    )
