@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(describe_error(e), file=sys.stderr)
         return 1
     s = result.started
-    for path, a in zip(result.paths, result.artifacts):
+    for path, a in zip(result.paths, result.artifacts, strict=False):
         total = sum(t.seconds for t in a.timings)
         print(f"wrote {path} ({s.width}x{s.height}, {s.steps} steps, {s.sampler}, seed {a.seed}, {total:.2f}s)")
     return 0

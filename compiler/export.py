@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import onnx.numpy_helper
@@ -143,8 +144,8 @@ def export_component(
     return out_path
 
 
-def save_model(model: onnx.ModelProto, out_path: Path) -> list[Path]:
-    """Save as one .onnx file, or .onnx plus one `.onnx.data` file when it would pass 2 GB.
+def save_model(model: onnx.ModelProto, out_path: Path, limit: int = TWO_GB - (64 << 20)) -> list[Path]:
+    """Save as one .onnx file, or .onnx plus one `.onnx.data` file when its weights pass `limit`.
 
     Returns the files written. Never leaves hundreds of per-tensor files behind.
     """
@@ -152,7 +153,7 @@ def save_model(model: onnx.ModelProto, out_path: Path) -> list[Path]:
     for stale in (out_path, data):
         if stale.exists():
             os.remove(stale)
-    if weight_bytes(model) < TWO_GB - (64 << 20):  # leave room for the graph itself
+    if weight_bytes(model) < limit:  # the default leaves room under 2 GB for the graph itself
         onnx.save_model(model, str(out_path))
         return [out_path]
     onnx.save_model(

@@ -23,7 +23,7 @@ def check_parity(spec: ComponentSpec, source: Any, onnx_path: Path, threshold: f
     with torch.inference_mode():
         ref = wrap(spec, source.module(spec.source_module))(*args).float().numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run([spec.outputs[0]], {n: a.numpy() for n, a in zip(spec.inputs, args)})[0]
+    got = session.run([spec.outputs[0]], {n: a.numpy() for n, a in zip(spec.inputs, args, strict=False)})[0]
     if got.shape != ref.shape:
         raise ParityError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {ref.shape}")
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))

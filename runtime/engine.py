@@ -78,6 +78,8 @@ class Engine:
     def __init__(self, history: int = 1000):
         self._jobs: list[Job] = []
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-model")
         self._task: asyncio.Task[None] | None = None
         self.history: deque[Outcome] = deque(maxlen=history)
@@ -98,8 +100,17 @@ class Engine:
     def submit(self, gen: Generation) -> Job:
         job = Job(gen, Pipeline(gen.model))
         self._jobs.append(job)
+        self._idle.clear()
         self._wake.set()
         return job
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every submitted request has finished; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,6 +131,7 @@ class Engine:
                     self._finish(job, "finished")
             if not self._jobs:
                 self._wake.clear()
+                self._idle.set()
 
     def _advance(self, job: Job) -> tuple[Event, bool]:
         """One unit of work for `job`, on the model thread. Returns its event and whether the job is done."""

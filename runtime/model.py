@@ -58,5 +58,8 @@ def load_store(root: str | Path, providers: list[str] | None = None, threads: in
         except ManifestError as e:
             log.error("skipping bundle %s: %s", name, e)
             continue
+        except Exception:  # a bundle the runtime cannot open must not stop the others from serving
+            log.exception("skipping bundle %s: its sessions failed to load", name)
+            continue
         log.info("loaded %s version %s from %s", name, models[name].version, models[name].path)
     return models

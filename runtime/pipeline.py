@@ -82,7 +82,7 @@ class Pipeline:
             gen.tokens = [self.model.tokenizer(text) for _, text in fields]
         return [
             Truncation(name, t.kept_tokens, t.dropped_tokens, t.dropped_text)
-            for (name, _), t in zip(fields, gen.tokens)
+            for (name, _), t in zip(fields, gen.tokens, strict=False)
             if t.dropped_tokens
         ]
 

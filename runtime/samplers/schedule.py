@@ -56,7 +56,7 @@ class NoiseSchedule:
     """What the UNet predicts: "epsilon" (the noise) or "v_prediction" (v = alpha*eps - sigma*x0)."""
 
     def __post_init__(self) -> None:
-        if not 2 <= self.num_train_timesteps:
+        if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be >= 2")
         for field in ("beta_start", "beta_end"):
             value = getattr(self, field)
@@ -105,6 +105,7 @@ class NoiseSchedule:
     def spaced_timesteps(self, num_steps: int) -> np.ndarray:
         """float32 [num_steps]: descending inference timesteps for `timestep_spacing`."""
         n_train = self.num_train_timesteps
+        t: np.ndarray
         if self.timestep_spacing == "linspace":
             t = np.linspace(0, n_train - 1, num_steps)[::-1]
         elif self.timestep_spacing == "leading":

@@ -86,11 +86,15 @@ class KilnServer:
         return self.port
 
     async def stop(self) -> None:
-        """NOT_SERVING, refuse new work, let in-flight requests finish (up to the grace period)."""
+        """Health NOT_SERVING and new Generate calls UNAVAILABLE at once; in-flight requests finish
+        (up to the grace period) while health checks keep answering; then the server closes."""
         log.info("shutting down: health NOT_SERVING, finishing %d in-flight request(s)", self.engine.active)
         self.servicer.accepting = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.shutdown_grace_s)
+        if not await self.engine.drain(self.config.shutdown_grace_s):
+            log.warning("grace period of %gs over: cancelling %d request(s)", self.config.shutdown_grace_s,
+                        self.engine.active)
+        await self.server.stop(5.0)  # in-flight streams send their last messages
         await self.engine.stop()
         log.info("stopped")
 

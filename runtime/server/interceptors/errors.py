@@ -22,15 +22,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         sent = dict(details.invocation_metadata or ())
         method = details.method
 
-        def start(context: grpc.aio.ServicerContext) -> None:
-            rid = sent.get("x-request-id", "")
+        def start(request, context: grpc.aio.ServicerContext) -> None:  # type: ignore[no-untyped-def]
+            # the request's own request_id field, else x-request-id metadata, else a new one
+            rid = getattr(request, "request_id", "") or sent.get("x-request-id", "")
             rid = rid if isinstance(rid, str) and REQUEST_ID_RE.match(rid) else new_request_id()
             REQUEST_ID.set(rid)
             context.set_trailing_metadata((("x-request-id", rid),))
 
         def unary(behaviour: Unary) -> Unary:
             async def run(request, context):  # type: ignore[no-untyped-def]
-                start(context)
+                start(request, context)
                 try:
                     return await behaviour(request, context)
                 except Exception as e:
@@ -40,7 +41,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         def streaming(behaviour: Streaming) -> Streaming:
             async def run(request, context):  # type: ignore[no-untyped-def]
-                start(context)
+                start(request, context)
                 try:
                     async for response in behaviour(request, context):
                         yield response

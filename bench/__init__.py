@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: declarative scenarios that write Markdown tables to bench/results/."""

@@ -1,0 +1,80 @@
+"""Markdown result files: the table plus the exact command, the machine and the date."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def versions(*packages: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for p in packages:
+        try:
+            out.append(f"{p} {version(p)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(out)
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(name: str, title: str, body: str, argv: list[str] | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    argv = argv if argv is not None else sys.argv[1:]
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
+    text = (
+        f"# {title}\n\n"
+        f"- command: `{command}`\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"- machine: {machine()}\n"
+        f"- software: {versions('onnxruntime', 'torch', 'diffusers', 'transformers', 'numpy')}\n"
+        f"- kiln commit: {git_rev()}\n\n"
+        f"{body.strip()}\n"
+    )
+    path = RESULTS / f"{name}.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,43 @@
+"""Scratch models and bundles for benchmarks, cached under bench/work/ (git-ignored).
+
+Models are made and compiled in child processes with the `kiln` CLI, so the benchmark process
+does not carry the compiler's memory into its measurements.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+WORK = Path(__file__).parent / "work"
+ROOT = Path(__file__).parent.parent
+
+
+def kiln(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, check=True)
+
+
+def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
+    """A local diffusers folder: `source` as given, or a random-weight `arch` model made once and cached."""
+    if source:
+        return Path(source)
+    path = WORK / "models" / f"{arch}-seed{seed}"
+    if not (path / "model_index.json").exists():
+        kiln("models", "init", str(path), "--arch", str(arch), "--seed", str(seed))
+    return path
+
+
+def bundle(source: Path, name: str) -> Path:
+    """The latest bundle called `name` compiled from `source` (default config), compiling one if there is none."""
+    from model_store import ManifestError, Store
+
+    store = Store(WORK / "store")
+    try:
+        ref = store.latest(name)
+        if ref.manifest.source["path"] == str(source.resolve()):
+            return ref.path
+    except ManifestError:
+        pass
+    kiln("compile", str(source), "--name", name, "--store", str(store.root))
+    return store.latest(name).path

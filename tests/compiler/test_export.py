@@ -1,0 +1,67 @@
+"""Source models and ONNX files: deterministic init, the real SD v1 architecture, one external-data file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from compiler.export import save_model, weight_bytes
+from compiler.source import init_model, load_source
+from compiler.source.init import CONFIGS
+
+
+def test_init_is_deterministic_per_seed(tiny_source: Path, tmp_path: Path) -> None:
+    again = init_model(tmp_path / "again", "tiny", seed=0, progress=False)
+    other = init_model(tmp_path / "other", "tiny", seed=1, progress=False)
+    h = load_source(tiny_source).content_hash()
+    assert load_source(again).content_hash() == h
+    assert load_source(other).content_hash() != h
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (again / part).exists()
+
+
+def test_init_rejects_unknown_arch_and_nonempty_dir(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"arch='sd-v9' is not one of: sd-v1, tiny"):
+        init_model(tmp_path / "x", "sd-v9")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(FileExistsError):
+        init_model(tmp_path / "full", "tiny")
+
+
+def test_sd_v1_configs_build_the_real_architecture() -> None:
+    """The shipped SD v1 configs give the 860M-parameter UNet (built on the meta device: no weights)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CONFIGS / "sd-v1"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((cfg / "unet/config.json").read_text()))
+        vae = AutoencoderKL.from_config(json.loads((cfg / "vae/config.json").read_text()))
+        te = json.loads((cfg / "text_encoder/config.json").read_text())
+        text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te.items() if not k.startswith("_")}))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(unet) == 859_520_964
+    assert count(vae) == 83_653_863
+    assert count(text) == 123_060_480
+
+
+def test_large_models_get_exactly_one_external_data_file(tiny_bundle: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(tiny_bundle / "unet.onnx"))
+    assert weight_bytes(model) > 1 << 20
+    files = save_model(model, tmp_path / "unet.onnx", limit=1 << 20)
+    assert [p.name for p in files] == ["unet.onnx", "unet.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    assert (tmp_path / "unet.onnx").stat().st_size < 1 << 20
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32), "timestep": np.array([5.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_array_equal(run(tmp_path / "unet.onnx"), run(tiny_bundle / "unet.onnx"))

@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny random model, its compiled bundle, and real `kiln serve` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from compiler.source import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+
+    store = tmp_path_factory.mktemp("store")
+    compile_model(tiny_source, store, CompileConfig(name="tiny"), progress=False)
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_store: Path) -> Path:
+    from model_store import Store
+
+    return Store(tiny_store).latest("tiny").path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_bundle: Path):  # type: ignore[no-untyped-def]
+    from model_store import BundleRef, Manifest
+    from runtime.model import load_bundle
+
+    return load_bundle(BundleRef(tiny_bundle, Manifest.read(tiny_bundle)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    target: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in server log after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+def start_server(store: Path, log_path: Path, *extra: str) -> ServerProcess:
+    from runtime.client import wait_ready
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--store", str(store), "--port", str(port), *extra],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = ServerProcess(proc, f"127.0.0.1:{port}", log_path)
+    try:
+        wait_ready(server.target, timeout=60)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"server did not become ready:\n{server.log()}") from None
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(tiny_store, tmp_path_factory.mktemp("server") / "serve.log")
+    yield s
+    s.stop()
+
+
+def kiln(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `kiln` CLI as a user would."""
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
