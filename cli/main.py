@@ -33,12 +33,17 @@ def cmd_models_init(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.compile import compile_model
     from compiler.config import CompileConfig
+    from compiler.verify import ParityError
 
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions)
     if args.parity_threshold:
         config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
         config.__post_init__()
-    result = compile_model(args.source, args.store, config, progress=not args.quiet)
+    try:
+        result = compile_model(args.source, args.store, config, progress=not args.quiet)
+    except ParityError as e:
+        print(f"kiln: compile failed, nothing was published: {e}", file=sys.stderr)
+        return 3
     m = result.manifest
     for name, c in m.components.items():
         print(f"{name:<13} {c.precision}  max|diff| vs PyTorch {c.parity['max_abs_diff']:.2e}  passes: "

@@ -7,6 +7,7 @@ off; packed QKV/KV layouts are off so the separate Q/K/V weights stay quantizabl
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections import Counter
 
@@ -61,8 +62,16 @@ def apply(model: onnx.ModelProto, component: str) -> onnx.ModelProto:
     for switch in CUDA_ONLY:
         setattr(options, switch, False)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    fused = optimize_model(
-        model, model_type=model_type, opt_level=0, optimization_options=options, use_gpu=False,
-        only_onnxruntime=False,
-    )
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # its own bar would interleave with the compile's stage display
+    try:
+        fused = optimize_model(
+            model, model_type=model_type, opt_level=0, optimization_options=options, use_gpu=False,
+            only_onnxruntime=False,
+        )
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     return fused.model

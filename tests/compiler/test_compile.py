@@ -109,3 +109,18 @@ def test_missing_source_parts_are_reported(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="lacks unet, vae, text_encoder, tokenizer, scheduler"):
         compile_model(tmp_path, tmp_path / "store", CompileConfig(name="x"), progress=False)
+
+
+def test_cli_compile_shows_stages_and_fails_cleanly(tiny_source: Path, tmp_path: Path) -> None:
+    from tests.conftest import kiln
+
+    r = kiln("compile", str(tiny_source), "--name", "cli", "--store", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for stage in ("hash source model", "export unet", "optimize unet", "verify unet", "tokenizer and manifest"):
+        assert f"{stage} done in" in r.stderr
+    assert "bundle cli version " in r.stdout and "unet          fp32  max|diff| vs PyTorch" in r.stdout
+    r = kiln("compile", str(tiny_source), "--name", "strict", "--store", str(tmp_path),
+             "--parity-threshold", "vae_decoder=1e-12", "--quiet")
+    assert r.returncode == 3
+    assert "compile failed, nothing was published: vae_decoder: ONNX Runtime differs" in r.stderr
+    assert Store(tmp_path).versions("strict") == []
