@@ -39,6 +39,7 @@ proto: install
 bench: install
 	$(PY) -m bench latency --arch tiny
 	$(PY) -m bench latency --arch sd-v1 --steps 4 --no-grpc
+	$(PY) -m bench quality --steps 4,8,20
 
 clean:
 	rm -rf demo bench/work .pytest_cache

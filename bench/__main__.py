@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import latency
+from bench import latency, quality
 
-SCENARIOS = {"latency": latency}
+SCENARIOS = {"latency": latency, "quality": quality}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,6 @@ def write(name: str, title: str, body: str, argv: list[str] | None = None) -> Pa
         f"- kiln commit: {git_rev()}\n\n"
         f"{body.strip()}\n"
     )
-    path = RESULTS / f"{name}.md"
+    path = Path(name) if Path(name).is_absolute() else RESULTS / f"{name}.md"
     path.write_text(text)
     return path

@@ -6,11 +6,13 @@ does not carry the compiler's memory into its measurements.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-WORK = Path(__file__).parent / "work"
+WORK = Path(os.environ.get("KILN_BENCH_WORK", Path(__file__).parent / "work"))
+"""Scratch folder (models, bundles); tests point it at a temporary folder."""
 ROOT = Path(__file__).parent.parent
 
 

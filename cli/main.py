@@ -35,7 +35,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.config import CompileConfig
     from compiler.verify import ParityError
 
-    config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions)
+    config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
+                           default_steps=args.default_steps, default_guidance_scale=args.default_guidance,
+                           default_sampler=args.default_sampler)
     if args.parity_threshold:
         config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
         config.__post_init__()
@@ -49,6 +51,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"{name:<13} {c.precision}  max|diff| vs PyTorch {c.parity['max_abs_diff']:.2e}  passes: "
               f"{', '.join(c.passes) or '-'}")
     print(f"bundle {m.name} version {m.version} at {result.path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.shapes.trainer import TrainConfig, train
+
+    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
+                                   ("dataset_size", args.dataset_size)) if v is not None}
+    path = train(args.out, TrainConfig(seed=args.seed, **overrides), resume=args.resume, progress=not args.quiet)
+    print(f"trained model (EMA weights, fp16) written to {path}")
     return 0
 
 
@@ -122,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
                                                                                              required=True)
     init = models.add_parser("init", help="write a diffusers folder with deterministic random weights")
     init.add_argument("dir")
-    init.add_argument("--arch", required=True, choices=["tiny", "sd-v1"])
+    init.add_argument("--arch", required=True, choices=["shapes", "tiny", "sd-v1"],
+                      help="shapes: the model Kiln trained (default demo); tiny, sd-v1: random weights")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_models_init)
     ls = models.add_parser("list", help="list the models a server serves")
@@ -138,8 +151,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fusions", action="store_true", help="skip ONNX Runtime's transformer fusions")
     c.add_argument("--parity-threshold", default="", metavar="COMPONENT=MAXDIFF[,...]",
                    help="override the max abs difference allowed against PyTorch, e.g. unet=2e-3")
+    c.add_argument("--default-steps", type=int, help="request default (else the source's kiln.json, else 20)")
+    c.add_argument("--default-guidance", type=float, help="request default (else kiln.json, else 7.5)")
+    c.add_argument("--default-sampler", help="request default (else kiln.json, else dpmpp_2m_karras)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("train", help="train a model Kiln ships").add_subparsers(dest="train_command", required=True)
+    ts = t.add_parser("shapes", help="the shapes demo model: VAE, then UNet + text encoder (about 70 min on 2 cores)")
+    ts.add_argument("out", help="folder for checkpoints, the loss log and the final diffusers model (OUT/model)")
+    ts.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--vae-steps", type=int, default=None, help="override the recipe (see train/shapes/trainer.py)")
+    ts.add_argument("--unet-steps", type=int, default=None, help="override the recipe")
+    ts.add_argument("--dataset-size", type=int, default=None, help="override the recipe")
+    ts.add_argument("--quiet", action="store_true")
+    ts.set_defaults(func=cmd_train)
 
     s = sub.add_parser("serve", help="serve a store's bundles over gRPC")
     s.add_argument("--store", required=True)

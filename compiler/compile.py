@@ -111,6 +111,7 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
     import onnxruntime
 
     text_cfg = json.loads((source.path / "text_encoder/config.json").read_text())
+    defaults = config.resolve_defaults(source.recommended_defaults())
     size = source.default_size
     identity = hashlib.sha256(f"{source_hash}:{config.hash()}".encode()).hexdigest()[:8]
     return Manifest(
@@ -134,10 +135,7 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             "unet_in_channels": int(source.unet_config["in_channels"]),
             "text_hidden_size": int(text_cfg["hidden_size"]),
         },
-        defaults={
-            "width": size, "height": size, "steps": config.default_steps,
-            "guidance_scale": config.default_guidance_scale, "sampler": config.default_sampler,
-        },
+        defaults={"width": size, "height": size, **defaults},
         limits={
             "min_size": 8 * source.vae_scale_factor, "max_size": max(config.max_size, size),
             "max_steps": config.max_steps, "max_images": config.max_images, "max_guidance_scale": 30.0,

@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32",)
+SAMPLER_NAMES = ("dpmpp_2m_karras", "euler", "euler_a")
+"""The runtime's sampler names (runtime.samplers.SAMPLERS; a test keeps the two equal)."""
+BUILTIN_DEFAULTS = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m_karras"}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -26,12 +29,13 @@ class CompileConfig:
         default_factory=lambda: {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vae_encoder": 1e-3}
     )
     """Largest allowed max-abs difference between ONNX Runtime and PyTorch fp32 outputs, per component."""
-    default_steps: int = 20
-    """Steps when a request leaves `steps` unset (1 to max_steps)."""
-    default_guidance_scale: float = 7.5
-    """Guidance when a request leaves it unset (0 to max_guidance_scale)."""
-    default_sampler: str = "dpmpp_2m_karras"
-    """Sampler when a request leaves it unset."""
+    default_steps: int | None = None
+    """Steps when a request leaves `steps` unset (1 to max_steps). None: the source folder's `kiln.json`
+    recommendation, else 20."""
+    default_guidance_scale: float | None = None
+    """Guidance when a request leaves it unset (0 to 30). None: `kiln.json`'s, else 7.5."""
+    default_sampler: str | None = None
+    """Sampler when a request leaves it unset. None: `kiln.json`'s, else dpmpp_2m_karras."""
     max_size: int = 1024
     """Largest width or height a client may ask for (multiple of 8, at least the default size)."""
     max_steps: int = 150
@@ -53,13 +57,26 @@ class CompileConfig:
             raise ValueError(f"max_size={self.max_size} must be a multiple of 8 and at least 64")
         if not 1 <= self.max_steps <= 1000:
             raise ValueError(f"max_steps={self.max_steps} must be between 1 and 1000")
-        if not 1 <= self.default_steps <= self.max_steps:
+        if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:
             raise ValueError(f"default_steps={self.default_steps} must be between 1 and max_steps={self.max_steps}")
+        if self.default_guidance_scale is not None and not 0 <= self.default_guidance_scale <= 30:
+            raise ValueError(f"default_guidance_scale={self.default_guidance_scale} must be between 0 and 30")
+        if self.default_sampler is not None and self.default_sampler not in SAMPLER_NAMES:
+            raise ValueError(f"default_sampler={self.default_sampler!r} is not one of: {', '.join(SAMPLER_NAMES)}")
         if not 1 <= self.max_images <= 16:
             raise ValueError(f"max_images={self.max_images} must be between 1 and 16")
         unknown = set(self.parity_threshold) - set(COMPONENT_NAMES)
         if unknown:
             raise ValueError(f"parity_threshold names {sorted(unknown)}; components are {COMPONENT_NAMES}")
+
+    def resolve_defaults(self, recommended: dict[str, object]) -> dict[str, object]:
+        """Request defaults: explicit config first, then the source's recommendation, then Kiln's."""
+        explicit = {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale,
+                    "sampler": self.default_sampler}
+        out = {k: explicit[k] if explicit[k] is not None else recommended.get(k, v) for k, v in BUILTIN_DEFAULTS.items()}
+        CompileConfig(name=self.name, default_steps=int(out["steps"]), default_guidance_scale=float(out["guidance_scale"]),
+                      default_sampler=str(out["sampler"]), max_steps=self.max_steps)  # validates them
+        return out
 
     def graph_fields(self) -> dict[str, object]:
         """The fields that change the exported graphs (defaults and limits do not)."""

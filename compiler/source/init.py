@@ -8,12 +8,16 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).parent / "configs"
 TOKENIZER_DIR = CONFIGS / "sd-v1" / "tokenizer"
+PRETRAINED = Path(__file__).parent / "pretrained"
 
-# arch name -> (unet config folder, vae/text encoder/scheduler config folder)
-ARCHS: dict[str, tuple[str, str]] = {
+# arch name -> (unet config folder, vae/text encoder/scheduler config folder); random weights
+RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     "tiny": ("tiny", "tiny"),
     "sd-v1": ("sd-v1", "sd-v1"),
 }
+TRAINED_ARCHS = ("shapes",)
+"""Models Kiln trained itself and ships (fp16 safetensors in `pretrained/NAME/`, tokenizer added on init)."""
+ARCHS = (*RANDOM_ARCHS, *TRAINED_ARCHS)
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -33,7 +37,8 @@ def _read(path: Path) -> dict:
 
 
 def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = True) -> Path:
-    """Write a diffusers folder for `arch` whose weights are drawn from `torch.manual_seed(seed)`.
+    """Write a diffusers folder for `arch`: the shipped trained weights (`shapes`), or weights drawn from
+    `torch.manual_seed(seed)` (`tiny`, `sd-v1`).
 
     The same (arch, seed) always gives the same weights, so tests and benchmarks can rebuild
     a model instead of downloading one.
@@ -43,12 +48,14 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    if arch in TRAINED_ARCHS:
+        return _copy_pretrained(arch, out)
 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet_dir, rest_dir = (CONFIGS / name for name in ARCHS[arch])
+    unet_dir, rest_dir = (CONFIGS / name for name in RANDOM_ARCHS[arch])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -70,6 +77,20 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
     (tmp / "scheduler").mkdir()
     shutil.copy(rest_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
     (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def _copy_pretrained(arch: str, out: Path) -> Path:
+    src = PRETRAINED / arch
+    if not (src / "model_index.json").exists():
+        raise FileNotFoundError(f"the trained {arch!r} weights are not in this checkout ({src})")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
     if out.exists():
         out.rmdir()
     tmp.rename(out)

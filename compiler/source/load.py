@@ -55,6 +55,17 @@ class SourceModel:
     def release(self, name: str) -> None:
         self._modules.pop(name, None)
 
+    def recommended_defaults(self) -> dict[str, Any]:
+        """`kiln.json` beside `model_index.json` may recommend request defaults (steps, guidance_scale, sampler)."""
+        path = self.path / "kiln.json"
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text()).get("defaults", {})
+        unknown = set(data) - {"steps", "guidance_scale", "sampler"}
+        if unknown:
+            raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; allowed: steps, guidance_scale, sampler")
+        return data
+
     def content_hash(self) -> str:
         """sha256 over every file's relative path and bytes: the source identity in the manifest."""
         h = hashlib.sha256()

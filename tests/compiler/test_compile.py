@@ -124,3 +124,20 @@ def test_cli_compile_shows_stages_and_fails_cleanly(tiny_source: Path, tmp_path:
     assert r.returncode == 3
     assert "compile failed, nothing was published: vae_decoder: ONNX Runtime differs" in r.stderr
     assert Store(tmp_path).versions("strict") == []
+
+
+def test_request_defaults_come_from_config_then_kiln_json_then_builtin(tiny_source: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from compiler.config import SAMPLER_NAMES
+    from runtime.samplers import SAMPLERS
+
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source, src)
+    (src / "kiln.json").write_text(json.dumps({"defaults": {"steps": 8, "sampler": "euler_a"}}))
+    m = compile_model(src, tmp_path / "s", CompileConfig(name="d", default_steps=12), progress=False).manifest
+    assert (m.defaults["steps"], m.defaults["sampler"], m.defaults["guidance_scale"]) == (12, "euler_a", 7.5)
+    (src / "kiln.json").write_text(json.dumps({"defaults": {"sampler": "plms"}}))
+    with pytest.raises(ValueError, match="default_sampler='plms' is not one of"):
+        compile_model(src, tmp_path / "s", CompileConfig(name="e"), progress=False)

@@ -25,7 +25,7 @@ def test_init_is_deterministic_per_seed(tiny_source: Path, tmp_path: Path) -> No
 
 
 def test_init_rejects_unknown_arch_and_nonempty_dir(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"arch='sd-v9' is not one of: sd-v1, tiny"):
+    with pytest.raises(ValueError, match=r"arch=.sd-v9. is not one of: sd-v1, shapes, tiny"):
         init_model(tmp_path / "x", "sd-v9")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")

@@ -1,0 +1,67 @@
+"""Shapes training: reproducible data, checkpoints that hold optimizer state, and resume == uninterrupted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.shapes.data import dataset, render
+from train.shapes.spec import Scene, caption
+from train.shapes.trainer import TrainConfig, Trainer, train
+
+SMALL = TrainConfig(dataset_size=48, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4, decoder_steps=4, checkpoint_every=2,
+                    warmup_steps=2)
+
+
+def test_data_is_seeded_and_captions_say_everything() -> None:
+    a, sa = dataset(20, seed=3)
+    b, sb = dataset(20, seed=3)
+    c, _ = dataset(20, seed=4)
+    assert np.array_equal(a, b) and sa == sb and not np.array_equal(a, c)
+    assert a.shape == (20, 64, 64, 3) and a.dtype == np.uint8
+    scene = Scene("red", "blue", "circle", "large", "left")
+    assert caption(scene) == "a large red circle on a blue background, on the left"
+    assert caption(scene, with_position=False) == "a large red circle on a blue background"
+    img = render(scene)
+    assert tuple(img[0, 0]) == (40, 80, 220) and tuple(img[32, 17]) == (220, 40, 40)
+    with pytest.raises(ValueError, match="must differ"):
+        Scene("red", "red", "circle", "large", "left")
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.parent.name}.{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
+    straight = train(tmp_path / "straight", SMALL, progress=False)
+
+    interrupted = Trainer(tmp_path / "resumed", SMALL, progress=False)
+    interrupted.out.mkdir()
+    interrupted.train_vae()  # then the process "dies"; the checkpoint from the last save remains
+    del interrupted
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(tmp_path / "resumed", SMALL, progress=False)
+    resumed = train(tmp_path / "resumed", SMALL, resume=True, progress=False)
+
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and len(a) > 50
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert all(v.dtype == torch.float16 for v in a.values())
+    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["phase"] == "done" and ck["opt_unet"]["state"]  # optimizer state is in the checkpoint
+
+
+def test_resume_refuses_another_config(tmp_path: Path) -> None:
+    train(tmp_path / "run", SMALL, progress=False)
+    other = TrainConfig(**{**SMALL.__dict__, "unet_lr": 1e-3})
+    with pytest.raises(ValueError, match="made with another config"):
+        train(tmp_path / "run", other, resume=True, progress=False)

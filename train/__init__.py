@@ -1,0 +1,1 @@
+"""Training and fine-tuning of models Kiln ships (PyTorch; never imported by the runtime)."""

@@ -1,0 +1,1 @@
+"""The `shapes` model: a small SD-architecture model trained on procedural shape images."""

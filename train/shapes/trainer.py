@@ -1,0 +1,326 @@
+"""`kiln train shapes OUT [--resume]`: VAE first, then UNet + text encoder (noise prediction, caption dropout,
+EMA, min-SNR weighting, offset noise) after fine-tuning the VAE decoder alone; checkpoints hold optimizer state;
+a diffusers folder at the end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from train.shapes import model as shapes_model
+from train.shapes.data import dataset
+from train.shapes.spec import caption
+
+TOKENIZER_DIR = Path(__file__).parents[2] / "compiler/source/configs/sd-v1/tokenizer"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seeds the data, the weights and every random draw of training."""
+    dataset_size: int = 12000
+    """Procedural images made once (with jitter); their latents are cached after the VAE phase."""
+    vae_steps: int = 1000
+    """VAE optimizer steps (phase 1)."""
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    """KL term weight: small, so latents keep detail; the latent scale is normalised afterwards."""
+    unet_steps: int = 1500
+    """UNet + text encoder optimizer steps (phase 3)."""
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    """Share of captions replaced by "" so the model also learns the unconditional prediction (for CFG)."""
+    no_position_captions: float = 0.2
+    """Share of captions that leave the position out (the model then picks one)."""
+    decoder_steps: int = 600
+    """Phase 2: VAE decoder alone, fine-tuned on the cached latents (sharper edges; the encoder, and so the
+    UNet's latent space, stay fixed)."""
+    decoder_lr: float = 5e-4
+    ema_decay: float = 0.998
+    """EMA of UNet and text encoder weights (with the usual warm-up); the EMA weights are exported."""
+    offset_noise: float = 0.25
+    """Std of a per-image, per-channel constant added to the training noise. Without it the SD schedule's
+    last step still leaks the latents' mean (the background colour) through the noise, and the model learns
+    to read colour from the starting noise instead of from the prompt."""
+    min_snr_gamma: float = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023): faster convergence at equal cost."""
+    checkpoint_every: int = 200
+    """Optimizer steps between checkpoints (each phase)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_size", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "checkpoint_every",
+                     "decoder_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+
+
+class Trainer:
+    def __init__(self, out: Path, config: TrainConfig, progress: bool = True):
+        import torch
+
+        self.torch = torch
+        self.out = out
+        self.config = config
+        self.progress = progress
+        torch.manual_seed(config.seed)
+        self.text_encoder, self.vae, self.unet = shapes_model.build()
+        self.ema: dict[str, dict] = {}
+        self.state = {"phase": "vae", "step": 0, "losses": {}}
+        self.opt_vae = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt_unet = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
+        decoder = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
+        self.opt_decoder = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
+        from transformers import CLIPTokenizerFast
+
+        self.tokenizer = CLIPTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
+        ac = _alphas_cumprod(shapes_model.SCHEDULER_CONFIG)
+        self.alphas_cumprod = torch.from_numpy(ac)
+        self.rng = np.random.default_rng(config.seed + 1)
+        self.decoder_rng = np.random.default_rng(config.seed + 2)
+        self.images, self.scenes = dataset(config.dataset_size, config.seed)
+        self.latents: torch.Tensor | None = None
+        self.scaling_factor = 1.0
+
+    # checkpoints ------------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        self.torch.save({
+            "config": asdict(self.config), "state": self.state, "rng": self.rng.bit_generator.state,
+            "decoder_rng": self.decoder_rng.bit_generator.state, "opt_decoder": self.opt_decoder.state_dict(),
+            "torch_rng": self.torch.get_rng_state(),
+            "text_encoder": self.text_encoder.state_dict(), "vae": self.vae.state_dict(), "unet": self.unet.state_dict(),
+            "ema": self.ema, "opt_vae": self.opt_vae.state_dict(), "opt_unet": self.opt_unet.state_dict(),
+            "scaling_factor": self.scaling_factor,
+        }, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        ck = self.torch.load(self.checkpoint_path, weights_only=False)
+        if ck["config"] != asdict(self.config):
+            raise ValueError(f"{self.checkpoint_path} was made with another config: {ck['config']}")
+        self.state, self.ema, self.scaling_factor = ck["state"], ck["ema"], ck["scaling_factor"]
+        self.rng.bit_generator.state = ck["rng"]
+        self.decoder_rng.bit_generator.state = ck["decoder_rng"]
+        self.opt_decoder.load_state_dict(ck["opt_decoder"])
+        self.torch.set_rng_state(ck["torch_rng"])
+        for name in ("text_encoder", "vae", "unet"):
+            getattr(self, name).load_state_dict(ck[name])
+        self.opt_vae.load_state_dict(ck["opt_vae"])
+        self.opt_unet.load_state_dict(ck["opt_unet"])
+
+    # phases -------------------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        if self.state["phase"] == "vae":
+            self.train_vae()
+            self.state.update(phase="decoder", step=0)
+            self.save_checkpoint()
+        self.cache_latents()
+        if self.state["phase"] == "decoder":
+            self.train_decoder()
+            self.state.update(phase="unet", step=0)
+            self.save_checkpoint()
+        if self.state["phase"] == "unet":
+            self.train_unet()
+            self.state.update(phase="done", step=0)
+            self.save_checkpoint()
+        return self.export(self.out / "model")
+
+    def _bar(self, total: int, start: int, desc: str):  # type: ignore[no-untyped-def]
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=start, desc=desc, disable=not self.progress, dynamic_ncols=True)
+
+    def _log(self, phase: str, step: int, loss: float) -> None:
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"phase": phase, "step": step, "loss": loss, "time": time.time()}) + "\n")
+
+    def train_vae(self) -> None:
+        torch, c = self.torch, self.config
+        self.vae.train()
+        bar = self._bar(c.vae_steps, self.state["step"], "vae")
+        smooth = None
+        while self.state["step"] < c.vae_steps:
+            idx = self.rng.integers(0, len(self.images), c.vae_batch)
+            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            post = self.vae.encode(x).latent_dist
+            rec = self.vae.decode(post.sample()).sample
+            loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + c.vae_kl_weight * post.kl().mean()
+            self.opt_vae.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_vae.step()
+            self.state["step"] += 1
+            smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+            self.state["losses"]["vae"] = smooth
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}")
+            if self.state["step"] % 20 == 0:
+                self._log("vae", self.state["step"], smooth)
+            if self.state["step"] % c.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+    def train_decoder(self) -> None:
+        torch, c = self.torch, self.config
+        assert self.latents is not None
+        self.vae.train()
+        bar = self._bar(c.decoder_steps, self.state["step"], "vae decoder")
+        smooth = None
+        while self.state["step"] < c.decoder_steps:
+            idx = self.decoder_rng.integers(0, len(self.images), c.vae_batch)
+            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            rec = self.vae.decode(self.latents[torch.from_numpy(idx)] / self.scaling_factor).sample
+            loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+            self.opt_decoder.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_decoder.step()
+            self.state["step"] += 1
+            smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+            self.state["losses"]["vae_decoder"] = smooth
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}")
+            if self.state["step"] % 20 == 0:
+                self._log("decoder", self.state["step"], smooth)
+            if self.state["step"] % c.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+    def cache_latents(self) -> None:
+        """Encode the dataset once (posterior means) and set the latent scaling factor to 1/std."""
+        torch = self.torch
+        self.vae.eval()
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, len(self.images), 256):
+                x = torch.from_numpy(self.images[i : i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                chunks.append(self.vae.encode(x).latent_dist.mean)
+        latents = torch.cat(chunks)
+        self.scaling_factor = float(1.0 / latents.std())
+        self.latents = latents * self.scaling_factor
+
+    def _captions(self, idx: np.ndarray) -> list[str]:
+        c = self.config
+        out = []
+        for i in idx:
+            r = self.rng.random()
+            if r < c.caption_dropout:
+                out.append("")
+            else:
+                with_pos = self.rng.random() >= c.no_position_captions
+                out.append(caption(self.scenes[i], int(self.rng.integers(4)), with_position=with_pos))
+        return out
+
+    def train_unet(self) -> None:
+        torch, c = self.torch, self.config
+        assert self.latents is not None
+        if not self.ema:
+            self.ema = {n: copy.deepcopy(getattr(self, n).state_dict()) for n in ("unet", "text_encoder")}
+        self.unet.train()
+        self.text_encoder.train()
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        bar = self._bar(c.unet_steps, self.state["step"], "unet+text")
+        smooth = None
+        while self.state["step"] < c.unet_steps:
+            step = self.state["step"]
+            lr = c.unet_lr * min(1.0, (step + 1) / c.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / c.unet_steps))
+            for g in self.opt_unet.param_groups:
+                g["lr"] = lr
+            idx = self.rng.integers(0, len(self.scenes), c.unet_batch)
+            ids = self.tokenizer(self._captions(idx), padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+            x0 = self.latents[torch.from_numpy(idx)]
+            t = torch.from_numpy(self.rng.integers(0, len(self.alphas_cumprod), c.unet_batch))
+            noise = torch.from_numpy(self.rng.standard_normal(x0.shape, dtype=np.float32))
+            offset = self.rng.standard_normal((x0.shape[0], x0.shape[1], 1, 1), dtype=np.float32)
+            noise = noise + c.offset_noise * torch.from_numpy(offset)
+            ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+            pred = self.unet(xt, t, self.text_encoder(ids).last_hidden_state).sample
+            snr = ac.view(-1) / (1 - ac.view(-1))
+            weight = torch.clamp(snr, max=c.min_snr_gamma) / snr
+            loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            self.opt_unet.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt_unet.step()
+            self._update_ema(step)
+            self.state["step"] += 1
+            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            self.state["losses"]["unet"] = smooth
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.1e}")
+            if self.state["step"] % 20 == 0:
+                self._log("unet", self.state["step"], smooth)
+            if self.state["step"] % c.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+    def _update_ema(self, step: int) -> None:
+        decay = min(self.config.ema_decay, (1 + step) / (10 + step))
+        with self.torch.no_grad():
+            for name in ("unet", "text_encoder"):
+                live = getattr(self, name).state_dict()
+                for k, v in self.ema[name].items():
+                    if v.dtype.is_floating_point:
+                        v.mul_(decay).add_(live[k], alpha=1 - decay)
+                    else:
+                        v.copy_(live[k])
+
+    # export -------------------------------------------------------------------------------------------------------
+    def export(self, folder: Path, dtype: str = "float16") -> Path:
+        """A diffusers folder with EMA weights (fp16 by default), the CLIP tokenizer and the SD scheduler."""
+        from compiler.source.init import MODEL_INDEX
+
+        torch = self.torch
+        if folder.exists():
+            shutil.rmtree(folder)
+        te, vae, unet = shapes_model.build()
+        te.load_state_dict(self.ema.get("text_encoder") or self.text_encoder.state_dict())
+        unet.load_state_dict(self.ema.get("unet") or self.unet.state_dict())
+        vae.load_state_dict(self.vae.state_dict())
+        vae.register_to_config(scaling_factor=self.scaling_factor)
+        for name, m in (("text_encoder", te), ("vae", vae), ("unet", unet)):
+            m.to(getattr(torch, dtype)).save_pretrained(folder / name, safe_serialization=True)
+        shutil.copytree(TOKENIZER_DIR, folder / "tokenizer")
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler/scheduler_config.json").write_text(json.dumps(shapes_model.SCHEDULER_CONFIG, indent=2))
+        (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+        (folder / "training.json").write_text(json.dumps(
+            {"config": asdict(self.config), "final_losses": self.state["losses"]}, indent=2) + "\n")
+        return folder
+
+
+def _alphas_cumprod(config: dict) -> np.ndarray:
+    betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                        dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def train(out: str | Path, config: TrainConfig | None = None, resume: bool = False, progress: bool = True) -> Path:
+    out = Path(out)
+    trainer = Trainer(out, config or TrainConfig(), progress)
+    if resume:
+        if not trainer.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {trainer.checkpoint_path}")
+        trainer.load_checkpoint()
+    elif trainer.checkpoint_path.exists():
+        raise FileExistsError(f"{trainer.checkpoint_path} exists: pass --resume to continue, or choose a new folder")
+    return trainer.run()
