@@ -153,55 +153,60 @@ class Trainer:
         with open(self.out / "train_log.jsonl", "a") as f:
             f.write(json.dumps({"phase": phase, "step": step, "loss": loss, "time": time.time()}) + "\n")
 
-    def train_vae(self) -> None:
-        torch, c = self.torch, self.config
-        self.vae.train()
-        bar = self._bar(c.vae_steps, self.state["step"], "vae")
+    def _run_phase(self, key: str, total: int, optimizer, loss_fn, smoothing: float = 0.95,  # type: ignore[no-untyped-def]
+                   clip: list | None = None, before_step=None, after_step=None) -> None:  # type: ignore[no-untyped-def]
+        """The loop every phase shares: optimizer step, smoothed loss on the bar and in the log, checkpoints."""
+        bar = self._bar(total, self.state["step"], key)
         smooth = None
-        while self.state["step"] < c.vae_steps:
-            idx = self.rng.integers(0, len(self.images), c.vae_batch)
-            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            post = self.vae.encode(x).latent_dist
-            rec = self.vae.decode(post.sample()).sample
-            loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + c.vae_kl_weight * post.kl().mean()
-            self.opt_vae.zero_grad(set_to_none=True)
+        while self.state["step"] < total:
+            step = self.state["step"]
+            extra = before_step(step) if before_step else {}
+            loss = loss_fn()
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt_vae.step()
+            if clip:
+                self.torch.nn.utils.clip_grad_norm_(clip, 1.0)
+            optimizer.step()
+            if after_step:
+                after_step(step)
             self.state["step"] += 1
-            smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-            self.state["losses"]["vae"] = smooth
+            smooth = loss.item() if smooth is None else smoothing * smooth + (1 - smoothing) * loss.item()
+            self.state["losses"][key] = smooth
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}")
+            bar.set_postfix(loss=f"{smooth:.4f}", **extra)
             if self.state["step"] % 20 == 0:
-                self._log("vae", self.state["step"], smooth)
-            if self.state["step"] % c.checkpoint_every == 0:
+                self._log(key, self.state["step"], smooth)
+            if self.state["step"] % self.config.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
 
+    def _pixels(self, idx: np.ndarray):  # type: ignore[no-untyped-def]
+        return self.torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def train_vae(self) -> None:
+        c = self.config
+        self.vae.train()
+
+        def loss_fn():  # type: ignore[no-untyped-def]
+            x = self._pixels(self.rng.integers(0, len(self.images), c.vae_batch))
+            post = self.vae.encode(x).latent_dist
+            rec = self.vae.decode(post.sample()).sample
+            return (rec - x).abs().mean() + (rec - x).pow(2).mean() + c.vae_kl_weight * post.kl().mean()
+
+        self._run_phase("vae", c.vae_steps, self.opt_vae, loss_fn)
+
     def train_decoder(self) -> None:
-        torch, c = self.torch, self.config
+        c = self.config
         assert self.latents is not None
         self.vae.train()
-        bar = self._bar(c.decoder_steps, self.state["step"], "vae decoder")
-        smooth = None
-        while self.state["step"] < c.decoder_steps:
+
+        def loss_fn():  # type: ignore[no-untyped-def]
             idx = self.decoder_rng.integers(0, len(self.images), c.vae_batch)
-            x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            rec = self.vae.decode(self.latents[torch.from_numpy(idx)] / self.scaling_factor).sample
-            loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
-            self.opt_decoder.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt_decoder.step()
-            self.state["step"] += 1
-            smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
-            self.state["losses"]["vae_decoder"] = smooth
-            bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}")
-            if self.state["step"] % 20 == 0:
-                self._log("decoder", self.state["step"], smooth)
-            if self.state["step"] % c.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
+            x = self._pixels(idx)
+            rec = self.vae.decode(self.latents[self.torch.from_numpy(idx)] / self.scaling_factor).sample
+            return (rec - x).abs().mean() + (rec - x).pow(2).mean()
+
+        self._run_phase("vae_decoder", c.decoder_steps, self.opt_decoder, loss_fn)
 
     def cache_latents(self) -> None:
         """Encode the dataset once (posterior means) and set the latent scaling factor to 1/std."""
@@ -236,13 +241,15 @@ class Trainer:
         self.unet.train()
         self.text_encoder.train()
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        bar = self._bar(c.unet_steps, self.state["step"], "unet+text")
-        smooth = None
-        while self.state["step"] < c.unet_steps:
-            step = self.state["step"]
+
+        def schedule(step: int) -> dict[str, str]:
             lr = c.unet_lr * min(1.0, (step + 1) / c.warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / c.unet_steps))
             for g in self.opt_unet.param_groups:
                 g["lr"] = lr
+            return {"lr": f"{lr:.1e}"}
+
+        def loss_fn():  # type: ignore[no-untyped-def]
+            assert self.latents is not None
             idx = self.rng.integers(0, len(self.scenes), c.unet_batch)
             ids = self.tokenizer(self._captions(idx), padding="max_length", max_length=77, truncation=True,
                                  return_tensors="pt").input_ids
@@ -256,22 +263,10 @@ class Trainer:
             pred = self.unet(xt, t, self.text_encoder(ids).last_hidden_state).sample
             snr = ac.view(-1) / (1 - ac.view(-1))
             weight = torch.clamp(snr, max=c.min_snr_gamma) / snr
-            loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-            self.opt_unet.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            self.opt_unet.step()
-            self._update_ema(step)
-            self.state["step"] += 1
-            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-            self.state["losses"]["unet"] = smooth
-            bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.1e}")
-            if self.state["step"] % 20 == 0:
-                self._log("unet", self.state["step"], smooth)
-            if self.state["step"] % c.checkpoint_every == 0:
-                self.save_checkpoint()
-        bar.close()
+            return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+        self._run_phase("unet", c.unet_steps, self.opt_unet, loss_fn, smoothing=0.98, clip=params,
+                        before_step=schedule, after_step=self._update_ema)
 
     def _update_ema(self, step: int) -> None:
         decay = min(self.config.ema_decay, (1 + step) / (10 + step))
