@@ -6,10 +6,8 @@ Variants run interleaved (A, B, C, A, B, C, ...) so machine noise hits all alike
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,12 +33,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="skip the over-gRPC variant (its server holds a second copy of the model: needed for sd-v1 "
                         "in 24 GiB)")
     p.add_argument("--out", default="", help="result file name (default latency-<arch>)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -87,20 +79,16 @@ def run(args: argparse.Namespace) -> Path:
         return images[0]
 
     variants = {"diffusers (PyTorch fp32)": run_diffusers, "kiln runtime (ONNX Runtime fp32, in-process)": run_kiln}
-    server = None
-    if not args.no_grpc:
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(bundle_dir.parent.parent),
-                                   "--port", str(port)], stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
-        from runtime.client import generate, wait_ready
+    with contextlib.ExitStack() as stack:
+        if not args.no_grpc:
+            from runtime.client import generate
 
-        wait_ready(f"127.0.0.1:{port}", timeout=600)
+            target = stack.enter_context(workspace.server(bundle_dir))
 
-        def run_grpc() -> None:
-            generate(f"127.0.0.1:{port}", request, workspace.WORK / "latency.png", progress=False)
+            def run_grpc() -> None:
+                generate(target, request, workspace.WORK / "latency.png", progress=False)
 
-        variants["kiln over gRPC (loopback, end to end)"] = run_grpc  # type: ignore[assignment]
-    try:
+            variants["kiln over gRPC (loopback, end to end)"] = run_grpc  # type: ignore[assignment]
         for fn in variants.values():  # warm-up: first-run allocations and session initialisation
             fn()
         times: dict[str, list[float]] = {k: [] for k in variants}
@@ -109,10 +97,6 @@ def run(args: argparse.Namespace) -> Path:
                 t0 = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t0)
-    finally:
-        if server:
-            server.terminate()
-            server.wait(60)
     ref_img, kiln_img = run_diffusers(), run_kiln()
     diff = np.abs(ref_img.astype(int) - kiln_img.astype(int))
 

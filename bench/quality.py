@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -49,47 +46,32 @@ def score(rows: list[tuple[Scene, dict]]) -> dict[str, float]:
     return {k: right[k] / len(rows) for k in (*ATTRIBUTES, "all")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: argparse.Namespace) -> Path:
     from proto.kiln.v1 import kiln_pb2 as pb
     from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
-    from runtime.client import channel, wait_ready
+    from runtime.client import channel
 
     source = workspace.source_model("shapes", args.source)
     bundle_dir = workspace.bundle(source, "shapes")
     prompts = prompt_set(args.count, args.seed)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(bundle_dir.parent.parent),
-                               "--port", str(port)], stderr=subprocess.DEVNULL, cwd=workspace.ROOT)
     table_rows = []
     results: dict[str, dict[str, float]] = {}
-    try:
-        target = f"127.0.0.1:{port}"
-        wait_ready(target, timeout=120)
-        with channel(target) as ch:
-            stub = pb_grpc.KilnStub(ch)
-            info = next(m for m in stub.ListModels(pb.ListModelsRequest()).models if m.name == "shapes")
-            sampler = args.sampler or info.default_sampler
-            guidance = info.default_guidance_scale if args.guidance is None else args.guidance
-            for steps in (int(s) for s in args.steps.split(",")):
-                rows = []
-                for scene, prompt, seed in prompts:
-                    req = pb.GenerateRequest(model="shapes", prompt=prompt, steps=steps, sampler=sampler,
-                                             guidance_scale=guidance, seed=seed)
-                    art = [r.artifact for r in stub.Generate(req, timeout=600) if r.WhichOneof("event") == "artifact"]
-                    image = np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB"))
-                    rows.append((scene, checker.read(image)))
-                label = f"shapes {'/'.join(sorted(set(info.precision.values())))}, {sampler}, {steps} steps"
-                results[label] = acc = score(rows)
-                table_rows.append([label, *(f"{100 * acc[a]:.1f}%" for a in (*ATTRIBUTES, "all"))])
-    finally:
-        server.terminate()
-        server.wait(60)
+    with workspace.server(bundle_dir, timeout=120) as target, channel(target) as ch:
+        stub = pb_grpc.KilnStub(ch)
+        info = next(m for m in stub.ListModels(pb.ListModelsRequest()).models if m.name == "shapes")
+        sampler = args.sampler or info.default_sampler
+        guidance = info.default_guidance_scale if args.guidance is None else args.guidance
+        for steps in (int(s) for s in args.steps.split(",")):
+            rows = []
+            for scene, prompt, seed in prompts:
+                req = pb.GenerateRequest(model="shapes", prompt=prompt, steps=steps, sampler=sampler,
+                                         guidance_scale=guidance, seed=seed)
+                art = [r.artifact for r in stub.Generate(req, timeout=600) if r.WhichOneof("event") == "artifact"]
+                image = np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB"))
+                rows.append((scene, checker.read(image)))
+            label = f"shapes {'/'.join(sorted(set(info.precision.values())))}, {sampler}, {steps} steps"
+            results[label] = acc = score(rows)
+            table_rows.append([label, *(f"{100 * acc[a]:.1f}%" for a in (*ATTRIBUTES, "all"))])
     body = (
         f"{len(prompts)} prompts (distinct scenes, seeded with `--seed {args.seed}`, four caption templates, each "
         f"with its own image seed) through `kiln serve` over gRPC; guidance {guidance:g}. Each image is read "

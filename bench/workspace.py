@@ -7,8 +7,11 @@ does not carry the compiler's memory into its measurements.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 WORK = Path(os.environ.get("KILN_BENCH_WORK", Path(__file__).parent / "work"))
@@ -43,3 +46,22 @@ def bundle(source: Path, name: str) -> Path:
         pass
     kiln("compile", str(source), "--name", name, "--store", str(store.root))
     return store.latest(name).path
+
+
+@contextmanager
+def server(bundle_dir: Path, timeout: float = 600) -> Iterator[str]:
+    """`kiln serve` on a free loopback port over the store holding `bundle_dir`; yields its target."""
+    from runtime.client import wait_ready
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(bundle_dir.parent.parent),
+                             "--port", str(port)], stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_ready(target, timeout=timeout)
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(60)
