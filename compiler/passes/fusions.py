@@ -74,4 +74,9 @@ def apply(model: onnx.ModelProto, component: str) -> onnx.ModelProto:
             os.environ.pop("TQDM_DISABLE")
         else:
             os.environ["TQDM_DISABLE"] = quiet
-    return fused.model
+    model = fused.model
+    uses_ms = any(n.domain == "com.microsoft" for n in model.graph.node)
+    if uses_ms and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        # the optimizer leaves it out; ONNX shape inference (run by the quantizers) needs it
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
