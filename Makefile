@@ -30,7 +30,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy runtime model_store
+	$(VENV)/bin/mypy runtime model_store quantize
 	$(VENV)/bin/hadolint Dockerfile
 
 proto: install
@@ -39,7 +39,8 @@ proto: install
 bench: install
 	$(PY) -m bench latency --arch tiny
 	$(PY) -m bench latency --arch sd-v1 --steps 4 --no-grpc
-	$(PY) -m bench quality --steps 4,8,20
+	$(PY) -m bench quality --steps 4,8,20 --precision fp32,int8,nf4,int4
+	$(PY) -m bench precision --arch sd-v1
 
 clean:
 	rm -rf demo bench/work .pytest_cache

@@ -34,10 +34,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.compile import compile_model
     from compiler.config import CompileConfig
     from compiler.verify import ParityError
+    from quantize.config import QuantizeConfig
+    from quantize.fidelity import FidelityError
 
+    quantize = QuantizeConfig(
+        calibration_prompts=args.calibration_prompts, calibration_file=args.calibration_file,
+        calibration_steps=args.calibration_steps, int8_activations=args.int8_activations,
+        nf4_block_size=args.nf4_block_size, int4_block_size=args.int4_block_size,
+        int4_accuracy_level=args.int4_accuracy_level, weight_min_elements=args.weight_min_elements,
+        fidelity_prompts=args.fidelity_prompts,
+        min_psnr=args.min_psnr, max_rel_error=args.max_rel_error, allow_low_fidelity=args.allow_low_fidelity,
+    )
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
                            default_steps=args.default_steps, default_guidance_scale=args.default_guidance,
-                           default_sampler=args.default_sampler)
+                           default_sampler=args.default_sampler, quantize=quantize)
     if args.parity_threshold:
         config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
         config.__post_init__()
@@ -46,10 +56,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     except ParityError as e:
         print(f"kiln: compile failed, nothing was published: {e}", file=sys.stderr)
         return 3
+    except FidelityError as e:
+        print(f"kiln: compile failed, nothing was published: {e}", file=sys.stderr)
+        return 4
     m = result.manifest
     for name, c in m.components.items():
-        print(f"{name:<13} {c.precision}  max|diff| vs PyTorch {c.parity['max_abs_diff']:.2e}  passes: "
-              f"{', '.join(c.passes) or '-'}")
+        fid = ""
+        if c.fidelity:
+            fid = f"  vs fp32: rel err {c.fidelity['rel_error']:.3g}, PSNR {c.fidelity['psnr']:.1f} dB"
+        fallback = f"  ({c.quantization['fallback']})" if "fallback" in c.quantization else ""
+        print(f"{name:<13} {c.precision:<5} max|diff| vs PyTorch {c.parity['max_abs_diff']:.2e}  passes: "
+              f"{', '.join(c.passes) or '-'}{fid}{fallback}")
+    if m.fidelity:
+        f = m.fidelity
+        print(f"bundle vs fp32: PSNR {f['psnr']:.1f} dB (min {f['psnr_min']:.1f}), SSIM {f['ssim']:.4f} over "
+              f"{len(f['prompts'])} prompts at {f['steps']} steps"
+              + ("  LOW FIDELITY: " + "; ".join(f["failures"]) if f["low_fidelity"] else ""))
     print(f"bundle {m.name} version {m.version} at {result.path}")
     return 0
 
@@ -113,8 +135,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         return 1
     for m in response.models:
         precision = ",".join(f"{k}={v}" for k, v in sorted(m.precision.items()))
+        fidelity = ""
+        if m.HasField("fidelity"):
+            fidelity = f"\tvs fp32 {m.fidelity.psnr_db:.1f} dB" + (" LOW FIDELITY" if m.fidelity.low_fidelity else "")
         print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
-              f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}")
+              f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}")
     return 0
 
 
@@ -146,7 +171,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="local diffusers folder (model_index.json, unet/, vae/, ...)")
     c.add_argument("--name", required=True)
     c.add_argument("--store", required=True)
-    c.add_argument("--precision", default="fp32", choices=["fp32"])
+    c.add_argument("--precision", default="fp32", metavar="SPEC",
+                   help="fp32 | int8 | nf4 | int4 | fp16, optionally with per-component overrides, e.g. "
+                        "int8,vae_decoder=fp32 or unet=int8,text_encoder=int8 (see quantize/precision.py)")
+    q = c.add_argument_group("quantization (precisions other than fp32)")
+    q.add_argument("--calibration-prompts", type=int, default=8, help="prompts run through fp32 to calibrate int8")
+    q.add_argument("--calibration-file", help="prompt file instead of quantize/prompts/calibration.txt")
+    q.add_argument("--calibration-steps", type=int, help="steps per calibration prompt (default: bundle default)")
+    q.add_argument("--int8-activations", default="u8", choices=["u8", "s8"])
+    q.add_argument("--nf4-block-size", type=int, default=64)
+    q.add_argument("--int4-block-size", type=int, default=32)
+    q.add_argument("--int4-accuracy-level", type=int, default=4)
+    q.add_argument("--weight-min-elements", type=int, default=4096,
+                   help="nf4/int4: smallest MatMul weight (K*N) converted (default 4096)")
+    q.add_argument("--fidelity-prompts", type=int, default=2, help="prompts the fidelity gate generates")
+    q.add_argument("--min-psnr", type=float, default=25.0, help="fidelity gate: dB vs fp32 (default 25)")
+    q.add_argument("--max-rel-error", type=float, default=0.25,
+                   help="fidelity gate: a component's relative output error vs fp32 (default 0.25)")
+    q.add_argument("--allow-low-fidelity", action="store_true",
+                   help="publish even if the gate fails (the manifest and ListModels say so)")
     c.add_argument("--opset", type=int, default=17)
     c.add_argument("--no-fusions", action="store_true", help="skip ONNX Runtime's transformer fusions")
     c.add_argument("--parity-threshold", default="", metavar="COMPONENT=MAXDIFF[,...]",

@@ -13,7 +13,7 @@ import onnx
 
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, export_component, save_model
-from compiler.passes import fusions
+from compiler.passes import fusions, unpack_attention
 from compiler.progress import Progress
 from compiler.source import load_source
 from compiler.source.load import TOKENIZER_FILES
@@ -47,7 +47,10 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
 
     source = load_source(source_path)
     store = Store(store_root)
-    steps = Progress(total=2 + 3 * len(COMPONENTS) + 1, enabled=progress)
+    quantized = [c for c, p in config.plan.items() if p != "fp32"]
+    # calibrate, reference, then quantize + fidelity per component, bundle fidelity
+    extra = 3 + 2 * len(quantized) if quantized else 0
+    steps = Progress(total=2 + 3 * len(COMPONENTS) + 1 + extra, enabled=progress)
     with steps.stage("hash source model"):
         source_hash = source.content_hash()
     staging = store.staging_dir(config.name)
@@ -61,29 +64,56 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             with steps.stage(f"optimize {name}"):
                 if config.fusions:
                     fused = fusions.apply(onnx.load(str(out)), name)
-                    save_model(fused, out)
                     passes.append("fusions")
+                    if config.plan[name].rstrip("?") in ("int8", "nf4", "int4"):
+                        # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
+                        fused, unpacked = unpack_attention.apply(fused)
+                        if unpacked:
+                            passes.append("unpack_attention")
+                    save_model(fused, out)
             with steps.stage(f"verify {name}"):
                 parity = check_parity(spec, source, out, config.parity_threshold[name])
             data = out.with_name(out.name + ".data")
             components[name] = ComponentEntry(
-                file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision=config.precision,
+                file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision="fp32",
                 external_data=data.name if data.exists() else None, passes=passes, parity=parity,
                 op_counts=fusions.op_counts(onnx.load(str(out), load_external_data=False)),
             )
             if name in LAST_USE:
                 source.release(LAST_USE[name])
+        source.release_all()
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
             manifest = _manifest(config, source, source_hash, components, tokenizer)
             manifest.tool_versions = {
                 "onnx": onnx.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             }
-            ref = store.publish(staging, manifest)
+        if quantized:
+            _quantize(staging, manifest, config, steps)
+        ref = store.publish(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return CompileResult(ref.path, ref.manifest)
+
+
+def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: Progress) -> None:
+    """The quantize stage over the fp32 components in `staging`; updates `manifest` in place."""
+    from quantize import stage
+    from runtime.model import open_bundle_dir
+
+    model = open_bundle_dir(staging, manifest)
+    result = stage.run(staging, {n: c.file for n, c in manifest.components.items()}, model, config.plan,
+                       config.quantize, int(manifest.defaults["steps"]), steps.stage)
+    del model
+    if result is None:
+        return
+    for name, r in result.components.items():
+        entry = manifest.components[name]
+        entry.precision, entry.quantization, entry.fidelity = r.precision, r.quantization, r.fidelity
+        entry.gpu_only, entry.external_data = r.gpu_only, r.external_data
+        entry.op_counts = fusions.op_counts(onnx.load(str(staging / entry.file), load_external_data=False))
+    manifest.fidelity = result.fidelity
 
 
 def _write_tokenizer(src: Path, dst: Path) -> dict:

@@ -7,8 +7,11 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-PRECISIONS = ("fp32",)
+from quantize import precision as precision_plan
+from quantize.config import QuantizeConfig
+
+COMPONENT_NAMES = precision_plan.COMPONENTS
+PRECISIONS = precision_plan.PRECISIONS
 SAMPLER_NAMES = ("dpmpp_2m_karras", "euler", "euler_a")
 """The runtime's sampler names (runtime.samplers.SAMPLERS; a test keeps the two equal)."""
 BUILTIN_DEFAULTS = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m_karras"}
@@ -20,7 +23,9 @@ class CompileConfig:
     name: str
     """Bundle name clients ask for: lowercase letters, digits, `.`, `_`, `-`; at most 64 characters."""
     precision: str = "fp32"
-    """Numeric precision of every component. Only fp32 so far."""
+    """`fp32`, `int8`, `nf4`, `int4` or `fp16` for the whole bundle (see quantize/precision.py for what each
+    means per component), optionally followed by per-component overrides: `int8,vae_decoder=fp32`, or only
+    overrides: `unet=int8,text_encoder=int8` (the rest fp32)."""
     opset: int = 17
     """ONNX opset of the exported graphs (17 to 21)."""
     fusions: bool = True
@@ -42,6 +47,10 @@ class CompileConfig:
     """Largest number of denoising steps a request may ask for."""
     max_images: int = 4
     """Largest num_images per request."""
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """Calibration, 4-bit block sizes and the fidelity gate (used when a component is not fp32)."""
+    plan: dict[str, str] = field(init=False)
+    """Per-component precision parsed from `precision` (`int8?`: int8 if the fidelity gate passes)."""
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
@@ -49,8 +58,7 @@ class CompileConfig:
                 f"name={self.name!r} must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of: {', '.join(PRECISIONS)}")
+        self.plan = precision_plan.parse(self.precision)
         if not 17 <= self.opset <= 21:
             raise ValueError(f"opset={self.opset} must be between 17 and 21")
         if self.max_size % 8 or self.max_size < 64:
@@ -80,10 +88,18 @@ class CompileConfig:
 
     def graph_fields(self) -> dict[str, object]:
         """The fields that change the exported graphs (defaults and limits do not)."""
-        return {"precision": self.precision, "opset": self.opset, "fusions": self.fusions}
+        out: dict[str, object] = {"precision": self.plan, "opset": self.opset, "fusions": self.fusions}
+        if any(p != "fp32" for p in self.plan.values()):
+            out["quantize"] = self.quantize.graph_fields()
+        return out
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.graph_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def quantized(self) -> bool:
+        """Some component is planned at a precision other than fp32."""
+        return any(p != "fp32" for p in self.plan.values())
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -39,6 +39,13 @@ class ComponentEntry:
     parity: dict[str, float] = field(default_factory=dict)
     """max_abs_diff / mean_abs_diff against PyTorch fp32 on fixed inputs, and the threshold used."""
     op_counts: dict[str, int] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+    """How the component was quantized (method, formats, nodes kept fp32 and why); empty for fp32, or a
+    `fallback` entry when a tried precision failed the fidelity gate."""
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    """Against fp32: `rel_error` of its output, final-image `psnr`/`psnr_min`/`ssim` with only it quantized."""
+    gpu_only: bool = False
+    """True when ONNX Runtime's CPU provider cannot run it (fp16); the runtime refuses it on CPU."""
 
 
 @dataclass
@@ -68,11 +75,18 @@ class Manifest:
     limits: dict[str, Any]
     """min_size, max_size, max_steps, max_images, max_guidance_scale."""
     tool_versions: dict[str, str] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    """Quantized bundles: final images vs fp32 (psnr, psnr_min, ssim), prompts, seed, steps, thresholds,
+    `passed` and `low_fidelity` (published with --allow-low-fidelity despite failures)."""
     format_version: int = FORMAT_VERSION
 
     @property
     def precision(self) -> dict[str, str]:
         return {name: c.precision for name, c in self.components.items()}
+
+    @property
+    def low_fidelity(self) -> bool:
+        return bool(self.fidelity.get("low_fidelity"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -84,7 +98,7 @@ class Manifest:
                 f"manifest format_version={d.get('format_version')!r}; this Kiln reads {FORMAT_VERSION}: recompile"
             )
         names = {f.name for f in fields(cls)}
-        missing = names - d.keys() - {"tool_versions", "format_version"}
+        missing = names - d.keys() - {"tool_versions", "format_version", "fidelity"}
         if missing:
             raise ManifestError(f"manifest lacks {', '.join(sorted(missing))}")
         kw = {k: v for k, v in d.items() if k in names}

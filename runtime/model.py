@@ -36,16 +36,27 @@ class LoadedModel:
 def load_bundle(ref: BundleRef, providers: list[str] | None = None, threads: int = 0) -> LoadedModel:
     """Open every component of a bundle; raises ManifestError if files are missing or resized."""
     ref.check_files()
-    m = ref.manifest
+    return open_bundle_dir(ref.path, ref.manifest, providers, threads)
+
+
+def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None, threads: int = 0) -> LoadedModel:
+    """Sessions over a bundle folder's files as `m` describes them (the compiler uses it before publishing)."""
     missing = [c for c in REQUIRED if c not in m.components]
     if missing:
-        raise ManifestError(f"bundle {ref.path} lacks components {missing}")
+        raise ManifestError(f"bundle {path} lacks components {missing}")
+    providers = providers or ["CPUExecutionProvider"]
+    gpu_only = [n for n, c in m.components.items() if c.gpu_only]
+    if gpu_only and providers == ["CPUExecutionProvider"]:
+        raise ManifestError(
+            f"bundle {m.name} {m.version}: {', '.join(gpu_only)} ({m.components[gpu_only[0]].precision}) cannot run on "
+            "ONNX Runtime's CPU provider; serve it with onnxruntime-gpu, or compile --precision fp32/int8 for CPU"
+        )
     sessions: dict[str, ModelSession] = {
-        name: OrtSession(name, ref.path / c.file, providers, threads) for name, c in m.components.items()
+        name: OrtSession(name, path / c.file, providers, threads) for name, c in m.components.items()
     }
     tok = m.tokenizer
-    tokenizer = PromptTokenizer(ref.path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
-    return LoadedModel(m, ref.path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+    tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
+    return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
 
 
 def load_store(root: str | Path, providers: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:

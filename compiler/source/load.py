@@ -55,6 +55,10 @@ class SourceModel:
     def release(self, name: str) -> None:
         self._modules.pop(name, None)
 
+    def release_all(self) -> None:
+        """Drop every loaded PyTorch module (before the quantize stage needs the memory)."""
+        self._modules.clear()
+
     def recommended_defaults(self) -> dict[str, Any]:
         """`kiln.json` beside `model_index.json` may recommend request defaults (steps, guidance_scale, sampler)."""
         path = self.path / "kiln.json"

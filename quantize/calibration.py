@@ -1,0 +1,91 @@
+"""Calibration and fidelity inputs: run the fp32 pipeline over shipped prompts and record what each
+component is fed, so int8 scales come from the activations real requests produce."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS_FILE = Path(__file__).parent / "prompts/calibration.txt"
+
+
+def prompts(path: str | Path | None = None) -> list[str]:
+    """Non-empty, non-comment lines of `path` (default: the prompt set shipped with Kiln)."""
+    path = Path(path) if path else PROMPTS_FILE
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    out = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not out:
+        raise ValueError(f"{path} holds no prompts")
+    return out
+
+
+class RecordingSession:
+    """A ModelSession that keeps a copy of every feed it runs (up to `limit`)."""
+
+    def __init__(self, inner, limit: int | None = None):  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.name = inner.name
+        self.input_names = inner.input_names
+        self.output_names = inner.output_names
+        self.limit = limit
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.limit is None or len(self.feeds) < self.limit:
+            self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        return self.inner.run(inputs)
+
+
+@dataclass
+class Run:
+    """What one pass of the pipeline over a prompt set produced."""
+
+    feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    """Inputs each component was fed, in call order (the VAE encoder's: the decoded images, in [-1, 1])."""
+    images: list[np.ndarray] = field(default_factory=list)
+    """uint8 [H, W, 3] per prompt."""
+    latents: list[np.ndarray] = field(default_factory=list)
+    """Final latents per prompt (before the VAE decoder)."""
+
+
+def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: bool = True) -> Run:  # type: ignore[no-untyped-def]
+    """Text-to-image over `texts` at the bundle's default size, sampler and guidance; seed + i per prompt."""
+    from proto.kiln.v1 import kiln_pb2 as pb
+    from runtime.pipeline import Generation, Pipeline
+    from runtime.validate import validate
+
+    sessions = dict(model.sessions)
+    recorders = {}
+    if record:
+        recorders = {n: RecordingSession(s) for n, s in sessions.items() if n != "vae_encoder"}
+        model.sessions.update(recorders)
+    result = Run()
+    try:
+        pipe = Pipeline(model)
+        for i, text in enumerate(texts):
+            request = pb.GenerateRequest(prompt=text, steps=steps, seed=seed + i)
+            params = validate(request, model.manifest.defaults, model.manifest.limits)
+            gen = Generation(params, model)
+            pipe.tokenize(gen)
+            pipe.encode_text(gen)
+            pipe.prepare(gen)
+            while not gen.denoised:
+                pipe.denoise_step(gen)
+            assert gen.latents is not None
+            result.latents.append(gen.latents[:1].copy())
+            result.images.append(pipe.decode(gen, 0))
+    finally:
+        model.sessions.clear()
+        model.sessions.update(sessions)
+    result.feeds = {n: r.feeds for n, r in recorders.items()}
+    if record:
+        result.feeds["vae_encoder"] = [{"sample": to_vae_input(im)} for im in result.images]
+    return result
+
+
+def to_vae_input(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1], as the VAE encoder takes it."""
+    return (image.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)

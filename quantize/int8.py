@@ -1,0 +1,142 @@
+"""int8: static QDQ for the UNet and VAE (calibrated activations, per-channel weights), dynamic for the text
+encoder, with a fixed rule for the nodes that stay fp32.
+
+Formats (measured in `python -m bench precision`): QDQ, int8 per-channel symmetric weights, activations
+uint8 asymmetric by default (U8S8: the operand order AVX-512 VNNI's `vpdpbusd` and AMX take natively) or int8
+(S8S8) with `activations="s8"`. ONNX Runtime's CPU provider fuses DQ -> Conv/MatMul -> Q into QLinearConv /
+QLinearMatMul, so the served graph holds int8 weights only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+ACTIVATIONS = ("u8", "s8")
+
+KEEP_FP32: tuple[tuple[str, str], ...] = (
+    (r"(^|/)conv_in(/|$)",
+     "first conv: reads the raw latents (or pixels), whose exact values every later layer builds on"),
+    (r"(^|/)conv_out(/|$)",
+     "last conv: writes the output (noise prediction / pixels) directly, with no later layer to absorb error"),
+    (r"(^|/)(time_proj|time_embedding)(/|$)",
+     "time embedding: sinusoidal features over a wide dynamic range; M = batch, so int8 saves no time"),
+    (r"(^|/)time_emb_proj(/|$)",
+     "per-resnet projections of the time embedding: M = batch (no speed to gain); an error here shifts "
+     "every feature map of the block"),
+    (r"(^|/)(post_quant_conv|quant_conv)(/|$)",
+     "1x1 convs at the latent bottleneck: 4 channels, where one int8 step is a large relative error"),
+)
+"""(node-name pattern, reason) for nodes that stay fp32 in every int8 graph. Attention-score MatMuls (both
+inputs activations) also stay fp32: only MatMuls with a constant weight are quantized."""
+
+
+def kept_nodes(model: onnx.ModelProto, op_types: Sequence[str]) -> dict[str, str]:
+    """Names of the quantizable nodes the KEEP_FP32 rule keeps in fp32, with the reason for each."""
+    out: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for pattern, reason in KEEP_FP32:
+            if re.search(pattern, node.name):
+                out[node.name] = reason
+                break
+    return out
+
+
+@contextmanager
+def _typed_copy(model_path: Path, external_data: bool) -> Iterator[Path]:
+    """The model with every tensor's type inferred, contrib ops included.
+
+    ONNX's own shape inference (which ONNX Runtime's quantizer runs) stops at com.microsoft ops such as
+    MultiHeadAttention or SkipLayerNormalization, and the quantizer then skips every MatMul downstream
+    ("failed to infer the type"). ONNX Runtime's symbolic shape inference knows those ops.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(model_path))
+    typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    del model
+    with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
+        path = Path(tmp) / model_path.name
+        onnx.save_model(typed, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        del typed
+        yield path
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer warns on the root logger about pre-processing we have done (fusions,
+    symbolic shapes); keep the compile's output readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of input feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # the calibrator reads once
+        pass
+
+
+def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict[str, np.ndarray]],
+                    op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), activations: str = "u8",
+                    external_data: bool = False) -> dict[str, Any]:
+    """Static QDQ int8 of `op_types`, calibrated (min/max) on `calibration` feeds; writes `out_path`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"int8 activations={activations!r} is not one of: {', '.join(ACTIVATIONS)}")
+    if not calibration:
+        raise ValueError("static int8 needs at least one calibration feed")
+    model = onnx.load(str(model_path), load_external_data=False)
+    kept = kept_nodes(model, op_types)
+    del model
+    with _typed_copy(model_path, external_data) as typed, _quiet():
+        ort_quantize_static(
+            str(typed), str(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types), per_channel=True,
+            activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=list(kept), use_external_data_format=external_data,
+            calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
+            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": activations == "s8",
+                           "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    return {"method": "static QDQ", "weights": "int8 per-channel symmetric",
+            "activations": "uint8 asymmetric" if activations == "u8" else "int8 symmetric",
+            "calibration": "min/max", "calibration_feeds": len(calibration), "op_types": list(op_types),
+            "kept_fp32": kept}
+
+
+def quantize_dynamic(model_path: Path, out_path: Path, external_data: bool = False) -> dict[str, Any]:
+    """Dynamic int8 (weights per-channel, activations quantized per call) of every MatMul with a constant weight."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    with _typed_copy(model_path, external_data) as typed, _quiet():
+        ort_quantize_dynamic(str(typed), str(out_path), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                             weight_type=QuantType.QInt8, use_external_data_format=external_data,
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    return {"method": "dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per call",
+            "op_types": ["MatMul", "Gemm"], "kept_fp32": {}}

@@ -1,0 +1,202 @@
+"""`kiln compile --precision int8|nf4|int4|fp16` on the tiny model: what lands in the graphs and the manifest,
+the fidelity gate (including a deliberately broken quantization), and serving the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from compiler.compile import compile_model
+from compiler.config import CompileConfig
+from model_store import Manifest, Store
+from quantize import int8
+from quantize.config import QuantizeConfig
+from quantize.fidelity import FidelityError
+from tests.conftest import start_server
+
+# random tiny weights drift further under int8 than trained ones (about 22 dB at 4 steps vs fp32); the
+# real-model defaults (25 dB) are exercised by `python -m bench precision`
+FAST = {"calibration_prompts": 1, "fidelity_prompts": 1, "weight_min_elements": 0, "min_psnr": 15.0}
+
+
+def _compile(source: Path, store: Path, name: str, precision: str, **quantize: object) -> Path:
+    config = CompileConfig(name=name, precision=precision, default_steps=4,
+                           quantize=QuantizeConfig(**{**FAST, **quantize}))  # type: ignore[arg-type]
+    return compile_model(source, store, config, progress=False).path
+
+
+def _ops(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime's CPU provider actually runs."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp / f"opt-{path.name}")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _ops(tmp / f"opt-{path.name}")
+
+
+@pytest.fixture(scope="module")
+def int8_store(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("int8-store")
+    _compile(tiny_source, store, "tiny-int8", "int8")
+    return store
+
+
+def test_int8_graphs_and_manifest(int8_store: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = Store(int8_store).latest("tiny-int8").path
+    m = Manifest.read(bundle)
+    assert m.precision["text_encoder"] == "int8" and m.precision["unet"] == "int8"
+    unet = m.components["unet"]
+    assert "unpack_attention" in unet.passes
+    assert unet.op_counts.get("Attention", 0) == 0 and unet.op_counts["MultiHeadAttention"] == 8
+    assert unet.op_counts["QuantizeLinear"] > 0 and unet.op_counts["DequantizeLinear"] > 0
+    kept = unet.quantization["kept_fp32"]
+    assert {"/m/conv_in/Conv", "/m/conv_out/Conv", "/m/time_embedding/linear_1/Gemm"} <= set(kept)
+    assert "first conv" in kept["/m/conv_in/Conv"]
+    assert unet.quantization["activations"] == "uint8 asymmetric"
+    assert m.components["text_encoder"].op_counts["DynamicQuantizeLinear"] > 0
+    # the CPU provider runs int8 kernels, and the int8 UNet is far smaller than the fp32 one
+    optimized = _optimized_ops(bundle / unet.file, tmp_path)
+    assert optimized.get("QLinearConv", 0) > 0 and optimized.get("Conv", 0) <= 2
+    assert (bundle / unet.file).stat().st_size < 0.45 * (tiny_bundle / "unet.onnx").stat().st_size
+    # fidelity recorded per component and for the bundle
+    f = m.fidelity
+    assert f["passed"] and not f["low_fidelity"] and f["steps"] == 4 and len(f["prompts"]) == 1
+    assert f["psnr"] >= f["min_psnr"] and 0 < f["ssim"] <= 1
+    assert 0 < unet.fidelity["rel_error"] <= f["max_rel_error"]
+    for c in m.components.values():
+        assert c.precision == "fp32" or c.fidelity["passed"]
+
+
+def test_int8_bundle_serves_over_grpc(int8_store: Path, tmp_path: Path) -> None:
+    from proto.kiln.v1 import kiln_pb2 as pb
+    from runtime.client import generate, list_models
+
+    server = start_server(int8_store, tmp_path / "serve.log")
+    try:
+        info = list_models(server.target).models[0]
+        assert info.precision["unet"] == "int8" and info.precision["text_encoder"] == "int8"
+        assert info.HasField("fidelity") and info.fidelity.psnr_db > FAST["min_psnr"] and not info.fidelity.low_fidelity
+        result = generate(server.target, pb.GenerateRequest(model="tiny-int8", prompt="a red circle", seed=3),
+                          tmp_path / "out", timeout=60, progress=False)
+        assert result.paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(("precision", "op"), [("nf4", "MatMulBnb4"), ("int4", "MatMulNBits")])
+def test_4bit_bundles(precision: str, op: str, tiny_source: Path, tmp_path: Path) -> None:
+    bundle = _compile(tiny_source, tmp_path / "store", f"tiny-{precision}", precision)
+    m = Manifest.read(bundle)
+    for name in ("text_encoder", "unet"):
+        c = m.components[name]
+        assert c.precision == precision and c.op_counts[op] == len(c.quantization["matmul"]["converted"]) > 0
+        model = onnx.load(str(bundle / c.file))
+        consts = {i.name for i in model.graph.initializer}
+        # no MatMul with a constant weight is left in fp32
+        assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    # the UNet's convolutions are int8 in a 4-bit bundle, and the manifest says so
+    assert m.components["unet"].quantization["conv"]["method"] == "static QDQ"
+    assert m.components["unet"].op_counts["DequantizeLinear"] > 0
+    assert m.fidelity["passed"]
+    _generates(bundle)
+
+
+def test_fp16_bundle_runs_on_cpu(tiny_source: Path, tmp_path: Path) -> None:
+    bundle = _compile(tiny_source, tmp_path / "store", "tiny-fp16", "fp16")
+    m = Manifest.read(bundle)
+    assert set(m.precision.values()) == {"fp16"} and not any(c.gpu_only for c in m.components.values())
+    unet = onnx.load(str(bundle / "unet.onnx"))
+    kinds = {i.data_type for i in unet.graph.initializer if i.dims and np.prod(i.dims) > 16}
+    assert onnx.TensorProto.FLOAT16 in kinds
+    assert {i.type.tensor_type.elem_type for i in unet.graph.input} == {onnx.TensorProto.FLOAT}  # io stays fp32
+    assert "InstanceNormalization" not in m.components["unet"].quantization["op_block_list"]
+    assert m.fidelity["psnr"] > 30
+    _generates(bundle)
+
+
+def _generates(bundle: Path) -> None:
+    from model_store import BundleRef
+    from proto.kiln.v1 import kiln_pb2 as pb
+    from runtime.model import load_bundle
+    from runtime.pipeline import Pipeline
+    from runtime.validate import validate
+
+    model = load_bundle(BundleRef(bundle, Manifest.read(bundle)))
+    params = validate(pb.GenerateRequest(prompt="a blue square", seed=1), model.manifest.defaults,
+                      model.manifest.limits)
+    images, _ = Pipeline(model).run(params)
+    assert images[0].shape == (64, 64, 3) and images[0].std() > 0
+
+
+def _absurd_scales(path: Path) -> None:
+    """Multiply every weight scale of a QDQ graph by 40: a quantizer bug the gate must catch."""
+    model = onnx.load(str(path))
+    weight_scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                     and any(i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8 for i in model.graph.initializer)}
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in weight_scales:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 40, t.name))
+    onnx.save(model, str(path))
+
+
+def test_gate_fails_a_broken_quantization(tiny_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = int8.quantize_static
+
+    def broken(model_path: Path, out_path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        info = original(model_path, out_path, *args, **kwargs)
+        if out_path.name == "unet.onnx":
+            _absurd_scales(out_path)
+        return info
+
+    monkeypatch.setattr(int8, "quantize_static", broken)
+    store = tmp_path / "store"
+    with pytest.raises(FidelityError, match=r"unet \(int8\): relative error [0-9.e+]+ is above max_rel_error=0.25") as e:
+        _compile(tiny_source, store, "broken", "unet=int8")
+    assert "--allow-low-fidelity" in str(e.value)
+    assert not list(store.glob("broken/*")), "nothing may be published when the gate fails"
+
+    # published on request, and then marked low-fidelity for clients
+    from model_store import BundleRef
+    from runtime.model import load_bundle
+    from runtime.server.servicer import model_info
+
+    bundle = _compile(tiny_source, store, "broken", "unet=int8", allow_low_fidelity=True)
+    m = Manifest.read(bundle)
+    assert m.low_fidelity and m.fidelity["failures"][0].startswith("unet (int8): relative error")
+    info = model_info(load_bundle(BundleRef(bundle, m)))
+    assert info.fidelity.low_fidelity and info.fidelity.failures[0].startswith("unet (int8)")
+
+
+def test_vae_falls_back_to_fp32_when_int8_fails_the_gate(tiny_source: Path, tmp_path: Path) -> None:
+    # a PSNR floor no int8 component can reach: the VAE (plan entry `int8?`) falls back, the rest is reported
+    bundle = _compile(tiny_source, tmp_path / "store", "strict", "int8", min_psnr=98, allow_low_fidelity=True)
+    m = Manifest.read(bundle)
+    for name in ("vae_decoder", "vae_encoder"):
+        c = m.components[name]
+        assert c.precision == "fp32" and "int8 failed the fidelity gate" in c.quantization["fallback"]
+        assert c.op_counts.get("QuantizeLinear", 0) == 0
+    assert m.precision["unet"] == "int8" and m.low_fidelity
+
+
+def test_gpu_only_bundle_is_refused_on_cpu_with_a_clear_error(tiny_bundle: Path) -> None:
+    from model_store import ManifestError
+    from runtime.model import open_bundle_dir
+
+    m = Manifest.read(tiny_bundle)
+    m.components["unet"].gpu_only = True
+    m.components["unet"].precision = "fp16"
+    with pytest.raises(ManifestError, match=r"unet \(fp16\) cannot run on ONNX Runtime's CPU provider; serve it "
+                                            r"with onnxruntime-gpu"):
+        open_bundle_dir(tiny_bundle, m)
