@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import latency, quality
+from bench import latency, precision, quality
 
-SCENARIOS = {"latency": latency, "quality": quality}
+SCENARIOS = {"latency": latency, "quality": quality, "precision": precision}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the bundle's default")
     p.add_argument("--count", type=int, default=240, help="prompts (each with its own seed)")
     p.add_argument("--seed", type=int, default=0, help="chooses the prompt set")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated precisions, one bundle each (e.g. fp32,int8,nf4,int4)")
     p.add_argument("--out", default="quality", help="result file name under bench/results/")
 
 
@@ -46,32 +48,45 @@ def score(rows: list[tuple[Scene, dict]]) -> dict[str, float]:
     return {k: right[k] / len(rows) for k in (*ATTRIBUTES, "all")}
 
 
+def _precision_label(precision: dict[str, str]) -> str:
+    """`fp32`, or e.g. `int8 (vae_decoder fp32)`: the UNet's precision and the components that differ."""
+    main = precision.get("unet", "fp32")
+    others = [f"{k} {v}" for k, v in sorted(precision.items()) if v != main]
+    return main + (f" ({', '.join(others)})" if others else "")
+
+
 def run(args: argparse.Namespace) -> Path:
     from proto.kiln.v1 import kiln_pb2 as pb
     from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
     from runtime.client import channel
 
     source = workspace.source_model("shapes", args.source)
-    bundle_dir = workspace.bundle(source, "shapes")
+    names = {}
+    for precision in args.precision.split(","):
+        name = "shapes" if precision == "fp32" else f"shapes-{precision}"
+        names[name] = workspace.bundle(source, name, "--precision", precision)
+    bundle_dir = names["shapes"] if "shapes" in names else next(iter(names.values()))
     prompts = prompt_set(args.count, args.seed)
     table_rows = []
     results: dict[str, dict[str, float]] = {}
     with workspace.server(bundle_dir, timeout=120) as target, channel(target) as ch:
         stub = pb_grpc.KilnStub(ch)
-        info = next(m for m in stub.ListModels(pb.ListModelsRequest()).models if m.name == "shapes")
-        sampler = args.sampler or info.default_sampler
-        guidance = info.default_guidance_scale if args.guidance is None else args.guidance
-        for steps in (int(s) for s in args.steps.split(",")):
-            rows = []
-            for scene, prompt, seed in prompts:
-                req = pb.GenerateRequest(model="shapes", prompt=prompt, steps=steps, sampler=sampler,
-                                         guidance_scale=guidance, seed=seed)
-                art = [r.artifact for r in stub.Generate(req, timeout=600) if r.WhichOneof("event") == "artifact"]
-                image = np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB"))
-                rows.append((scene, checker.read(image)))
-            label = f"shapes {'/'.join(sorted(set(info.precision.values())))}, {sampler}, {steps} steps"
-            results[label] = acc = score(rows)
-            table_rows.append([label, *(f"{100 * acc[a]:.1f}%" for a in (*ATTRIBUTES, "all"))])
+        served = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+        for name in names:
+            info = served[name]
+            sampler = args.sampler or info.default_sampler
+            guidance = info.default_guidance_scale if args.guidance is None else args.guidance
+            for steps in (int(s) for s in args.steps.split(",")):
+                rows = []
+                for scene, prompt, seed in prompts:
+                    req = pb.GenerateRequest(model=name, prompt=prompt, steps=steps, sampler=sampler,
+                                             guidance_scale=guidance, seed=seed)
+                    art = [r.artifact for r in stub.Generate(req, timeout=600) if r.WhichOneof("event") == "artifact"]
+                    image = np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB"))
+                    rows.append((scene, checker.read(image)))
+                label = f"shapes {_precision_label(info.precision)}, {sampler}, {steps} steps"
+                results[label] = acc = score(rows)
+                table_rows.append([label, *(f"{100 * acc[a]:.1f}%" for a in (*ATTRIBUTES, "all"))])
     body = (
         f"{len(prompts)} prompts (distinct scenes, seeded with `--seed {args.seed}`, four caption templates, each "
         f"with its own image seed) through `kiln serve` over gRPC; guidance {guidance:g}. Each image is read "

@@ -33,18 +33,21 @@ def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
     return path
 
 
-def bundle(source: Path, name: str) -> Path:
-    """The latest bundle called `name` compiled from `source` (default config), compiling one if there is none."""
+def bundle(source: Path, name: str, *compile_args: str) -> Path:
+    """The latest bundle called `name` compiled from `source` with `compile_args` (e.g. `--precision int8`),
+    compiling one if there is none (or the cached one came from another source or another precision)."""
     from model_store import ManifestError, Store
 
     store = Store(WORK / "store")
+    precision = compile_args[compile_args.index("--precision") + 1] if "--precision" in compile_args else "fp32"
     try:
         ref = store.latest(name)
-        if ref.manifest.source["path"] == str(source.resolve()):
+        if (ref.manifest.source["path"] == str(source.resolve())
+                and ref.manifest.compile_config.get("precision", "fp32") == precision):
             return ref.path
     except ManifestError:
         pass
-    kiln("compile", str(source), "--name", name, "--store", str(store.root))
+    kiln("compile", str(source), "--name", name, "--store", str(store.root), *compile_args)
     return store.latest(name).path
 
 

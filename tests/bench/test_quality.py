@@ -15,7 +15,8 @@ from compiler.source.init import PRETRAINED
 def test_quality_scenario_small_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bench.workspace.WORK", tmp_path / "work")
     out = tmp_path / "quality.md"
-    args = argparse.Namespace(source=None, steps="20", sampler="", guidance=None, count=24, seed=1, out=str(out))
+    args = argparse.Namespace(source=None, steps="20", sampler="", guidance=None, count=24, seed=1, out=str(out),
+                              precision="fp32")
     path = quality.run(args)
     text = path.read_text()
     assert path == out and "| shapes fp32, dpmpp_2m_karras, 20 steps |" in text
