@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.samplers.schedule import NoiseSchedule
 from train.shapes import model as shapes_model
 from train.shapes.data import dataset
 from train.shapes.spec import caption
@@ -27,22 +28,22 @@ class TrainConfig:
     """Seeds the data, the weights and every random draw of training."""
     dataset_size: int = 12000
     """Procedural images made once (with jitter); their latents are cached after the VAE phase."""
-    vae_steps: int = 1000
+    vae_steps: int = 700
     """VAE optimizer steps (phase 1)."""
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     """KL term weight: small, so latents keep detail; the latent scale is normalised afterwards."""
-    unet_steps: int = 1500
+    unet_steps: int = 5500
     """UNet + text encoder optimizer steps (phase 3)."""
-    unet_batch: int = 64
+    unet_batch: int = 32
     unet_lr: float = 5e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     caption_dropout: float = 0.1
     """Share of captions replaced by "" so the model also learns the unconditional prediction (for CFG)."""
     no_position_captions: float = 0.2
     """Share of captions that leave the position out (the model then picks one)."""
-    decoder_steps: int = 600
+    decoder_steps: int = 500
     """Phase 2: VAE decoder alone, fine-tuned on the cached latents (sharper edges; the encoder, and so the
     UNet's latent space, stay fixed)."""
     decoder_lr: float = 5e-4
@@ -86,8 +87,9 @@ class Trainer:
         from transformers import CLIPTokenizerFast
 
         self.tokenizer = CLIPTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
-        ac = _alphas_cumprod(shapes_model.SCHEDULER_CONFIG)
-        self.alphas_cumprod = torch.from_numpy(ac)
+        # the runtime's own schedule (tested bit-for-bit against diffusers): training and serving agree
+        ac = NoiseSchedule.from_config(shapes_model.SCHEDULER_CONFIG).alphas_cumprod()
+        self.alphas_cumprod = torch.from_numpy(np.asarray(ac, dtype=np.float32))
         self.rng = np.random.default_rng(config.seed + 1)
         self.decoder_rng = np.random.default_rng(config.seed + 2)
         self.images, self.scenes = dataset(config.dataset_size, config.seed)
@@ -102,7 +104,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
         self.torch.save({
-            "config": asdict(self.config), "state": self.state, "rng": self.rng.bit_generator.state,
+            "config": asdict(self.config), "scheduler": shapes_model.SCHEDULER_CONFIG, "state": self.state, "rng": self.rng.bit_generator.state,
             "decoder_rng": self.decoder_rng.bit_generator.state, "opt_decoder": self.opt_decoder.state_dict(),
             "torch_rng": self.torch.get_rng_state(),
             "text_encoder": self.text_encoder.state_dict(), "vae": self.vae.state_dict(), "unet": self.unet.state_dict(),
@@ -115,6 +117,8 @@ class Trainer:
         ck = self.torch.load(self.checkpoint_path, weights_only=False)
         if ck["config"] != asdict(self.config):
             raise ValueError(f"{self.checkpoint_path} was made with another config: {ck['config']}")
+        if ck.get("scheduler") != shapes_model.SCHEDULER_CONFIG:
+            raise ValueError(f"{self.checkpoint_path} was made with another noise schedule: {ck.get('scheduler')}")
         self.state, self.ema, self.scaling_factor = ck["state"], ck["ema"], ck["scaling_factor"]
         self.rng.bit_generator.state = ck["rng"]
         self.decoder_rng.bit_generator.state = ck["decoder_rng"]
@@ -301,12 +305,6 @@ class Trainer:
         (folder / "training.json").write_text(json.dumps(
             {"config": asdict(self.config), "final_losses": self.state["losses"]}, indent=2) + "\n")
         return folder
-
-
-def _alphas_cumprod(config: dict) -> np.ndarray:
-    betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
-                        dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)
 
 
 def train(out: str | Path, config: TrainConfig | None = None, resume: bool = False, progress: bool = True) -> Path:
