@@ -34,6 +34,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.compile import compile_model
     from compiler.config import CompileConfig
     from compiler.verify import ParityError
+
+    # diffusers imports bitsandbytes when installed (Kiln only uses it as the nf4 reference in tests), and it
+    # warns about an optional GPU-kernel package on every CPU import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from quantize.config import QuantizeConfig
     from quantize.fidelity import FidelityError
 

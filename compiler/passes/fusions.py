@@ -7,7 +7,6 @@ off; packed QKV/KV layouts are off so the separate Q/K/V weights stay quantizabl
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections import Counter
 
@@ -62,18 +61,26 @@ def apply(model: onnx.ModelProto, component: str) -> onnx.ModelProto:
     for switch in CUDA_ONLY:
         setattr(options, switch, False)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # its own bar would interleave with the compile's stage display
+    # the UNet optimizer draws its own "fusion" tqdm bar, which would interleave with the compile's stage
+    # display; tqdm reads TQDM_DISABLE only when it is imported, so tell the optimizer tqdm is absent
+    unet_module = next((m for name, m in list(sys.modules.items()) if name.endswith("onnx_model_unet")
+                        and hasattr(m, "is_installed")), None)
+    original = unet_module.is_installed if unet_module else None
+    if unet_module is not None and original is not None:
+        unet_module.is_installed = lambda package: package != "tqdm" and original(package)
+    # its modules log INFO under their bare names (`onnx_model_unet`, `fusion_attention`, ...)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
     try:
         fused = optimize_model(
             model, model_type=model_type, opt_level=0, optimization_options=options, use_gpu=False,
             only_onnxruntime=False,
         )
     finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+        root.setLevel(level)
+        if unet_module is not None:
+            unet_module.is_installed = original
     model = fused.model
     uses_ms = any(n.domain == "com.microsoft" for n in model.graph.node)
     if uses_ms and not any(o.domain == "com.microsoft" for o in model.opset_import):
