@@ -19,6 +19,8 @@ from compiler.source import load_source
 from compiler.source.load import TOKENIZER_FILES
 from compiler.verify import check_parity
 from model_store import ComponentEntry, Manifest, Store
+from quantize import stage
+from quantize.precision import resolved
 
 # release a source module once the last component that needs it is done
 LAST_USE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae"}
@@ -47,10 +49,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
 
     source = load_source(source_path)
     store = Store(store_root)
-    quantized = [c for c, p in config.plan.items() if p != "fp32"]
-    # calibrate, reference, then quantize + fidelity per component, bundle fidelity
-    extra = 3 + 2 * len(quantized) if quantized else 0
-    steps = Progress(total=2 + 3 * len(COMPONENTS) + 1 + extra, enabled=progress)
+    steps = Progress(total=2 + 3 * len(COMPONENTS) + 1 + stage.stage_count(config.plan), enabled=progress)
     with steps.stage("hash source model"):
         source_hash = source.content_hash()
     staging = store.staging_dir(config.name)
@@ -65,7 +64,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                 if config.fusions:
                     fused = fusions.apply(onnx.load(str(out)), name)
                     passes.append("fusions")
-                    if config.plan[name].rstrip("?") in ("int8", "nf4", "int4"):
+                    if resolved(config.plan[name]) in ("int8", "nf4", "int4"):
                         # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
                         fused, unpacked = unpack_attention.apply(fused)
                         if unpacked:
@@ -88,7 +87,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             manifest.tool_versions = {
                 "onnx": onnx.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             }
-        if quantized:
+        if config.quantized:
             _quantize(staging, manifest, config, steps)
         ref = store.publish(staging, manifest)
     except BaseException:
@@ -99,7 +98,6 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
 
 def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: Progress) -> None:
     """The quantize stage over the fp32 components in `staging`; updates `manifest` in place."""
-    from quantize import stage
     from runtime.model import open_bundle_dir
 
     model = open_bundle_dir(staging, manifest)

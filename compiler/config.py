@@ -89,7 +89,7 @@ class CompileConfig:
     def graph_fields(self) -> dict[str, object]:
         """The fields that change the exported graphs (defaults and limits do not)."""
         out: dict[str, object] = {"precision": self.plan, "opset": self.opset, "fusions": self.fusions}
-        if any(p != "fp32" for p in self.plan.values()):
+        if self.quantized:
             out["quantize"] = self.quantize.graph_fields()
         return out
 

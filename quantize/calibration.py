@@ -54,7 +54,7 @@ class Run:
 def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: bool = True) -> Run:  # type: ignore[no-untyped-def]
     """Text-to-image over `texts` at the bundle's default size, sampler and guidance; seed + i per prompt."""
     from proto.kiln.v1 import kiln_pb2 as pb
-    from runtime.pipeline import Generation, Pipeline
+    from runtime.pipeline import Pipeline
     from runtime.validate import validate
 
     sessions = dict(model.sessions)
@@ -68,15 +68,10 @@ def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: boo
         for i, text in enumerate(texts):
             request = pb.GenerateRequest(prompt=text, steps=steps, seed=seed + i)
             params = validate(request, model.manifest.defaults, model.manifest.limits)
-            gen = Generation(params, model)
-            pipe.tokenize(gen)
-            pipe.encode_text(gen)
-            pipe.prepare(gen)
-            while not gen.denoised:
-                pipe.denoise_step(gen)
+            images, gen = pipe.run(params)
             assert gen.latents is not None
             result.latents.append(gen.latents[:1].copy())
-            result.images.append(pipe.decode(gen, 0))
+            result.images.append(images[0])
     finally:
         model.sessions.clear()
         model.sessions.update(sessions)

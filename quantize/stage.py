@@ -51,6 +51,24 @@ class StageResult:
     """Overall figures, thresholds, prompts, steps, `passed` and `low_fidelity`."""
 
 
+def _wanted(plan: dict[str, str]) -> dict[str, str]:
+    return {c: p for c, p in plan.items() if resolved(p) != "fp32"}
+
+
+def _needs_calibration(wanted: dict[str, str]) -> bool:
+    """A component quantized statically: int8, or the int8 convolutions of a 4-bit UNet/VAE."""
+    return any(c in STATIC_INT8 and resolved(p) in ("int8", "nf4", "int4") for c, p in wanted.items())
+
+
+def stage_count(plan: dict[str, str]) -> int:
+    """Progress stages `run` shows for `plan`: calibrate (if needed), reference, quantize + fidelity per
+    component, bundle fidelity."""
+    wanted = _wanted(plan)
+    if not wanted:
+        return 0
+    return int(_needs_calibration(wanted)) + 2 + 2 * len(wanted)
+
+
 def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], config: QuantizeConfig,
         steps: int, stage: Any) -> StageResult | None:
     """Quantize the fp32 components in `staging` (file names in `files`) per `plan`; None if all are fp32.
@@ -59,14 +77,14 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
     """
     from runtime.sessions import OrtSession
 
-    wanted = {c: p for c, p in plan.items() if resolved(p) != "fp32" and c in files}
+    wanted = {c: p for c, p in _wanted(plan).items() if c in files}
     if not wanted:
         return None
     texts = prompts(config.calibration_file)
     fidelity_texts = texts[::-1][: config.fidelity_prompts]
     calibration_texts = [texts[i % len(texts)] for i in range(config.calibration_prompts)]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {}
-    if any(c in STATIC_INT8 for c in wanted) and any(resolved(p) in ("int8", "nf4", "int4") for p in wanted.values()):
+    if _needs_calibration(wanted):
         with stage(f"calibrate ({len(calibration_texts)} prompts)"):
             feeds = run_pipeline(model, calibration_texts, config.calibration_steps or steps).feeds
     with stage(f"fp32 reference ({len(fidelity_texts)} prompts)"):
@@ -96,7 +114,8 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
             result.fidelity["passed"] = problem is None
             if problem:
                 result.fidelity["problem"] = problem
-        result.external_data = next((p.name for p in staging.glob(files[component] + ".data")), None)
+        data = staging / (files[component] + ".data")
+        result.external_data = data.name if data.exists() else None
         results[component] = result
     shutil.rmtree(fp32_dir)
 

@@ -14,6 +14,21 @@ from quantize import int4, nf4
 from tests.quantize import graphs
 
 PASSES = {"nf4": (nf4.apply, "MatMulBnb4"), "int4": (int4.apply, "MatMulNBits")}
+OTHER_BLOCK_SIZES = {"nf4": (16, 128, 256), "int4": (16, 64, 128, 256)}
+"""Block sizes besides each method's default that ONNX Runtime's CPU kernel runs."""
+
+
+@pytest.mark.parametrize(("method", "block_size"),
+                         [(m, b) for m, sizes in OTHER_BLOCK_SIZES.items() for b in sizes])
+def test_other_block_sizes_run_in_ort(method: str, block_size: int) -> None:
+    apply, _ = PASSES[method]
+    w = graphs.weights()
+    feed = graphs.inputs()
+    want = graphs.run(graphs.build(w), feed)
+    model, report = apply(graphs.build(w), block_size=block_size, min_elements=graphs.MIN_ELEMENTS)
+    assert report["block_size"] == block_size
+    for g, r in zip(graphs.run(model, feed), want, strict=True):
+        assert 0 < graphs.relative_error(g, r) < 0.2
 
 
 @pytest.mark.parametrize("method", sorted(PASSES))
