@@ -22,7 +22,14 @@ def _key_values(text: str, flag: str) -> dict[str, float]:
     return out
 
 
+def _quiet_bitsandbytes() -> None:
+    """diffusers imports bitsandbytes when installed (Kiln only uses it as the nf4 reference in tests), and it
+    warns about an optional GPU-kernel package on every CPU import."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def cmd_models_init(args: argparse.Namespace) -> int:
+    _quiet_bitsandbytes()
     from compiler.source import init_model
 
     path = init_model(args.dir, args.arch, args.seed)
@@ -35,9 +42,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.config import CompileConfig
     from compiler.verify import ParityError
 
-    # diffusers imports bitsandbytes when installed (Kiln only uses it as the nf4 reference in tests), and it
-    # warns about an optional GPU-kernel package on every CPU import
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _quiet_bitsandbytes()
     from quantize.config import QuantizeConfig
     from quantize.fidelity import FidelityError
 
@@ -81,6 +86,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _quiet_bitsandbytes()
     from train.shapes.trainer import TrainConfig, train
 
     overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),

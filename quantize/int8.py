@@ -87,10 +87,18 @@ def _quiet() -> Iterator[None]:
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over a list of input feeds."""
+    """ONNX Runtime's CalibrationDataReader protocol over a list of input feeds, with the `set_range` that its
+    `CalibStridedMinMax` option uses to calibrate chunk by chunk."""
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
-        self._it = iter(feeds)
+        self._feeds = list(feeds)
+        self._it = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._feeds[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -120,8 +128,13 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=list(kept), use_external_data_format=external_data,
             calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
+            # CalibStridedMinMax=1: the min/max of each feed's activations are merged before the next feed runs,
+            # so calibration holds one feed's activations at a time (all of them at once are tens of GB for SD v1
+            # at 512x512). Not CalibMaxIntermediateOutputs: in ONNX Runtime <= 1.31 it drops the data it flushes
+            # (microsoft/onnxruntime#18893).
             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": activations == "s8",
-                           "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+                           "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
+                           "CalibStridedMinMax": 1},
         )
     return {"method": "static QDQ", "weights": "int8 per-channel symmetric",
             "activations": "uint8 asymmetric" if activations == "u8" else "int8 symmetric",

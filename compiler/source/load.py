@@ -49,7 +49,16 @@ class SourceModel:
                 from transformers import CLIPTextModel as cls
             else:
                 raise KeyError(name)
-            self._modules[name] = cls.from_pretrained(self.path / name, torch_dtype=torch.float32).eval()
+            from transformers.utils import logging as hf_logging
+
+            # transformers draws a "Loading weights" bar per load, which would cut into the compile's own display
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                self._modules[name] = cls.from_pretrained(self.path / name, torch_dtype=torch.float32).eval()
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
         return self._modules[name]
 
     def release(self, name: str) -> None:
