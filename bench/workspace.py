@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +28,15 @@ def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
     """A local diffusers folder: `source` as given, or a random-weight `arch` model made once and cached."""
     if source:
         return Path(source)
+    from compiler.source.init import PRETRAINED, TRAINED_ARCHS
+
     path = WORK / "models" / f"{arch}-seed{seed}"
+    stale = arch in TRAINED_ARCHS and (path / "model_index.json").exists() and any(
+        not (path / f.relative_to(PRETRAINED / arch)).exists()
+        or (path / f.relative_to(PRETRAINED / arch)).read_bytes() != f.read_bytes()
+        for f in (PRETRAINED / arch).rglob("*") if f.is_file())
+    if stale:  # the shipped weights changed since they were copied here
+        shutil.rmtree(path)
     if not (path / "model_index.json").exists():
         kiln("models", "init", str(path), "--arch", str(arch), "--seed", str(seed))
     return path
@@ -36,6 +45,7 @@ def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
 def bundle(source: Path, name: str, *compile_args: str) -> Path:
     """The latest bundle called `name` compiled from `source` with `compile_args` (e.g. `--precision int8`),
     compiling one if there is none (or the cached one came from another source or another precision)."""
+    from compiler.source import load_source
     from model_store import ManifestError, Store
 
     store = Store(WORK / "store")
@@ -43,6 +53,7 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
     try:
         ref = store.latest(name)
         if (ref.manifest.source["path"] == str(source.resolve())
+                and ref.manifest.source["sha256"] == load_source(source).content_hash()
                 and ref.manifest.compile_config.get("precision", "fp32") == precision):
             return ref.path
     except ManifestError:

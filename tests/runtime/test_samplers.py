@@ -45,6 +45,9 @@ CONFIGS = {
     "v_pred_leading": {**SD_V1, "timestep_spacing": "leading", "prediction_type": "v_prediction"},
     "v_pred_trailing": {**SD_V1, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
     "linear_betas": {"beta_schedule": "linear", "num_train_timesteps": 1000},  # everything else defaulted
+    # the shipped shapes model's schedule (train/shapes/model.py): linear betas, v-prediction, SD v1's spacing
+    "shapes": {**SD_V1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+               "prediction_type": "v_prediction"},
 }
 STEPS = (1, 2, 4, 7, 10, 25, 50)
 

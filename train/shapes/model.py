@@ -11,10 +11,12 @@ SCHEDULER_CONFIG = {
     ),
     # DDPM's linear betas instead of SD v1's scaled-linear 0.00085-0.012: at the last training step SD v1 keeps
     # sqrt(alpha_bar) = 0.068 of the signal, and on 16x16 latents that is enough for the UNet to read where
-    # the shape is from the noisy latent at every training step, so it never learns position from the prompt
-    # (at inference, pure noise carries no position and the shape lands wherever the noise suggests). Linear
-    # betas end at sqrt(alpha_bar) = 0.0064. Same diffusers scheduler classes, epsilon prediction.
+    # the shape is from the noisy latent at every training step. Linear betas end at sqrt(alpha_bar) = 0.0064.
     "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+    # v-prediction (as SD 2.x): near pure noise, an epsilon-predicting UNet only has to echo its input, and
+    # what it knows about the image moves its output by sqrt(alpha_bar), so the loss there cannot teach it the
+    # layout the prompt asks for. A v-predicting UNet has to output the expected image itself. See train/README.md.
+    "prediction_type": "v_prediction",
 }
 
 TEXT_ENCODER = {

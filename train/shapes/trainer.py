@@ -1,5 +1,5 @@
-"""`kiln train shapes OUT [--resume]`: VAE first, then UNet + text encoder (noise prediction, caption dropout,
-EMA, min-SNR weighting, offset noise) after fine-tuning the VAE decoder alone; checkpoints hold optimizer state;
+"""`kiln train shapes OUT [--resume]`: VAE first, then UNet + text encoder (v-prediction, caption dropout,
+EMA, SNR-capped weighting, offset noise) after fine-tuning the VAE decoder alone; checkpoints hold optimizer state;
 a diffusers folder at the end."""
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ class TrainConfig:
     last step still leaks the latents' mean (the background colour) through the noise, and the model learns
     to read colour from the starting noise instead of from the prompt."""
     min_snr_gamma: float = 5.0
-    """Min-SNR loss weighting (Hang et al. 2023): faster convergence at equal cost."""
+    """Caps the loss weight of low-noise steps: the v-MSE weight is (min(SNR, gamma) + 1) / (SNR + 1), i.e. an
+    image-space (x0) MSE weighted min(SNR, gamma) + 1. Like Min-SNR (Hang et al. 2023) it stops nearly clean
+    steps from dominating; unlike Min-SNR's min(SNR, gamma) it keeps weight 1 on nearly pure noise, where the
+    layout is decided."""
     checkpoint_every: int = 200
     """Optimizer steps between checkpoints (each phase)."""
 
@@ -263,11 +266,13 @@ class Trainer:
             offset = self.rng.standard_normal((x0.shape[0], x0.shape[1], 1, 1), dtype=np.float32)
             noise = noise + c.offset_noise * torch.from_numpy(offset)
             ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+            alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+            xt = alpha * x0 + sigma * noise
             pred = self.unet(xt, t, self.text_encoder(ids).last_hidden_state).sample
+            target = alpha * noise - sigma * x0  # v
             snr = ac.view(-1) / (1 - ac.view(-1))
-            weight = torch.clamp(snr, max=c.min_snr_gamma) / snr
-            return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            weight = (torch.clamp(snr, max=c.min_snr_gamma) + 1) / (snr + 1)
+            return (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
         self._run_phase("unet", c.unet_steps, self.opt_unet, loss_fn, smoothing=0.98, clip=params,
                         before_step=schedule, after_step=self._update_ema)
