@@ -25,17 +25,14 @@ def kiln(*args: str) -> None:
 
 
 def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
-    """A local diffusers folder: `source` as given, or a random-weight `arch` model made once and cached."""
+    """A local diffusers folder: `source` as given, a random-weight `arch` model made once and cached, or a
+    shipped trained `arch` copied afresh."""
     if source:
         return Path(source)
-    from compiler.source.init import PRETRAINED, TRAINED_ARCHS
+    from compiler.source.init import TRAINED_ARCHS
 
     path = WORK / "models" / f"{arch}-seed{seed}"
-    stale = arch in TRAINED_ARCHS and (path / "model_index.json").exists() and any(
-        not (path / f.relative_to(PRETRAINED / arch)).exists()
-        or (path / f.relative_to(PRETRAINED / arch)).read_bytes() != f.read_bytes()
-        for f in (PRETRAINED / arch).rglob("*") if f.is_file())
-    if stale:  # the shipped weights changed since they were copied here
+    if arch in TRAINED_ARCHS and path.exists():  # copied afresh (cheap): the shipped weights may have changed
         shutil.rmtree(path)
     if not (path / "model_index.json").exists():
         kiln("models", "init", str(path), "--arch", str(arch), "--seed", str(seed))

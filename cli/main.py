@@ -22,14 +22,7 @@ def _key_values(text: str, flag: str) -> dict[str, float]:
     return out
 
 
-def _quiet_bitsandbytes() -> None:
-    """diffusers imports bitsandbytes when installed (Kiln only uses it as the nf4 reference in tests), and it
-    warns about an optional GPU-kernel package on every CPU import."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
 def cmd_models_init(args: argparse.Namespace) -> int:
-    _quiet_bitsandbytes()
     from compiler.source import init_model
 
     path = init_model(args.dir, args.arch, args.seed)
@@ -42,7 +35,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.config import CompileConfig
     from compiler.verify import ParityError
 
-    _quiet_bitsandbytes()
     from quantize.config import QuantizeConfig
     from quantize.fidelity import FidelityError
 
@@ -86,7 +78,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _quiet_bitsandbytes()
     from train.shapes.trainer import TrainConfig, train
 
     overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
@@ -259,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # diffusers imports bitsandbytes when installed (Kiln only uses it as the nf4 reference in tests), and it
+    # warns about an optional GPU-kernel package on every CPU import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
