@@ -7,8 +7,8 @@ does not carry the compiler's memory into its measurements.
 from __future__ import annotations
 
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,7 +41,9 @@ def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
 
 def bundle(source: Path, name: str, *compile_args: str) -> Path:
     """The latest bundle called `name` compiled from `source` with `compile_args` (e.g. `--precision int8`),
-    compiling one if there is none (or the cached one came from another source or another precision)."""
+    compiling one if there is none (or the cached one came from another source, another precision or another
+    exporter: Kiln's export code or the torch / onnx / onnxruntime versions)."""
+    from compiler.reuse import exporter_identity
     from compiler.source import load_source
     from model_store import ManifestError, Store
 
@@ -51,7 +53,9 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
         ref = store.latest(name)
         if (ref.manifest.source["path"] == str(source.resolve())
                 and ref.manifest.source["sha256"] == load_source(source).content_hash()
-                and ref.manifest.compile_config.get("precision", "fp32") == precision):
+                and ref.manifest.compile_config.get("precision", "fp32") == precision
+                and ref.manifest.tool_versions == exporter_identity(ref.manifest.opset,
+                                                                    bool(ref.manifest.compile_config["fusions"]))):
             return ref.path
     except ManifestError:
         pass

@@ -34,7 +34,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.compile import compile_model
     from compiler.config import CompileConfig
     from compiler.verify import ParityError
-
     from quantize.config import QuantizeConfig
     from quantize.fidelity import FidelityError
 
@@ -47,6 +46,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         min_psnr=args.min_psnr, max_rel_error=args.max_rel_error, allow_low_fidelity=args.allow_low_fidelity,
     )
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
+                           reuse_exports=not args.no_reuse,
                            default_steps=args.default_steps, default_guidance_scale=args.default_guidance,
                            default_sampler=args.default_sampler, quantize=quantize)
     if args.parity_threshold:
@@ -193,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
                    help="publish even if the gate fails (the manifest and ListModels say so)")
     c.add_argument("--opset", type=int, default=17)
     c.add_argument("--no-fusions", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    c.add_argument("--no-reuse", action="store_true",
+                   help="export every component again even if a bundle in the store has the same fp32 graphs")
     c.add_argument("--parity-threshold", default="", metavar="COMPONENT=MAXDIFF[,...]",
                    help="override the max abs difference allowed against PyTorch, e.g. unet=2e-3")
     c.add_argument("--default-steps", type=int, help="request default (else the source's kiln.json, else 20)")

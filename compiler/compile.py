@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from compiler import reuse
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, export_component, save_model
 from compiler.passes import fusions, unpack_attention
@@ -44,34 +45,50 @@ def kiln_version() -> str:
 def compile_model(source_path: str | Path, store_root: str | Path, config: CompileConfig,
                   progress: bool = True) -> CompileResult:
     """Compile a local diffusers folder into a new bundle version; nothing is published on failure."""
-    import onnxruntime
-    import torch
-
     source = load_source(source_path)
     store = Store(store_root)
     steps = Progress(total=2 + 3 * len(COMPONENTS) + 1 + stage.stage_count(config.plan), enabled=progress)
     with steps.stage("hash source model"):
         source_hash = source.content_hash()
+    identity = reuse.exporter_identity(config.opset, config.fusions)
+    donor = reuse.find_donor(store, source_hash, identity, config.fusions) if config.reuse_exports else None
     staging = store.staging_dir(config.name)
     try:
         components: dict[str, ComponentEntry] = {}
         for name, spec in COMPONENTS.items():
             out = staging / f"{name}.onnx"
-            with steps.stage(f"export {name}"):
-                export_component(spec, source, out, config.opset)
-            passes: list[str] = []
+            given = donor.manifest.components.get(name) if donor else None
+            if donor and reuse.donates(given, config.fusions):
+                assert given is not None
+                with steps.stage(f"export {name}: reuse {donor.manifest.name}/{donor.manifest.version}"):
+                    reuse.link_component(donor, given, out)
+                passes = list(given.passes)
+            else:
+                given = None
+                with steps.stage(f"export {name}"):
+                    export_component(spec, source, out, config.opset)
+                passes = []
             with steps.stage(f"optimize {name}"):
                 if config.fusions:
-                    fused = fusions.apply(onnx.load(str(out)), name)
-                    passes.append("fusions")
+                    fused = onnx.load(str(out))
+                    if given is None:
+                        fused = fusions.apply(fused, name)
+                        passes.append("fusions")
+                    unpacked = 0
                     if resolved(config.plan[name]) in ("int8", "nf4", "int4"):
                         # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
                         fused, unpacked = unpack_attention.apply(fused)
                         if unpacked:
                             passes.append("unpack_attention")
-                    save_model(fused, out)
+                    if given is None or unpacked:
+                        save_model(fused, out)  # replaces the files: a donor's hard links stay as they were
+                    del fused
             with steps.stage(f"verify {name}"):
-                parity = check_parity(spec, source, out, config.parity_threshold[name])
+                if given is not None and passes == given.passes and \
+                        given.parity.get("max_abs_diff", float("inf")) <= config.parity_threshold[name]:
+                    parity = {**given.parity, "threshold": config.parity_threshold[name]}  # the same graph
+                else:
+                    parity = check_parity(spec, source, out, config.parity_threshold[name])
             data = out.with_name(out.name + ".data")
             components[name] = ComponentEntry(
                 file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision="fp32",
@@ -84,9 +101,9 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
             manifest = _manifest(config, source, source_hash, components, tokenizer)
-            manifest.tool_versions = {
-                "onnx": onnx.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            }
+            manifest.tool_versions = dict(identity)
+            if donor:
+                manifest.source["reused_exports_from"] = f"{donor.manifest.name}/{donor.manifest.version}"
         if config.quantized:
             _quantize(staging, manifest, config, steps)
         ref = store.publish(staging, manifest)

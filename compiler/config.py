@@ -41,6 +41,10 @@ class CompileConfig:
     """Guidance when a request leaves it unset (0 to 30). None: `kiln.json`'s, else 7.5."""
     default_sampler: str | None = None
     """Sampler when a request leaves it unset. None: `kiln.json`'s, else dpmpp_2m_karras."""
+    reuse_exports: bool = True
+    """Hard-link fp32 graphs already exported from the same source by the same exporter from a bundle in the
+    store instead of exporting them again (compiler/reuse.py); their parity figures come along unless a pass
+    changes the graph, which is then verified again."""
     max_size: int = 1024
     """Largest width or height a client may ask for (multiple of 8, at least the default size)."""
     max_steps: int = 150

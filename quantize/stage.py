@@ -99,7 +99,11 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
         _move(dst, src)
         precision = resolved(want)
         with stage(f"quantize {component} to {precision}"):
+            # the quantizer loads its own copy (and, for int8, a calibration session): let go of the fp32
+            # session meanwhile, so peak memory holds two copies of the weights rather than three
+            del model.sessions[component], final_sessions[component]
             result = _quantize(component, precision, src, dst, feeds.get(component, []), config)
+            model.sessions[component] = final_sessions[component] = OrtSession(component, src)
         with stage(f"fidelity {component}"):
             session = OrtSession(component, dst)
             result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps)
