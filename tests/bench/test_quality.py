@@ -15,11 +15,11 @@ from compiler.source.init import PRETRAINED
 def test_quality_scenario_small_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bench.workspace.WORK", tmp_path / "work")
     out = tmp_path / "quality.md"
-    args = argparse.Namespace(source=None, steps="20", sampler="", guidance=None, count=24, seed=1, out=str(out),
+    args = argparse.Namespace(source=None, steps="4", sampler="", guidance=None, count=24, seed=1, out=str(out),
                               precision="fp32")
     path = quality.run(args)
     text = path.read_text()
-    assert path == out and "| shapes fp32, euler, 20 steps |" in text  # the shipped kiln.json's sampler
+    assert path == out and "| shapes fp32, euler, 4 steps |" in text  # the shipped kiln.json's sampler
     (acc,) = quality.run.results.values()
     # the shipped model follows colours, size and position (chance: 1/8, 1/7, 1/2, 1/3) and the shape kind
     # well above chance (1/3); bench/results/quality.md has the full-size figures
