@@ -91,17 +91,17 @@ def run(args: argparse.Namespace) -> Path:
     disk = {v: _sizes_on_disk(b) for v, b in bundles.items()}
     med = report.median
     base_rss = med([x["peak_rss_mb"] for x in runs["fp32"]])
+    base_step = {s: med([x[str(s)]["unet_step_s"] for x in runs["fp32"]]) for s in sizes}
+    base_e2e = {s: med([x[str(s)]["e2e_s"] for x in runs["fp32"]]) for s in sizes}
     for v in variants:
         m = Manifest.read(bundles[v])
         for s in sizes:
             step = med([x[str(s)]["unet_step_s"] for x in runs[v]])
             e2e = med([x[str(s)]["e2e_s"] for x in runs[v]])
-            base_step = med([x[str(s)]["unet_step_s"] for x in runs["fp32"]])
-            base_e2e = med([x[str(s)]["e2e_s"] for x in runs["fp32"]])
             img = np.load(scratch / v / f"{s}.npy")
             p = psnr(ref_images[s], img)
-            rows.append([v, f"{s}x{s}", f"{step:.3f}", f"{step / base_step:.2f}x", f"{e2e:.2f}",
-                         f"{e2e / base_e2e:.2f}x", "-" if v == "fp32" else f"{p:.1f}",
+            rows.append([v, f"{s}x{s}", f"{step:.3f}", f"{step / base_step[s]:.2f}x", f"{e2e:.2f}",
+                         f"{e2e / base_e2e[s]:.2f}x", "-" if v == "fp32" else f"{p:.1f}",
                          "-" if v == "fp32" else f"{ssim(ref_images[s], img):.4f}"])
         rss = med([x["peak_rss_mb"] for x in runs[v]])
         total = sum(disk[v].values())

@@ -65,11 +65,10 @@ def run(args: argparse.Namespace) -> Path:
     for precision in args.precision.split(","):
         name = "shapes" if precision == "fp32" else f"shapes-{precision}"
         names[name] = workspace.bundle(source, name, "--precision", precision)
-    bundle_dir = names["shapes"] if "shapes" in names else next(iter(names.values()))
     prompts = prompt_set(args.count, args.seed)
     table_rows = []
     results: dict[str, dict[str, float]] = {}
-    with workspace.server(bundle_dir, timeout=120) as target, channel(target) as ch:
+    with workspace.server(*names.values(), timeout=120) as target, channel(target) as ch:
         stub = pb_grpc.KilnStub(ch)
         served = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
         for name in names:

@@ -64,19 +64,27 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
 
 
 @contextmanager
-def server(bundle_dir: Path, timeout: float = 600) -> Iterator[str]:
-    """`kiln serve` on a free loopback port over the store holding `bundle_dir`; yields its target."""
+def server(*bundle_dirs: Path, timeout: float = 600) -> Iterator[str]:
+    """`kiln serve` on a free loopback port over a store holding only `bundle_dirs` (links to them, so a scratch
+    store full of other bundles, e.g. SD v1 ones, is not loaded too); yields its target."""
+    import tempfile
+
     from runtime.client import wait_ready
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(bundle_dir.parent.parent),
-                             "--port", str(port)], stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
-        target = f"127.0.0.1:{port}"
-        wait_ready(target, timeout=timeout)
-        yield target
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK, prefix="serve-") as tmp:
+        for b in bundle_dirs:
+            (Path(tmp) / b.parent.name).mkdir(exist_ok=True)
+            (Path(tmp) / b.parent.name / b.name).symlink_to(b.resolve(), target_is_directory=True)
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", tmp, "--port", str(port)],
+                                stderr=subprocess.DEVNULL, cwd=ROOT)
+        try:
+            target = f"127.0.0.1:{port}"
+            wait_ready(target, timeout=timeout)
+            yield target
+        finally:
+            proc.terminate()
+            proc.wait(60)

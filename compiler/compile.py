@@ -13,13 +13,14 @@ import onnx
 
 from compiler import reuse
 from compiler.config import CompileConfig
-from compiler.export import COMPONENTS, export_component, save_model
+from compiler.export import COMPONENTS, export_component
 from compiler.passes import fusions, unpack_attention
 from compiler.progress import Progress
 from compiler.source import load_source
 from compiler.source.load import TOKENIZER_FILES
 from compiler.verify import check_parity
 from model_store import ComponentEntry, Manifest, Store
+from model_store.onnx_files import save_model
 from quantize import stage
 from quantize.precision import resolved
 
@@ -61,7 +62,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             if donor and reuse.donates(given, config.fusions):
                 assert given is not None
                 with steps.stage(f"export {name}: reuse {donor.manifest.name}/{donor.manifest.version}"):
-                    reuse.link_component(donor, given, out)
+                    reuse.copy_component(donor, given, out)
                 passes = list(given.passes)
             else:
                 given = None
@@ -81,7 +82,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                         if unpacked:
                             passes.append("unpack_attention")
                     if given is None or unpacked:
-                        save_model(fused, out)  # replaces the files: a donor's hard links stay as they were
+                        save_model(fused, out)
                     del fused
             with steps.stage(f"verify {name}"):
                 if given is not None and passes == given.passes and \

@@ -42,7 +42,7 @@ class CompileConfig:
     default_sampler: str | None = None
     """Sampler when a request leaves it unset. None: `kiln.json`'s, else dpmpp_2m_karras."""
     reuse_exports: bool = True
-    """Hard-link fp32 graphs already exported from the same source by the same exporter from a bundle in the
+    """Copy fp32 graphs already exported from the same source by the same exporter from a bundle in the
     store instead of exporting them again (compiler/reuse.py); their parity figures come along unless a pass
     changes the graph, which is then verified again."""
     max_size: int = 1024

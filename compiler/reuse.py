@@ -5,15 +5,14 @@ the same fp32 graphs each time: about 20 minutes for the SD v1 UNet on 2 cores. 
 component when the component is fp32 with exactly the passes a fresh export would get before any
 precision-specific pass (`fusions` or none), and the bundle was made from the same source content, opset and
 fusions setting by the same exporter: the same torch, onnx and onnxruntime versions and the same Kiln export
-code (`export_code_hash`, a hash over the modules that produce the graphs). Its files are hard-linked into the
-new bundle (copied across filesystems); every writer in the compiler replaces files rather than writing into
-them, so the donor's files never change.
+code (`export_code_hash`, a hash over the modules that produce the graphs). Its files are copied into the
+new bundle: not hard-linked, because onnx refuses to read external data through a file with several links
+(its guard against hard-link attacks), and a bundle must never share an inode a later writer could change.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -71,16 +70,11 @@ def donates(entry: ComponentEntry | None, fusions: bool) -> bool:
     return entry is not None and entry.precision == "fp32" and entry.passes == fresh_passes(fusions)
 
 
-def link_component(donor: BundleRef, entry: ComponentEntry, out: Path) -> None:
-    """Hard-link (or copy) the donor component's .onnx and external data file to `out` (and `out`.data)."""
-    pairs = [(donor.path / entry.file, out)]
+def copy_component(donor: BundleRef, entry: ComponentEntry, out: Path) -> None:
+    """Copy the donor component's .onnx and external data file to `out` (and `out`.data)."""
+    shutil.copyfile(donor.path / entry.file, out)
     if entry.external_data:
-        pairs.append((donor.path / entry.external_data, out.with_name(out.name + ".data")))
-    for src, dst in pairs:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+        shutil.copyfile(donor.path / entry.external_data, out.with_name(out.name + ".data"))
 
 
 def _read(path: Path):  # type: ignore[no-untyped-def]

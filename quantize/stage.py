@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from model_store.onnx_files import save_model
 from quantize import fp16, int4, int8, nf4
 from quantize.calibration import Run, prompts, run_pipeline, to_vae_input
 from quantize.config import QuantizeConfig
@@ -176,16 +177,17 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
                                             f"more elements for {precision}", "matmul": report})
         if component in STATIC_INT8 and any(n.op_type == "Conv" for n in model.graph.node):
             tmp = dst.with_name(dst.stem + ".4bit.onnx")
-            onnx.save(model, str(tmp))
+            written = save_model(model, tmp)  # SD v1's fp32 convolutions alone pass 2 GB
             del model
-            info["conv"] = int8.quantize_static(tmp, dst, feeds, op_types=("Conv",), activations=config.int8_activations)
+            info["conv"] = int8.quantize_static(tmp, dst, feeds, op_types=("Conv",), activations=config.int8_activations,
+                                                external_data=len(written) > 1)
             _remove(tmp)
         else:
-            onnx.save(model, str(dst))
+            save_model(model, dst)
         return ComponentResult(precision, info)
     if precision == "fp16":
         half, info = fp16.convert(onnx.load(str(src)))
-        onnx.save(half, str(dst))
+        save_model(half, dst)
         error = fp16.runs_on_cpu(str(dst))
         if error:
             info["cpu_error"] = error

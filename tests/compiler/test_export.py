@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from compiler.export import save_model, weight_bytes
 from compiler.source import init_model, load_source
 from compiler.source.init import CONFIGS
+from model_store.onnx_files import save_model, weight_bytes
 
 
 def test_init_is_deterministic_per_seed(tiny_source: Path, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def test_second_precision_reuses_fp32_graphs_and_leaves_donor_intact(store_with_
     unet = m.components["unet"]
     assert unet.precision == "int8" and unet.passes == ["fusions", "unpack_attention"]
     assert "verify unet" in log
-    # hard links were replaced, not written through: the donor still matches its manifest's hashes
+    # the donor is untouched
     BundleRef(donor.path, Manifest.read(donor.path)).check_files(hashes=True)
 
 
@@ -94,3 +94,29 @@ def test_no_reuse_when_what_decides_the_graphs_differs(change: str, store_with_f
             (source / "scheduler/scheduler_config.json").read_text().replace("{", '{"note": "changed", ', 1))
     m, log = _compile(source, store_with_fp32, f"tiny-{change.replace('_', '-')}", **kw)
     assert "reuse" not in log and "reused_exports_from" not in m.source
+
+
+def test_graphs_past_the_size_limit_go_through_reuse_and_4bit(tiny_source: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SD v1's UNet passes protobuf's 2 GB and is stored with one external data file; shrink the limit so the
+    tiny model takes the same path: export, reuse (the copy carries the data file) and nf4 (whose fp32
+    convolutions are saved with external data before they are quantized to int8)."""
+    import functools
+
+    from model_store import onnx_files
+    from quantize import stage
+
+    small = functools.partial(onnx_files.save_model, limit=64 << 10)
+    for module in (compile_mod, stage, __import__("compiler.export", fromlist=["save_model"])):
+        monkeypatch.setattr(module, "save_model", small)
+    fp32, _ = _compile(tiny_source, tmp_path, "tiny")
+    assert fp32.components["unet"].external_data == "unet.onnx.data"
+    m, log = _compile(tiny_source, tmp_path, "tiny-nf4", "unet=nf4")
+    assert "export unet: reuse" in log and m.precision["unet"] == "nf4"
+    assert m.components["unet"].quantization["conv"]["method"]
+    bundle = Store(tmp_path).latest("tiny-nf4")
+    bundle.check_files(hashes=True)
+    from quantize.calibration import run_pipeline
+    from runtime.model import load_bundle
+
+    assert run_pipeline(load_bundle(bundle), ["a red circle"], 2, record=False).images[0].shape == (64, 64, 3)
