@@ -69,14 +69,15 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                 with steps.stage(f"export {name}"):
                     export_component(spec, source, out, config.opset)
                 passes = []
+            quantized = resolved(config.plan[name]) in ("int8", "nf4", "int4")
             with steps.stage(f"optimize {name}"):
-                if config.fusions:
+                if config.fusions and (given is None or quantized):
                     fused = onnx.load(str(out))
                     if given is None:
                         fused = fusions.apply(fused, name)
                         passes.append("fusions")
                     unpacked = 0
-                    if resolved(config.plan[name]) in ("int8", "nf4", "int4"):
+                    if quantized:
                         # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
                         fused, unpacked = unpack_attention.apply(fused)
                         if unpacked:
