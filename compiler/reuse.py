@@ -16,7 +16,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from model_store import BundleRef, ComponentEntry, ManifestError, Store
+from model_store import BundleRef, ComponentEntry, Manifest, ManifestError, Store
 
 EXPORT_CODE = ("export.py", "source/load.py", "passes/fusions.py")
 """Modules (under compiler/) whose code decides what an fp32 export and its fusions produce."""
@@ -51,7 +51,8 @@ def find_donor(store: Store, source_sha256: str, identity: dict[str, str], fusio
     for name in store.names():
         for version in store.versions(name):
             try:
-                ref = BundleRef(store.root / name / version, _read(store.root / name / version))
+                path = store.root / name / version
+                ref = BundleRef(path, Manifest.read(path))
                 ref.check_files()
             except (ManifestError, OSError):
                 continue
@@ -76,8 +77,3 @@ def copy_component(donor: BundleRef, entry: ComponentEntry, out: Path) -> None:
     if entry.external_data:
         shutil.copyfile(donor.path / entry.external_data, out.with_name(out.name + ".data"))
 
-
-def _read(path: Path):  # type: ignore[no-untyped-def]
-    from model_store import Manifest
-
-    return Manifest.read(path)

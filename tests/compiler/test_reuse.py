@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from compiler import compile as compile_mod
+from compiler import export as export_mod
 from compiler import reuse
 from compiler.config import CompileConfig
 from model_store import BundleRef, Manifest, Store, sha256_file
@@ -107,7 +108,7 @@ def test_graphs_past_the_size_limit_go_through_reuse_and_4bit(tiny_source: Path,
     from quantize import stage
 
     small = functools.partial(onnx_files.save_model, limit=64 << 10)
-    for module in (compile_mod, stage, __import__("compiler.export", fromlist=["save_model"])):
+    for module in (compile_mod, stage, export_mod):
         monkeypatch.setattr(module, "save_model", small)
     fp32, _ = _compile(tiny_source, tmp_path, "tiny")
     assert fp32.components["unet"].external_data == "unet.onnx.data"
