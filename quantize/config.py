@@ -26,8 +26,9 @@ class QuantizeConfig:
     int4_accuracy_level: int = 4
     """MatMulNBits compute type: 4 quantizes activations to int8 per block (VNNI); 1 computes in fp32."""
     weight_min_elements: int = 4096
-    """nf4/int4: smallest weight (K*N) converted; smaller ones stay fp32 (they save little and add error).
-    Every SD v1 linear layer is at least 320x320."""
+    """nf4/int4, and the weight-only int8 of the MatMul/Gemm nodes int8 keeps in fp32 arithmetic: smallest
+    weight (K*N) converted; smaller ones stay fp32 (they save little and add error). Every SD v1 linear layer
+    is at least 320x320."""
     fidelity_prompts: int = 2
     """Prompts (held out from calibration, one seed each) the gate generates with fp32 and quantized
     components at the bundle's default steps (1 to 64)."""

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from model_store.onnx_files import save_model
+from quantize import weight_int8
+
 ACTIVATIONS = ("u8", "s8")
 
 KEEP_FP32: tuple[tuple[str, str], ...] = (
@@ -28,15 +31,17 @@ KEEP_FP32: tuple[tuple[str, str], ...] = (
     (r"(^|/)conv_out(/|$)",
      "last conv: writes the output (noise prediction / pixels) directly, with no later layer to absorb error"),
     (r"(^|/)(time_proj|time_embedding)(/|$)",
-     "time embedding: sinusoidal features over a wide dynamic range; M = batch, so int8 saves no time"),
+     "time embedding: sinusoidal features over a wide dynamic range; M = batch, so int8 saves no time "
+     "(weights stored int8, arithmetic fp32)"),
     (r"(^|/)time_emb_proj(/|$)",
-     "per-resnet projections of the time embedding: M = batch (no speed to gain); an error here shifts "
-     "every feature map of the block"),
+     "per-resnet projections of the time embedding: M = batch (no speed to gain); an error in their input "
+     "shifts every feature map of the block (weights stored int8, arithmetic fp32)"),
     (r"(^|/)(post_quant_conv|quant_conv)(/|$)",
      "1x1 convs at the latent bottleneck: 4 channels, where one int8 step is a large relative error"),
 )
-"""(node-name pattern, reason) for nodes that stay fp32 in every int8 graph. Attention-score MatMuls (both
-inputs activations) also stay fp32: only MatMuls with a constant weight are quantized."""
+"""(node-name pattern, reason) for nodes whose arithmetic stays fp32 in every int8 graph. Attention-score
+MatMuls (both inputs activations) also stay fp32: only MatMuls with a constant weight are quantized. The
+weights of the kept MatMul/Gemm nodes are still stored as int8 (`quantize.weight_int8`)."""
 
 
 def kept_nodes(model: onnx.ModelProto, op_types: Sequence[str]) -> dict[str, str]:
@@ -109,8 +114,13 @@ class _Reader:
 
 def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict[str, np.ndarray]],
                     op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), activations: str = "u8",
-                    external_data: bool = False) -> dict[str, Any]:
-    """Static QDQ int8 of `op_types`, calibrated (min/max) on `calibration` feeds; writes `out_path`."""
+                    external_data: bool = False, int8_kept_weights: bool = True,
+                    min_elements: int = weight_int8.MIN_ELEMENTS) -> dict[str, Any]:
+    """Static QDQ int8 of `op_types`, calibrated (min/max) on `calibration` feeds; writes `out_path`.
+
+    With `int8_kept_weights`, the MatMul/Gemm nodes KEEP_FP32 keeps in fp32 get weight-only int8 storage
+    (weights of `min_elements` or more).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -120,6 +130,7 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
         raise ValueError("static int8 needs at least one calibration feed")
     model = onnx.load(str(model_path), load_external_data=False)
     kept = kept_nodes(model, op_types)
+    kept_products = kept_nodes(model, [t for t in op_types if t in ("MatMul", "Gemm")])
     del model
     with _typed_copy(model_path, external_data) as typed, _quiet():
         ort_quantize_static(
@@ -136,10 +147,15 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
                            "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
                            "CalibStridedMinMax": 1},
         )
-    return {"method": "static QDQ", "weights": "int8 per-channel symmetric",
-            "activations": "uint8 asymmetric" if activations == "u8" else "int8 symmetric",
-            "calibration": "min/max", "calibration_feeds": len(calibration), "op_types": list(op_types),
-            "kept_fp32": kept}
+    report = {"method": "static QDQ", "weights": "int8 per-channel symmetric",
+              "activations": "uint8 asymmetric" if activations == "u8" else "int8 symmetric",
+              "calibration": "min/max", "calibration_feeds": len(calibration), "op_types": list(op_types),
+              "kept_fp32": kept}
+    if int8_kept_weights and kept_products:
+        quantized = onnx.load(str(out_path))
+        report["kept_weights"] = weight_int8.apply(quantized, kept_products, min_elements)
+        save_model(quantized, out_path)
+    return report
 
 
 def quantize_dynamic(model_path: Path, out_path: Path, external_data: bool = False) -> dict[str, Any]:

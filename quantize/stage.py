@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from model_store.onnx_files import save_model
-from quantize import fp16, int4, int8, nf4
+from quantize import embedding_int8, fp16, int4, int8, nf4
 from quantize.calibration import Run, prompts, run_pipeline, to_vae_input
 from quantize.config import QuantizeConfig
 from quantize.fidelity import FidelityError, ImageFidelity, rel_error
@@ -104,6 +104,8 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
             # session meanwhile, so peak memory holds two copies of the weights rather than three
             del model.sessions[component], final_sessions[component]
             result = _quantize(component, precision, src, dst, feeds.get(component, []), config)
+            if component == "text_encoder" and result.precision in ("int8", "nf4", "int4"):
+                _int8_embeddings(dst, result)  # SD's only lookup tables: token and position embeddings
             model.sessions[component] = final_sessions[component] = OrtSession(component, src)
         with stage(f"fidelity {component}"):
             session = OrtSession(component, dst)
@@ -160,7 +162,8 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
         if component == "text_encoder":
             return ComponentResult("int8", int8.quantize_dynamic(src, dst, external))
         return ComponentResult("int8", int8.quantize_static(src, dst, feeds, activations=config.int8_activations,
-                                                            external_data=external))
+                                                            external_data=external,
+                                                            min_elements=config.weight_min_elements))
     if precision in ("nf4", "int4"):
         model = onnx.load(str(src), load_external_data=False)
         if precision == "nf4":
@@ -193,6 +196,16 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
             info["cpu_error"] = error
         return ComponentResult("fp16", info, gpu_only=error is not None)
     raise ValueError(f"precision={precision!r} for {component} is not one of int8, nf4, int4, fp16")
+
+
+def _int8_embeddings(path: Path, result: ComponentResult) -> None:
+    """Store the embedding tables of a quantized graph as int8 rows (`quantize.embedding_int8`)."""
+    model = onnx.load(str(path))
+    report = embedding_int8.apply(model)
+    if report["converted"]:
+        save_model(model, path)
+    if report["converted"] or report["skipped"]:
+        result.quantization["embeddings"] = report
 
 
 def _component_fidelity(component: str, session: Any, model: Any, ref: Run, texts: list[str],

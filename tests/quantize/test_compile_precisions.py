@@ -64,8 +64,23 @@ def test_int8_graphs_and_manifest(int8_store: Path, tiny_bundle: Path, tmp_path:
     kept = unet.quantization["kept_fp32"]
     assert {"/m/conv_in/Conv", "/m/conv_out/Conv", "/m/time_embedding/linear_1/Gemm"} <= set(kept)
     assert "first conv" in kept["/m/conv_in/Conv"]
+    # the kept Gemms (time embedding, per-resnet time projections) compute in fp32 from int8-stored weights
+    stored = unet.quantization["kept_weights"]
+    kept_gemms = {n for n in kept if n.endswith("/Gemm")}
+    assert len(kept_gemms) >= 3 and set(stored["converted"]) == kept_gemms and not stored["skipped"]
+    graph = onnx.load(str(bundle / unet.file)).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    int8_inits = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    for node in (n for n in graph.node if n.name in kept_gemms):
+        dq = made_by[node.input[1]]
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] in int8_inits
+        assert made_by[node.input[0]].op_type != "DequantizeLinear"  # its activation stays fp32
     assert unet.quantization["activations"] == "uint8 asymmetric"
     assert m.components["text_encoder"].op_counts["DynamicQuantizeLinear"] > 0
+    # the token embedding table (no MatMul reads it) is stored as int8 rows
+    embeddings = m.components["text_encoder"].quantization["embeddings"]
+    assert embeddings["converted"] == ["/m/embeddings/token_embedding/Gather"]
+    assert embeddings["weight_bytes_after"] < 0.3 * embeddings["weight_bytes_before"]
     # the CPU provider runs int8 kernels, and the int8 UNet is far smaller than the fp32 one
     optimized = _optimized_ops(bundle / unet.file, tmp_path)
     assert optimized.get("QLinearConv", 0) > 0 and optimized.get("Conv", 0) <= 2
