@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+import quantize
 from compiler import reuse
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, export_component
@@ -104,6 +105,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
             manifest = _manifest(config, source, source_hash, components, tokenizer)
             manifest.tool_versions = dict(identity)
+            if config.quantized:
+                manifest.tool_versions["kiln_quantize"] = quantize.code_hash()
             if donor:
                 manifest.source["reused_exports_from"] = f"{donor.manifest.name}/{donor.manifest.version}"
         if config.quantized:

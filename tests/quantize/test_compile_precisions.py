@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+import quantize
 from compiler.compile import compile_model
 from compiler.config import CompileConfig
 from model_store import Manifest, Store
@@ -57,6 +58,9 @@ def test_int8_graphs_and_manifest(int8_store: Path, tiny_bundle: Path, tmp_path:
     bundle = Store(int8_store).latest("tiny-int8").path
     m = Manifest.read(bundle)
     assert m.precision["text_encoder"] == "int8" and m.precision["unet"] == "int8"
+    # the quantizer's code is part of what made the bundle (caches such as the benchmark's key on it)
+    assert m.tool_versions["kiln_quantize"] == quantize.code_hash()
+    assert "kiln_quantize" not in Manifest.read(tiny_bundle).tool_versions
     unet = m.components["unet"]
     assert "unpack_attention" in unet.passes
     assert unet.op_counts.get("Attention", 0) == 0 and unet.op_counts["MultiHeadAttention"] == 8
