@@ -90,18 +90,103 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from runtime.accounts.accounts import AccountsConfig
+    from runtime.accounts.tiers import DEFAULT_TIERS
     from runtime.server.app import ServeConfig, serve
 
+    accounts = None
+    if args.auth_db:
+        accounts = AccountsConfig(args.auth_db, Path(args.tiers) if args.tiers else DEFAULT_TIERS, args.hold_ttl)
+    elif args.tiers:
+        raise ValueError("--tiers needs --auth-db (the ledger the tiers' credits are kept in)")
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
-                         shutdown_grace_s=args.shutdown_grace)
+                         shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open)
     return asyncio.run(serve(config))
+
+
+def _accounts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from runtime.accounts.accounts import Accounts, AccountsConfig
+    from runtime.accounts.tiers import DEFAULT_TIERS
+
+    return Accounts(AccountsConfig(args.auth_db, Path(args.tiers) if args.tiers else DEFAULT_TIERS))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    import asyncio
+
+    async def run() -> str:
+        accounts = _accounts(args)
+        try:
+            new = await accounts.create_key(args.tier, args.label)
+        finally:
+            await accounts.close()
+        print(f"created key {new.key_id} (tier {args.tier}); it is shown once, store it now:", file=sys.stderr)
+        return new.token
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    async def run() -> bool:
+        accounts = _accounts(args)
+        try:
+            return await accounts.ledger.revoke_key(args.key_id, time.time())
+        finally:
+            await accounts.close()
+
+    if not asyncio.run(run()):
+        print(f"no key {args.key_id!r} in {args.auth_db}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    async def run():  # type: ignore[no-untyped-def]
+        accounts = _accounts(args)
+        try:
+            return await accounts.ledger.list_keys()
+        finally:
+            await accounts.close()
+
+    print("key_id\ttier\tcreated\trevoked\tlabel")
+    for k in asyncio.run(run()):
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        revoked = time.strftime(fmt, time.gmtime(k.revoked)) if k.revoked is not None else "-"
+        print(f"{k.key_id}\t{k.tier}\t{time.strftime(fmt, time.gmtime(k.created))}\t{revoked}\t{k.label}")
+    return 0
+
+
+def cmd_credits(args: argparse.Namespace) -> int:
+    import time
+
+    import grpc
+
+    from runtime.client import describe_error, get_balance
+
+    try:
+        b = get_balance(args.target, args.api_key)
+    except grpc.RpcError as e:
+        print(describe_error(e), file=sys.stderr)
+        return 1
+    reset = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(b.reset_unix))
+    print(f"key {b.key_id} (tier {b.tier}): {b.remaining} credit(s) left today of {b.daily_credits} daily + "
+          f"{b.granted} granted; spent {b.spent}, held by running requests {b.held}; resets {reset}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
     from proto.kiln.v1 import kiln_pb2 as pb
-    from runtime.client import describe_error, generate
+    from runtime.client import describe_credits, describe_error, generate, key_metadata
 
     request = pb.GenerateRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
@@ -112,11 +197,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request.guidance_scale = args.guidance
     if args.seed is not None:
         request.seed = args.seed
+    metadata = key_metadata(args.api_key)
+    if args.idempotency_key:
+        metadata += (("x-idempotency-key", args.idempotency_key),)
     try:
-        result = generate(args.target, request, Path(args.out), timeout=args.timeout, progress=not args.quiet)
+        result = generate(args.target, request, Path(args.out), timeout=args.timeout, progress=not args.quiet,
+                          metadata=metadata)
     except grpc.RpcError as e:
         print(describe_error(e), file=sys.stderr)
         return 1
+    credits = describe_credits(result.metadata)
+    if credits:
+        print(credits, file=sys.stderr)
     s = result.started
     for path, a in zip(result.paths, result.artifacts, strict=False):
         total = sum(t.seconds for t in a.timings)
@@ -130,7 +222,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from runtime.client import describe_error, list_models
 
     try:
-        response = list_models(args.target)
+        response = list_models(args.target, api_key=args.api_key)
     except grpc.RpcError as e:
         print(describe_error(e), file=sys.stderr)
         return 1
@@ -151,6 +243,11 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY", ""),
+                   help="API key for servers with accounts (default: $KILN_API_KEY)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Compile Stable Diffusion models to ONNX bundles and serve them.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,6 +263,7 @@ def parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_models_init)
     ls = models.add_parser("list", help="list the models a server serves")
     ls.add_argument("--target", default="127.0.0.1:50051")
+    _api_key(ls)
     ls.set_defaults(func=cmd_models_list)
 
     c = sub.add_parser("compile", help="compile a local diffusers folder into a bundle")
@@ -220,7 +318,34 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    a = s.add_argument_group("accounts (README: Quotas)")
+    a.add_argument("--auth-db", help="sqlite:///PATH or redis://HOST:PORT/DB: require API keys, enforce credits, "
+                                     "rate and tier limits (without it: open, loopback only)")
+    a.add_argument("--tiers", help="tiers TOML file (default: runtime/accounts/tiers.toml: free, pro, admin)")
+    a.add_argument("--hold-ttl", type=float, default=60.0,
+                   help="seconds a dead server's reservations outlive it before their credits come back")
+    a.add_argument("--insecure-open", action="store_true",
+                   help="allow a non-loopback --host without --auth-db (anyone who reaches it can generate)")
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="API keys in an auth db").add_subparsers(dest="keys_command", required=True)
+    for name, helptext, func in (("create", "make a key; prints it as the last line of stdout, once", cmd_keys_create),
+                                 ("revoke", "refuse a key from now on", cmd_keys_revoke),
+                                 ("list", "list keys (ids, tiers, labels; never secrets)", cmd_keys_list)):
+        kp = k.add_parser(name, help=helptext)
+        kp.add_argument("--auth-db", required=True, help="sqlite:///PATH or redis://HOST:PORT/DB")
+        kp.add_argument("--tiers", help="tiers TOML file (default: the shipped one)")
+        if name == "create":
+            kp.add_argument("--tier", required=True)
+            kp.add_argument("--label", default="", help="free text, e.g. the owner")
+        if name == "revoke":
+            kp.add_argument("key_id", help="the key's id (kiln_<id>_...), as `kiln keys list` shows it")
+        kp.set_defaults(func=func)
+
+    cr = sub.add_parser("credits", help="the balance of an API key on a running server")
+    cr.add_argument("--target", default="127.0.0.1:50051")
+    _api_key(cr)
+    cr.set_defaults(func=cmd_credits)
 
     g = sub.add_parser("generate", help="generate images from a running server")
     g.add_argument("--target", default="127.0.0.1:50051")
@@ -238,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--out", default="out.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--idempotency-key", default="", help="retries with the same key are charged once")
+    _api_key(g)
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("wait", help="wait until a server reports SERVING")

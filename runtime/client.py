@@ -65,6 +65,38 @@ class GenerateResult:
     paths: list[Path]
     started: pb.Started
     artifacts: list[pb.Artifact]
+    metadata: dict[str, str]
+    """Initial and trailing metadata of the call (x-credits-*, x-ratelimit-remaining, x-request-id)."""
+
+
+def key_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def call_metadata(call: object) -> dict[str, str]:
+    """Initial then trailing metadata of a finished call (or of an RpcError), as one dict."""
+    out: dict[str, str] = {}
+    for get in ("initial_metadata", "trailing_metadata"):
+        fn = getattr(call, get, None)
+        for k, v in (fn() if fn else None) or ():
+            if isinstance(v, str):
+                out[k] = v
+    return out
+
+
+def describe_credits(metadata: dict[str, str]) -> str:
+    """One line of the x-credits-* and x-ratelimit-remaining figures, or "" when the server sent none."""
+    parts = []
+    if "x-credits-cost" in metadata:
+        parts.append(f"cost {metadata['x-credits-cost']} credit(s)")
+    if "x-credits-remaining" in metadata:
+        parts.append(f"{metadata['x-credits-remaining']} credit(s) left today")
+    if "x-credits-reset" in metadata:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(metadata["x-credits-reset"])))
+        parts.append(f"reset {when}")
+    if "x-ratelimit-remaining" in metadata:
+        parts.append(f"{metadata['x-ratelimit-remaining']} request(s) left this minute")
+    return "credits: " + ", ".join(parts) if parts else ""
 
 
 def generate(target: str, request: pb.GenerateRequest, out: Path, timeout: float | None = None,
@@ -76,7 +108,8 @@ def generate(target: str, request: pb.GenerateRequest, out: Path, timeout: float
     paths: list[Path] = []
     with channel(target) as ch:
         stub = pb_grpc.KilnStub(ch)
-        for response in stub.Generate(request, timeout=timeout, metadata=metadata):
+        call = stub.Generate(request, timeout=timeout, metadata=metadata)
+        for response in call:
             kind = response.WhichOneof("event")
             if kind == "started":
                 started = response.started
@@ -93,14 +126,18 @@ def generate(target: str, request: pb.GenerateRequest, out: Path, timeout: float
                 path.write_bytes(a.data)
                 artifacts.append(a)
                 paths.append(path)
+        got = call_metadata(call)
     if bar:
         bar.close()
-    return GenerateResult(paths, started, artifacts)
+    return GenerateResult(paths, started, artifacts, got)
 
 
 def describe_error(error: grpc.RpcError) -> str:
     """`CODE: message` plus one line per google.rpc detail."""
     lines = [f"{error.code().name}: {error.details()}"]
+    credits = describe_credits(call_metadata(error))
+    if credits:
+        lines.append(f"  {credits}")
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     for any_detail in status.details if status else []:
         for cls in DETAIL_TYPES:
@@ -115,9 +152,14 @@ def describe_error(error: grpc.RpcError) -> str:
     return "\n".join(lines)
 
 
-def list_models(target: str, timeout: float = 10.0) -> pb.ListModelsResponse:
+def list_models(target: str, timeout: float = 10.0, api_key: str = "") -> pb.ListModelsResponse:
     with channel(target) as ch:
-        return pb_grpc.KilnStub(ch).ListModels(pb.ListModelsRequest(), timeout=timeout)
+        return pb_grpc.KilnStub(ch).ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=key_metadata(api_key))
+
+
+def get_balance(target: str, api_key: str, timeout: float = 10.0) -> pb.Balance:
+    with channel(target) as ch:
+        return pb_grpc.KilnStub(ch).GetBalance(pb.GetBalanceRequest(), timeout=timeout, metadata=key_metadata(api_key))
 
 
 def wait_ready(target: str, timeout: float = 60.0) -> None:

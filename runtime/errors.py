@@ -72,3 +72,76 @@ class Unavailable(KilnError):
     """The server is shutting down and takes no new work."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+
+
+class Unauthenticated(KilnError):
+    """No API key, or one the server does not accept; carries google.rpc.ErrorInfo."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def details(self) -> list:  # type: ignore[override]
+        return [_error_info(self.reason)]
+
+
+class PermissionDenied(KilnError):
+    """The key's tier does not allow this (a model, an admin RPC); carries google.rpc.ErrorInfo."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+    def __init__(self, message: str, reason: str, **metadata: str):
+        super().__init__(message)
+        self.reason, self.metadata = reason, metadata
+
+    def details(self) -> list:  # type: ignore[override]
+        return [_error_info(self.reason, **self.metadata)]
+
+
+class ResourceExhausted(KilnError):
+    """Credits, rate or concurrency used up: google.rpc.QuotaFailure, RetryInfo and ErrorInfo (reason
+    CREDITS_EXHAUSTED, RATE_LIMITED or CONCURRENCY_LIMITED)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, reason: str, subject: str, retry_after_s: float, **metadata: str):
+        super().__init__(message)
+        self.reason, self.subject, self.retry_after_s, self.metadata = reason, subject, retry_after_s, metadata
+
+    def details(self) -> list:  # type: ignore[override]
+        from google.protobuf import duration_pb2
+
+        wait = max(self.retry_after_s, 0.0)
+        delay = duration_pb2.Duration(seconds=int(wait), nanos=int(round((wait - int(wait)) * 1e9)) % 1_000_000_000)
+        return [
+            error_details_pb2.QuotaFailure(violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=str(self))]),
+            error_details_pb2.RetryInfo(retry_delay=delay),
+            _error_info(self.reason, **self.metadata),
+        ]
+
+
+class Aborted(KilnError):
+    """A retry of a request (same idempotency key) that is still running."""
+
+    code = grpc.StatusCode.ABORTED
+
+    def details(self) -> list:  # type: ignore[override]
+        return [_error_info("IDEMPOTENT_REQUEST_RUNNING")]
+
+
+class FailedPrecondition(KilnError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def details(self) -> list:  # type: ignore[override]
+        return [_error_info(self.reason)]

@@ -84,6 +84,8 @@ class Hold:
     day: str
     """The UTC day (YYYY-MM-DD) whose credits it holds."""
     expires: float
+    remaining: int = 0
+    """Credits left today once this hold is counted."""
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,10 @@ class Ledger(abc.ABC):
 
     # rate
     @abc.abstractmethod
-    async def admit(self, key_id: str, per_minute: int, now: float) -> None:
-        """GCRA: admit one request or raise RateLimited with the time until one would be admitted. Bursts of up
-        to `per_minute` requests pass; the sustained rate is `per_minute` per 60 s."""
+    async def admit(self, key_id: str, per_minute: int, now: float) -> int:
+        """GCRA: admit one request and return how many more would be admitted right now, or raise RateLimited
+        with the time until one would be. Bursts of up to `per_minute` requests pass; the sustained rate is
+        `per_minute` per 60 s."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -172,6 +175,12 @@ def gcra(tat: float | None, per_minute: int, now: float) -> tuple[float | None, 
     if tat - now > tolerance:
         return None, tat - now - tolerance
     return tat + interval, 0.0
+
+
+def gcra_remaining(tat: float, per_minute: int, now: float) -> int:
+    """Requests that would still be admitted at `now` after the one that set `tat`."""
+    interval = 60.0 / per_minute
+    return max(int((now + 60.0 - tat) / interval + 1e-9), 0)
 
 
 def open_ledger(url: str) -> Ledger:

@@ -25,6 +25,7 @@ from runtime.accounts.ledger import (
     KeyRecord,
     Ledger,
     RateLimited,
+    gcra_remaining,
     next_reset,
     utc_day,
 )
@@ -82,7 +83,7 @@ redis.call('HSET', 'kiln:hold:' .. hid, 'key_id', kid, 'day', day, 'cost', cost,
 redis.call('EXPIRE', 'kiln:hold:' .. hid, gc)
 redis.call('ZADD', 'kiln:holds:' .. kid, expires, hid)
 if idem ~= '' then redis.call('SET', ik, hid .. '|' .. tostring(now), 'EX', gc) end
-return {'ok'}
+return {'ok', tostring(remaining - cost)}
 """
 
 EXTEND = """
@@ -145,7 +146,7 @@ local tat = tonumber(redis.call('GET', 'kiln:rate:' .. kid) or '0')
 if tat < now then tat = now end
 if tat - now > tolerance then return {0, tostring(tat - now - tolerance)} end
 redis.call('SET', 'kiln:rate:' .. kid, tostring(tat + interval), 'EX', 120)
-return {1, '0'}
+return {1, tostring(tat + interval)}
 """
 
 ADD_KEY = """
@@ -217,7 +218,7 @@ class RedisLedger(Ledger):
                                idempotency_key, request_hash, day, hold_id, IDEMPOTENCY_WINDOW_S, GARBAGE_TTL_S)
         status = out[0]
         if status == "ok":
-            return Hold(hold_id, key_id, cost, day, now + ttl)
+            return Hold(hold_id, key_id, cost, day, now + ttl, int(out[1]))
         if status == "exhausted":
             raise CreditsExhausted(int(out[1]), cost)
         if status == "concurrency":
@@ -251,10 +252,11 @@ class RedisLedger(Ledger):
         return Balance(max(granted - spent - held, 0), spent, held, granted, 0, next_reset(now))
 
     # rate ---------------------------------------------------------------------------------------------------------
-    async def admit(self, key_id: str, per_minute: int, now: float) -> None:
-        ok, wait = await self._call("admit", key_id, per_minute, float(now))
+    async def admit(self, key_id: str, per_minute: int, now: float) -> int:
+        ok, value = await self._call("admit", key_id, per_minute, float(now))
         if not int(ok):
-            raise RateLimited(float(wait), per_minute)
+            raise RateLimited(float(value), per_minute)
+        return gcra_remaining(float(value), per_minute, now)
 
     async def close(self) -> None:
         await self._redis.aclose()

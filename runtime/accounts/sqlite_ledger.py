@@ -26,6 +26,7 @@ from runtime.accounts.ledger import (
     Ledger,
     RateLimited,
     gcra,
+    gcra_remaining,
     next_reset,
     utc_day,
 )
@@ -153,7 +154,7 @@ class SqliteLedger(Ledger):
             remaining = daily + granted - spent - held
             if cost > remaining:
                 raise CreditsExhausted(max(remaining, 0), cost)
-            hold = Hold(secrets.token_hex(8), key_id, cost, day, now + ttl)
+            hold = Hold(secrets.token_hex(8), key_id, cost, day, now + ttl, remaining - cost)
             db.execute("INSERT INTO holds (hold_id, key_id, day, cost, expires, state, created, idempotency_key, "
                        "request_hash) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)",
                        (hold.hold_id, key_id, day, cost, hold.expires, now, idempotency_key or None, request_hash))
@@ -211,16 +212,17 @@ class SqliteLedger(Ledger):
         return await self._run(tx)
 
     # rate ---------------------------------------------------------------------------------------------------------
-    async def admit(self, key_id: str, per_minute: int, now: float) -> None:
-        def tx(db: sqlite3.Connection) -> None:
+    async def admit(self, key_id: str, per_minute: int, now: float) -> int:
+        def tx(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT tat FROM rate WHERE key_id = ?", (key_id,)).fetchone()
             tat, wait = gcra(row[0] if row else None, per_minute, now)
             if tat is None:
                 raise RateLimited(wait, per_minute)
             db.execute("INSERT INTO rate (key_id, tat) VALUES (?, ?) ON CONFLICT (key_id) DO UPDATE SET tat = "
                        "excluded.tat", (key_id, tat))
+            return gcra_remaining(tat, per_minute, now)
 
-        await self._run(tx)
+        return await self._run(tx)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -14,9 +14,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto.kiln.v1 import kiln_pb2, kiln_pb2_grpc
+from runtime.accounts.accounts import Accounts, AccountsConfig
 from runtime.engine import Engine
 from runtime.model import LoadedModel, load_store
 from runtime.server.interceptors import ErrorInterceptor
+from runtime.server.interceptors.auth import AuthInterceptor
+from runtime.server.interceptors.limits import TierLimitsInterceptor
+from runtime.server.interceptors.quota import QuotaInterceptor
+from runtime.server.interceptors.rate import RateInterceptor
+from runtime.server.pricing import resolve
 from runtime.server.servicer import KilnServicer
 
 log = logging.getLogger("kiln.serve")
@@ -29,7 +35,7 @@ class ServeConfig:
     store: Path
     """Folder of compiled bundles (`STORE/NAME/VERSION/`); the latest version of each is served."""
     host: str = "127.0.0.1"
-    """Address to bind. Loopback by default: there is no auth yet."""
+    """Address to bind. Without `auth_db` only loopback addresses are allowed (unless `insecure_open`)."""
     port: int = 50051
     """TCP port; 0 picks a free one (logged)."""
     threads: int = 0
@@ -40,12 +46,20 @@ class ServeConfig:
     """Largest request message accepted."""
     max_send_bytes: int = 64 << 20
     """Largest response message sent (one PNG per message)."""
+    accounts: AccountsConfig | None = None
+    """API keys, tiers, credits and rate limits (`--auth-db`); None serves everyone, on loopback only."""
+    insecure_open: bool = False
+    """Allow binding a non-loopback address without accounts."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be between 0 and 65535")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be 0 (one per core) or more")
+        if self.accounts is None and not self.insecure_open and not _is_loopback(self.host):
+            raise ValueError(f"host={self.host!r} is not a loopback address and no --auth-db is given: anyone who "
+                             "can reach it could generate for free. Give --auth-db (and --tiers), or --insecure-open "
+                             "to serve openly on purpose")
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -63,8 +77,16 @@ class KilnServer:
         self.models = models if models is not None else load_store(config.store, threads=config.threads)
         self.engine = Engine()
         self.health = health.aio.HealthServicer()
-        self.servicer = KilnServicer(self.models, self.engine)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=channel_options(config))
+        self.accounts = Accounts(config.accounts) if config.accounts else None
+        self.servicer = KilnServicer(self.models, self.engine, self.accounts)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if self.accounts:
+            def price(request):  # type: ignore[no-untyped-def]
+                return resolve(self.models, request)
+
+            interceptors += [AuthInterceptor(self.accounts), RateInterceptor(self.accounts),
+                             TierLimitsInterceptor(price), QuotaInterceptor(self.accounts, price)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=channel_options(config))
         self.port = 0
 
     async def start(self) -> int:
@@ -80,7 +102,11 @@ class KilnServer:
         status = health_pb2.HealthCheckResponse.SERVING if self.models else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
-        _log_exposure(self.config.host)
+        if self.accounts:
+            log.info("accounts: %s, tiers %s (%s), hold TTL %gs", self.accounts.ledger, self.accounts.config.tiers_file,
+                     ", ".join(self.accounts.tiers), self.accounts.config.hold_ttl_s)
+        else:
+            _log_exposure(self.config.host)
         log.info("serving %d model(s) [%s] on %s:%d", len(self.models), ", ".join(self.models),
                  self.config.host, self.port)
         return self.port
@@ -96,18 +122,24 @@ class KilnServer:
                         self.engine.active)
         await self.server.stop(5.0)  # in-flight streams send their last messages
         await self.engine.stop()
+        if self.accounts:
+            await self.accounts.close()
         log.info("stopped")
 
 
-def _log_exposure(host: str) -> None:
+def _is_loopback(host: str) -> bool:
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = host == "localhost"
-    if loopback:
-        log.warning("no auth configured: serving openly on loopback %s (reachable from this machine only)", host)
+        return host == "localhost"
+
+
+def _log_exposure(host: str) -> None:
+    if _is_loopback(host):
+        log.warning("NO AUTH: serving openly on loopback %s (reachable from this machine only); give --auth-db "
+                    "to require API keys and enforce credits", host)
     else:
-        log.warning("no auth configured and %s is not loopback: anyone who can reach it can generate", host)
+        log.warning("NO AUTH and %s is not loopback (--insecure-open): anyone who can reach it can generate", host)
 
 
 async def serve(config: ServeConfig) -> int:

@@ -10,19 +10,22 @@ import grpc
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
 from runtime import engine as ev
+from runtime.accounts.accounts import Accounts
+from runtime.accounts.tiers import Tier
 from runtime.engine import Engine
-from runtime.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from runtime.model import LoadedModel
 from runtime.pipeline import Generation, Pipeline
 from runtime.samplers import SAMPLERS
-from runtime.server.context import REQUEST_ID
+from runtime.server.context import ACCOUNT, COST, REQUEST_ID
 from runtime.validate import MAX_PROMPT_CHARS, validate
 
 
 class KilnServicer(pb_grpc.KilnServicer):
-    def __init__(self, models: dict[str, LoadedModel], engine: Engine):
+    def __init__(self, models: dict[str, LoadedModel], engine: Engine, accounts: Accounts | None = None):
         self.models = models
         self.engine = engine
+        self.accounts = accounts
         self.accepting = True
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -49,7 +52,7 @@ class KilnServicer(pb_grpc.KilnServicer):
         yield pb.GenerateResponse(request_id=rid, started=pb.Started(
             model=model.name, model_version=model.version, width=params.width, height=params.height,
             steps=params.steps, guidance_scale=params.guidance_scale, sampler=params.sampler, seed=params.seed,
-            num_images=params.num_images,
+            num_images=params.num_images, cost=COST.get(),
             truncations=[pb.PromptTruncation(field=t.field, kept_tokens=t.kept_tokens,
                                              dropped_tokens=t.dropped_tokens, dropped_text=t.dropped_text)
                          for t in truncations],
@@ -70,6 +73,56 @@ class KilnServicer(pb_grpc.KilnServicer):
                     ))
         finally:
             job.cancel()  # a no-op when finished; on client cancel or deadline, stops before the next step
+
+
+    # accounts ---------------------------------------------------------------------------------------------------
+    def _accounts(self) -> Accounts:
+        if self.accounts is None:
+            raise FailedPrecondition("this server runs without accounts (started without --auth-db)", "NO_ACCOUNTS")
+        return self.accounts
+
+    async def _balance(self, key_id: str, tier: Tier) -> pb.Balance:
+        accounts = self._accounts()
+        b = await accounts.ledger.balance(key_id, tier.daily_credits, accounts.now())
+        return pb.Balance(key_id=key_id, tier=tier.name, remaining=b.remaining, daily_credits=b.daily,
+                          granted=b.granted, spent=b.spent, held=b.held, reset_unix=int(b.reset))
+
+    async def GetBalance(self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext) -> pb.Balance:
+        self._accounts()
+        account = ACCOUNT.get()
+        assert account is not None, "the auth interceptor runs first"
+        return await self._balance(account.key_id, account.tier)
+
+    async def GrantCredits(self, request: pb.GrantCreditsRequest, context: grpc.aio.ServicerContext) -> pb.Balance:
+        accounts = self._accounts()
+        if request.credits < 1:
+            raise InvalidArgument([FieldViolation("credits", f"credits={request.credits} must be at least 1")])
+        record = await accounts.ledger.get_key(request.key_id)
+        if record is None:
+            raise NotFound("key", request.key_id, [])
+        if await accounts.ledger.grant(request.key_id, request.credits, accounts.now()) is None:
+            raise NotFound("key", request.key_id, [])
+        tier = accounts.tiers.get(record.tier)
+        if tier is None:
+            raise FailedPrecondition(f"key {request.key_id}'s tier {record.tier!r} is not in the tiers file",
+                                     "UNKNOWN_TIER")
+        return await self._balance(request.key_id, tier)
+
+    async def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.aio.ServicerContext) -> pb.CreateKeyResponse:
+        accounts = self._accounts()
+        if request.tier not in accounts.tiers:
+            raise InvalidArgument([FieldViolation("tier", f"tier {request.tier!r} is not one of: "
+                                                          f"{', '.join(accounts.tiers)}")])
+        new = await accounts.create_key(request.tier, request.label)
+        return pb.CreateKeyResponse(key_id=new.key_id, api_key=new.token, tier=request.tier)
+
+    async def RevokeKey(self, request: pb.RevokeKeyRequest, context: grpc.aio.ServicerContext) -> pb.RevokeKeyResponse:
+        accounts = self._accounts()
+        if not await accounts.ledger.revoke_key(request.key_id, accounts.now()):
+            raise NotFound("key", request.key_id, [])
+        record = await accounts.ledger.get_key(request.key_id)
+        assert record is not None and record.revoked is not None
+        return pb.RevokeKeyResponse(revoked_unix=record.revoked)
 
 
 def model_info(model: LoadedModel) -> pb.ModelInfo:

@@ -30,6 +30,7 @@ def test_reserve_commit_release_and_balance(ledger_url: str) -> None:
         await ledger.add_key("k1", "h", "free", "", NOON)
         a = await ledger.reserve("k1", 3, daily=10, max_concurrent=9, now=NOON, ttl=TTL)
         b = await ledger.reserve("k1", 4, daily=10, max_concurrent=9, now=NOON, ttl=TTL)
+        assert (a.remaining, b.remaining, a.cost, b.expires) == (7, 3, 3, NOON + TTL)
         bal = await ledger.balance("k1", 10, NOON)
         assert (bal.remaining, bal.held, bal.spent) == (3, 7, 0) and bal.reset == next_reset(NOON)
         with pytest.raises(CreditsExhausted) as e:
@@ -140,14 +141,15 @@ def test_utc_day_boundary_resets_credits_and_grants(ledger_url: str) -> None:
 
 def test_gcra_rate_limit(ledger_url: str) -> None:
     async def body(ledger: Ledger) -> None:
-        for _ in range(6):  # a burst of up to one minute's worth passes
-            await ledger.admit("k", 6, NOON)
+        # a burst of up to one minute's worth passes, each admission saying how many more would
+        assert [await ledger.admit("k", 6, NOON) for _ in range(6)] == [5, 4, 3, 2, 1, 0]
         with pytest.raises(RateLimited) as e:
             await ledger.admit("k", 6, NOON)
         assert e.value.retry_after_s == pytest.approx(10.0)
         with pytest.raises(RateLimited):
             await ledger.admit("k", 6, NOON + 9.9)
-        await ledger.admit("k", 6, NOON + 10.0)  # one interval (60 / 6 s) later, one more
+        assert await ledger.admit("k", 6, NOON + 10.0) == 0  # one interval (60 / 6 s) later, one more
+        assert await ledger.admit("k", 6, NOON + 60.0) == 4
         await ledger.admit("other", 6, NOON)
 
     run(with_ledger(ledger_url, body))

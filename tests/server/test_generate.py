@@ -122,7 +122,8 @@ def test_health_and_reflection(server) -> None:
         assert {"kiln.v1.Kiln", "grpc.health.v1.Health"} <= services
         pool = DescriptorPool(db)
         svc = pool.FindServiceByName("kiln.v1.Kiln")
-        assert {m.name for m in svc.methods} == {"Generate", "ListModels"}
+        assert {m.name for m in svc.methods} == {"Generate", "ListModels", "GetBalance", "GrantCredits", "CreateKey",
+                                                 "RevokeKey"}
         gen = svc.methods_by_name["Generate"]
         assert gen.server_streaming and gen.input_type.full_name == "kiln.v1.GenerateRequest"
         assert "prompt" in gen.input_type.fields_by_name

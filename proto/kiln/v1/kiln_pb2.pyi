@@ -53,7 +53,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("model", "model_version", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "truncations")
+    __slots__ = ("model", "model_version", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "truncations", "cost")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Started(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATIONS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     width: int
@@ -74,7 +75,8 @@ class Started(_message.Message):
     seed: int
     num_images: int
     truncations: _containers.RepeatedCompositeFieldContainer[PromptTruncation]
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., truncations: _Optional[_Iterable[_Union[PromptTruncation, _Mapping]]] = ...) -> None: ...
+    cost: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., truncations: _Optional[_Iterable[_Union[PromptTruncation, _Mapping]]] = ..., cost: _Optional[int] = ...) -> None: ...
 
 class PromptTruncation(_message.Message):
     __slots__ = ("field", "kept_tokens", "dropped_tokens", "dropped_text")
@@ -198,3 +200,65 @@ class ModelLimits(_message.Message):
     max_guidance_scale: float
     max_prompt_chars: int
     def __init__(self, min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
+
+class GetBalanceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Balance(_message.Message):
+    __slots__ = ("key_id", "tier", "remaining", "daily_credits", "granted", "spent", "held", "reset_unix")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    DAILY_CREDITS_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    RESET_UNIX_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    tier: str
+    remaining: int
+    daily_credits: int
+    granted: int
+    spent: int
+    held: int
+    reset_unix: int
+    def __init__(self, key_id: _Optional[str] = ..., tier: _Optional[str] = ..., remaining: _Optional[int] = ..., daily_credits: _Optional[int] = ..., granted: _Optional[int] = ..., spent: _Optional[int] = ..., held: _Optional[int] = ..., reset_unix: _Optional[int] = ...) -> None: ...
+
+class GrantCreditsRequest(_message.Message):
+    __slots__ = ("key_id", "credits")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    credits: int
+    def __init__(self, key_id: _Optional[str] = ..., credits: _Optional[int] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("tier", "label")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    label: str
+    def __init__(self, tier: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateKeyResponse(_message.Message):
+    __slots__ = ("key_id", "api_key", "tier")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    api_key: str
+    tier: str
+    def __init__(self, key_id: _Optional[str] = ..., api_key: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class RevokeKeyRequest(_message.Message):
+    __slots__ = ("key_id",)
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    def __init__(self, key_id: _Optional[str] = ...) -> None: ...
+
+class RevokeKeyResponse(_message.Message):
+    __slots__ = ("revoked_unix",)
+    REVOKED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    revoked_unix: float
+    def __init__(self, revoked_unix: _Optional[float] = ...) -> None: ...

@@ -46,6 +46,26 @@ class KilnStub:
                 request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetBalance = channel.unary_unary(
+                '/kiln.v1.Kiln/GetBalance',
+                request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.GetBalanceRequest.SerializeToString,
+                response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.Balance.FromString,
+                _registered_method=True)
+        self.GrantCredits = channel.unary_unary(
+                '/kiln.v1.Kiln/GrantCredits',
+                request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.GrantCreditsRequest.SerializeToString,
+                response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.Balance.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/kiln.v1.Kiln/CreateKey',
+                request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/kiln.v1.Kiln/RevokeKey',
+                request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KilnServicer:
@@ -69,6 +89,41 @@ class KilnServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBalance(self, request, context):
+        """Accounts (servers started with --auth-db). Every call needs an API key (`authorization: Bearer KEY` or
+        `x-api-key` metadata): UNAUTHENTICATED without a valid one. Generate reserves its cost in credits
+        before work starts and charges it only on success; RESOURCE_EXHAUSTED (google.rpc.QuotaFailure,
+        RetryInfo, ErrorInfo reason CREDITS_EXHAUSTED | RATE_LIMITED | CONCURRENCY_LIMITED) when the key's
+        credits, rate or concurrency are used up. Responses carry x-credits-remaining, x-credits-reset and
+        x-ratelimit-remaining metadata.
+
+        The calling key's credits today.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantCredits(self, request, context):
+        """Admin keys only (PERMISSION_DENIED otherwise): extra credits for a key, for today.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """Admin keys only: a new key of a tier; its secret is in this response only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Admin keys only: refuse a key from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KilnServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +136,26 @@ def add_KilnServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsRequest.FromString,
                     response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetBalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBalance,
+                    request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.GetBalanceRequest.FromString,
+                    response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.Balance.SerializeToString,
+            ),
+            'GrantCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantCredits,
+                    request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.GrantCreditsRequest.FromString,
+                    response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.Balance.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.CreateKeyRequest.FromString,
+                    response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.RevokeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +214,114 @@ class Kiln:
             '/kiln.v1.Kiln/ListModels',
             proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsRequest.SerializeToString,
             proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/GetBalance',
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.GetBalanceRequest.SerializeToString,
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.Balance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/GrantCredits',
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.GrantCreditsRequest.SerializeToString,
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.Balance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/CreateKey',
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.CreateKeyRequest.SerializeToString,
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/RevokeKey',
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.RevokeKeyRequest.SerializeToString,
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.RevokeKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,8 @@ import grpc
 
 Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+KILN_PREFIX = "/kiln.v1.Kiln/"
+"""Methods of the Kiln service; health checks and reflection are not Kiln methods."""
 
 
 def wrap_handler(
@@ -25,3 +27,39 @@ def wrap_handler(
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kw)
     return handler  # client-streaming methods: none in kiln.v1
+
+
+Check = Callable[[str, Any, dict[str, str]], Awaitable[None]]
+"""(method, request, invocation metadata) -> None, raising a KilnError to refuse the call."""
+
+
+class CheckInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor whose whole job is one check before a Kiln method runs (auth, rate, tier limits)."""
+
+    async def check(self, method: str, request: Any, metadata: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        handler = await continuation(details)
+        method = details.method
+        if not method.startswith(KILN_PREFIX):
+            return handler
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        check = self.check
+
+        def unary(behaviour: Unary) -> Unary:
+            async def run(request, context):  # type: ignore[no-untyped-def]
+                await check(method, request, metadata)
+                return await behaviour(request, context)
+
+            return run
+
+        def streaming(behaviour: Streaming) -> Streaming:
+            async def run(request, context):  # type: ignore[no-untyped-def]
+                await check(method, request, metadata)
+                async for response in behaviour(request, context):
+                    yield response
+
+            return run
+
+        return wrap_handler(handler, unary, streaming)

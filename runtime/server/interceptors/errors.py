@@ -1,4 +1,5 @@
-"""Exceptions -> gRPC status with google.rpc details; every RPC gets a request id (x-request-id)."""
+"""Exceptions -> gRPC status with google.rpc details; every RPC gets a request id (x-request-id) and the
+metadata the other interceptors collected (`context.RESPONSE_METADATA`) in its trailers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from runtime.errors import DOMAIN, KilnError
-from runtime.server.context import REQUEST_ID
+from runtime.server.context import REQUEST_ID, RESPONSE_METADATA
 from runtime.server.interceptors.base import Streaming, Unary, wrap_handler
 from runtime.validate import REQUEST_ID_RE, new_request_id
 
@@ -27,15 +28,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             rid = getattr(request, "request_id", "") or sent.get("x-request-id", "")
             rid = rid if isinstance(rid, str) and REQUEST_ID_RE.match(rid) else new_request_id()
             REQUEST_ID.set(rid)
+            RESPONSE_METADATA.set({})
             context.set_trailing_metadata((("x-request-id", rid),))
+
+        def finish(context: grpc.aio.ServicerContext) -> None:
+            context.set_trailing_metadata((("x-request-id", REQUEST_ID.get()), *(RESPONSE_METADATA.get() or {}).items()))
 
         def unary(behaviour: Unary) -> Unary:
             async def run(request, context):  # type: ignore[no-untyped-def]
                 start(request, context)
                 try:
-                    return await behaviour(request, context)
+                    out = await behaviour(request, context)
                 except Exception as e:
                     await _abort(context, e, method)
+                finish(context)
+                return out
 
             return run
 
@@ -47,6 +54,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 except Exception as e:
                     await _abort(context, e, method)
+                finish(context)
 
             return run
 
@@ -66,4 +74,6 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
         status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error; request id {rid}")
         status.details.add().Pack(info)
     grpc_status = rpc_status.to_status(status)
-    await context.abort(grpc_status.code, grpc_status.details, (*grpc_status.trailing_metadata, ("x-request-id", rid)))
+    extra = tuple((RESPONSE_METADATA.get() or {}).items())
+    await context.abort(grpc_status.code, grpc_status.details,
+                        (*grpc_status.trailing_metadata, ("x-request-id", rid), *extra))
