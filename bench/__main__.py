@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import latency, precision, quality
+from bench import latency, precision, quality, quota
 
-SCENARIOS = {"latency": latency, "quality": quality, "precision": precision}
+SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota}
 
 
 def main(argv: list[str] | None = None) -> int:

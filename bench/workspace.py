@@ -74,7 +74,7 @@ def _identity(opset: int, fusions: bool, precision: str) -> dict[str, str]:
 
 
 @contextmanager
-def server(*bundle_dirs: Path, timeout: float = 600) -> Iterator[str]:
+def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()) -> Iterator[str]:
     """`kiln serve` on a free loopback port over a store holding only `bundle_dirs` (links to them, so a scratch
     store full of other bundles, e.g. SD v1 ones, is not loaded too); yields its target."""
     import tempfile
@@ -89,7 +89,7 @@ def server(*bundle_dirs: Path, timeout: float = 600) -> Iterator[str]:
         for b in bundle_dirs:
             (Path(tmp) / b.parent.name).mkdir(exist_ok=True)
             (Path(tmp) / b.parent.name / b.name).symlink_to(b.resolve(), target_is_directory=True)
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", tmp, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", tmp, "--port", str(port), *extra],
                                 stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
             target = f"127.0.0.1:{port}"

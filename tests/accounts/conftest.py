@@ -24,7 +24,7 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         if os.environ.get("KILN_REQUIRE_REDIS"):
             pytest.fail("redis-server is missing; .ci/run installs it from Debian's packages")
         pytest.skip("redis-server is not installed here")
-    from tests.accounts.redis_server import RedisServer
+    from bench.redis_server import RedisServer
 
     with RedisServer(tmp_path) as server:
         yield server.url

@@ -64,7 +64,7 @@ def auth_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         if os.environ.get("KILN_REQUIRE_REDIS"):
             pytest.fail("redis-server is missing; .ci/run installs it from Debian's packages")
         pytest.skip("redis-server is not installed here")
-    from tests.accounts.redis_server import RedisServer
+    from bench.redis_server import RedisServer
 
     with RedisServer(tmp_path) as server:
         yield server.url
@@ -154,7 +154,7 @@ def test_two_replicas_sharing_redis_never_overdraw(tiny_store: Path, tmp_path: P
         if os.environ.get("KILN_REQUIRE_REDIS"):
             pytest.fail("redis-server is missing; .ci/run installs it from Debian's packages")
         pytest.skip("redis-server is not installed here")
-    from tests.accounts.redis_server import RedisServer
+    from bench.redis_server import RedisServer
 
     tiers = _tiers(tmp_path / "tiers.toml", credits=7)
     with RedisServer(tmp_path) as redis:

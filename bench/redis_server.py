@@ -1,4 +1,4 @@
-"""A real `redis-server` for tests: its own port, no persistence, stopped and removed afterwards."""
+"""A real `redis-server` for tests and benchmarks: its own port, no persistence, stopped afterwards."""
 
 from __future__ import annotations
 
