@@ -87,6 +87,10 @@ class SqliteLedger(Ledger):
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, tx)
 
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A single read: no write lock (WAL readers never block the writer or each other)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(self._db()))
+
     # keys ---------------------------------------------------------------------------------------------------------
     async def add_key(self, key_id: str, secret_hash: str, tier: str, label: str, now: float) -> None:
         await self._run(lambda db: db.execute(
@@ -94,7 +98,7 @@ class SqliteLedger(Ledger):
             (key_id, secret_hash, tier, label, now)))
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        row = await self._run(lambda db: db.execute(
+        row = await self._read(lambda db: db.execute(
             "SELECT key_id, tier, label, created, revoked, secret_hash FROM keys WHERE key_id = ?", (key_id,)).fetchone())
         return KeyRecord(*row) if row else None
 
@@ -108,7 +112,7 @@ class SqliteLedger(Ledger):
         return await self._run(tx)
 
     async def list_keys(self) -> list[KeyRecord]:
-        rows = await self._run(lambda db: db.execute(
+        rows = await self._read(lambda db: db.execute(
             "SELECT key_id, tier, label, created, revoked FROM keys ORDER BY created, key_id").fetchall())
         return [KeyRecord(*r) for r in rows]
 
