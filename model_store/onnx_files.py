@@ -14,17 +14,21 @@ TWO_GB = 2**31 - 1
 """protobuf's limit on one serialized ONNX file."""
 
 
-def save_model(model: onnx.ModelProto, out_path: Path, limit: int = TWO_GB - (64 << 20)) -> list[Path]:
-    """Save as one .onnx file, or .onnx plus one `.onnx.data` file when its weights pass `limit`.
+def save_model(model: onnx.ModelProto, out_path: Path, limit: int = TWO_GB - (64 << 20),
+               external: bool = False) -> list[Path]:
+    """Save as one .onnx file, or .onnx plus one `.onnx.data` file when its weights pass `limit` or `external`.
 
-    Returns the files written. Replaces existing files rather than writing into them, and never leaves
+    External data also loads leaner: ONNX Runtime reads an inline graph's whole protobuf and keeps it beside the
+    initializers made from it (measured on the int8 SD v1 UNet, 824 MB: 1510 MiB resident after loading inline,
+    903 MiB from external data), so a pass that rewrites a graph read from external data writes it back that
+    way. Returns the files written. Replaces existing files rather than writing into them, and never leaves
     hundreds of per-tensor files behind.
     """
     data = out_path.with_name(out_path.name + ".data")
     for stale in (out_path, data):
         if stale.exists():
             os.remove(stale)
-    if weight_bytes(model) < limit:  # the default leaves room under 2 GB for the graph itself
+    if not external and weight_bytes(model) < limit:  # the default leaves room under 2 GB for the graph itself
         onnx.save_model(model, str(out_path))
         return [out_path]
     onnx.save_model(

@@ -154,7 +154,7 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
     if int8_kept_weights and kept_products:
         quantized = onnx.load(str(out_path))
         report["kept_weights"] = weight_int8.apply(quantized, kept_products, min_elements)
-        save_model(quantized, out_path)
+        save_model(quantized, out_path, external=external_data)  # as the quantizer wrote it
     return report
 
 

@@ -200,10 +200,11 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
 
 def _int8_embeddings(path: Path, result: ComponentResult) -> None:
     """Store the embedding tables of a quantized graph as int8 rows (`quantize.embedding_int8`)."""
+    external = path.with_name(path.name + ".data").exists()
     model = onnx.load(str(path))
     report = embedding_int8.apply(model)
     if report["converted"]:
-        save_model(model, path)
+        save_model(model, path, external=external)
     if report["converted"] or report["skipped"]:
         result.quantization["embeddings"] = report
 

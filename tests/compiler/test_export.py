@@ -65,3 +65,13 @@ def test_large_models_get_exactly_one_external_data_file(tiny_bundle: Path, tmp_
             "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
     np.testing.assert_array_equal(run(tmp_path / "unet.onnx"), run(tiny_bundle / "unet.onnx"))
+
+
+def test_external_data_on_request_and_back_to_one_file(tiny_bundle: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(tiny_bundle / "vae_decoder.onnx"))
+    assert [p.name for p in save_model(model, tmp_path / "vae_decoder.onnx", external=True)] == \
+        ["vae_decoder.onnx", "vae_decoder.onnx.data"]
+    # saving again inline replaces both files with one: no stale .data left to confuse a loader
+    model = onnx.load(str(tiny_bundle / "vae_decoder.onnx"))  # saving with external data moved the weights out
+    assert [p.name for p in save_model(model, tmp_path / "vae_decoder.onnx")] == ["vae_decoder.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_decoder.onnx"]

@@ -169,12 +169,12 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
 
         COST.set(resolved.cost)
         _set_metadata(remaining=hold.remaining, reset=next_reset(now))
-        await context.send_initial_metadata((("x-credits-cost", str(resolved.cost)),
-                                             *(RESPONSE_METADATA.get() or {}).items()))
         heartbeat = asyncio.create_task(self._keep_alive(hold))
         responses: list[Any] = []
         succeeded = False
         try:
+            await context.send_initial_metadata((("x-credits-cost", str(resolved.cost)),
+                                                 *(RESPONSE_METADATA.get() or {}).items()))
             async for response in behaviour(request, context):
                 if idem:
                     responses.append(response)
