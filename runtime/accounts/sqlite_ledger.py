@@ -1,6 +1,10 @@
 """The embedded ledger: one SQLite file in WAL mode. Every operation is one `BEGIN IMMEDIATE` transaction, so
-servers sharing the file (on one host) serialize on its write lock and never overdraw a key. Calls run on one
-worker thread per ledger so the event loop never blocks on the file."""
+servers sharing the file (on one host) serialize on its write lock and never overdraw a key.
+
+A transaction first runs right on the event loop with a lock wait of zero: uncontended, it takes about 0.1 ms,
+less than handing it to a thread and back. If another process holds the write lock, it is retried on the
+ledger's worker thread, which waits for the lock, so the event loop never blocks on another server. Reads
+(WAL readers never wait) always run on the loop."""
 
 from __future__ import annotations
 
@@ -59,12 +63,13 @@ class SqliteLedger(Ledger):
         self._local = threading.local()
         with self._connect() as db:
             db.executescript(SCHEMA)
+        self._fast = self._connect(wait_ms=0)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+    def _connect(self, wait_ms: int = 30000) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=wait_ms / 1000, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={wait_ms}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes, fsync at checkpoints
-        db.execute("PRAGMA busy_timeout=30000")
         return db
 
     def _db(self) -> sqlite3.Connection:
@@ -73,23 +78,28 @@ class SqliteLedger(Ledger):
             db = self._local.db = self._connect()
         return db
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def tx() -> T:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return out
+    @staticmethod
+    def _tx(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return out
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, tx)
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return self._tx(self._fast, fn)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: self._tx(self._db(), fn))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """A single read: no write lock (WAL readers never block the writer or each other)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(self._db()))
+        return fn(self._fast)
 
     # keys ---------------------------------------------------------------------------------------------------------
     async def add_key(self, key_id: str, secret_hash: str, tier: str, label: str, now: float) -> None:
@@ -230,6 +240,7 @@ class SqliteLedger(Ledger):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._fast.close()
 
     def __repr__(self) -> str:
         return f"SqliteLedger({str(self.path)!r})"

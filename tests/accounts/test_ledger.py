@@ -168,3 +168,44 @@ def test_keys(ledger_url: str) -> None:
         assert [(k.key_id, k.tier, k.revoked) for k in listed] == [("a1", "free", NOON + 5), ("b2", "pro", None)]
 
     run(with_ledger(ledger_url, body))
+
+
+def _reserve_many(url: str, n: int, start: float) -> int:
+    """In a child process: wait for `start`, then try `n` reservations of 1 credit; how many succeeded."""
+    import time as _time
+
+    async def go() -> int:
+        from runtime.accounts.ledger import open_ledger
+
+        ledger = open_ledger(url)
+        ok = 0
+        try:
+            _time.sleep(max(0.0, start - _time.time()))
+            for _ in range(n):
+                try:
+                    hold = await ledger.reserve("k", 1, daily=25, max_concurrent=1000, now=NOON, ttl=TTL)
+                    ok += await ledger.commit(hold.hold_id, NOON + 1)
+                except CreditsExhausted:
+                    pass
+        finally:
+            await ledger.close()
+        return ok
+
+    return asyncio.run(go())
+
+
+def test_processes_sharing_one_sqlite_file_never_overdraw(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing
+    import time as _time
+
+    url = f"sqlite:///{tmp_path / 'auth.db'}"
+    run(with_ledger(url, lambda ledger: ledger.list_keys()))  # create the schema once
+    start = _time.time() + 1.0
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        got = pool.starmap(_reserve_many, [(url, 20, start)] * 3)
+    assert sum(got) == 25
+
+    async def spent(ledger: Ledger) -> int:
+        return (await ledger.balance("k", 25, NOON + 2)).spent
+
+    assert run(with_ledger(url, spent)) == 25
