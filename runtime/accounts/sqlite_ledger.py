@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from runtime.accounts.ledger import (
     IDEMPOTENCY_WINDOW_S,
@@ -244,6 +244,3 @@ class SqliteLedger(Ledger):
 
     def __repr__(self) -> str:
         return f"SqliteLedger({str(self.path)!r})"
-
-    def _debug(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:  # tests only
-        return self._db().execute(sql, args).fetchall()
