@@ -43,6 +43,7 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
     """The latest bundle called `name` compiled from `source` with `compile_args` (e.g. `--precision int8`),
     compiling one if there is none (or the cached one came from another source, another precision or another
     exporter: Kiln's export code or the torch / onnx / onnxruntime versions)."""
+    from compiler.reuse import exporter_identity, recorded_versions
     from compiler.source import load_source
     from model_store import ManifestError, Store
 
@@ -53,24 +54,14 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
         if (ref.manifest.source["path"] == str(source.resolve())
                 and ref.manifest.source["sha256"] == load_source(source).content_hash()
                 and ref.manifest.compile_config.get("precision", "fp32") == precision
-                and ref.manifest.tool_versions == _identity(ref.manifest.opset,
-                                                            bool(ref.manifest.compile_config["fusions"]), precision)):
+                and ref.manifest.tool_versions == recorded_versions(
+                    exporter_identity(ref.manifest.opset, bool(ref.manifest.compile_config["fusions"])),
+                    precision != "fp32")):
             return ref.path
     except ManifestError:
         pass
     kiln("compile", str(source), "--name", name, "--store", str(store.root), *compile_args)
     return store.latest(name).path
-
-
-def _identity(opset: int, fusions: bool, precision: str) -> dict[str, str]:
-    """The `tool_versions` a fresh compile at `precision` would record."""
-    import quantize
-    from compiler.reuse import exporter_identity
-
-    identity = exporter_identity(opset, fusions)
-    if precision != "fp32":
-        identity["kiln_quantize"] = quantize.code_hash()
-    return identity
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import onnx
 
-import quantize
 from compiler import reuse
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, export_component
@@ -104,9 +103,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
             manifest = _manifest(config, source, source_hash, components, tokenizer)
-            manifest.tool_versions = dict(identity)
-            if config.quantized:
-                manifest.tool_versions["kiln_quantize"] = quantize.code_hash()
+            manifest.tool_versions = reuse.recorded_versions(identity, config.quantized)
             if donor:
                 manifest.source["reused_exports_from"] = f"{donor.manifest.name}/{donor.manifest.version}"
         if config.quantized:

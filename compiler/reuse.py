@@ -40,6 +40,14 @@ def exporter_identity(opset: int, fusions: bool) -> dict[str, str]:
             "kiln_export": export_code_hash(), "opset": str(opset), "fusions": str(bool(fusions))}
 
 
+def recorded_versions(identity: dict[str, str], quantized: bool) -> dict[str, str]:
+    """The `tool_versions` a compile records: the exporter's identity, plus the quantize stage's code hash when
+    some component is quantized (what, besides the fp32 graphs and the config, decides the quantized files)."""
+    import quantize
+
+    return {**identity, "kiln_quantize": quantize.code_hash()} if quantized else dict(identity)
+
+
 def fresh_passes(fusions: bool) -> list[str]:
     """Passes a freshly exported fp32 component has before precision-specific ones."""
     return ["fusions"] if fusions else []

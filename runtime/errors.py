@@ -117,8 +117,8 @@ class ResourceExhausted(KilnError):
     def details(self) -> list:  # type: ignore[override]
         from google.protobuf import duration_pb2
 
-        wait = max(self.retry_after_s, 0.0)
-        delay = duration_pb2.Duration(seconds=int(wait), nanos=int(round((wait - int(wait)) * 1e9)) % 1_000_000_000)
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(max(self.retry_after_s, 0.0) * 1e9))
         return [
             error_details_pb2.QuotaFailure(violations=[
                 error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=str(self))]),

@@ -151,9 +151,9 @@ class Ledger(abc.ABC):
     async def balance(self, key_id: str, daily: int, now: float) -> Balance: ...
 
     @abc.abstractmethod
-    async def grant(self, key_id: str, credits: int, now: float) -> Balance | None:
-        """Add `credits` to the key's credits for today (None if there is no such key); `daily` is not known
-        here, so the returned balance counts grants only (callers add the tier's daily credits)."""
+    async def grant(self, key_id: str, credits: int, daily: int, now: float) -> Balance | None:
+        """Add `credits` to the key's credits for today; the key's balance after it (its tier gives `daily`),
+        or None if there is no such key."""
 
     # rate
     @abc.abstractmethod

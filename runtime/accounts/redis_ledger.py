@@ -244,12 +244,12 @@ class RedisLedger(Ledger):
         spent, granted, held = (int(x) for x in await self._call("balance", key_id, float(now), utc_day(now)))
         return Balance(max(daily + granted - spent - held, 0), spent, held, granted, daily, next_reset(now))
 
-    async def grant(self, key_id: str, credits: int, now: float) -> Balance | None:
+    async def grant(self, key_id: str, credits: int, daily: int, now: float) -> Balance | None:
         out = await self._call("grant", key_id, credits, float(now), utc_day(now), GARBAGE_TTL_S)
         if out[0] != "ok":
             return None
         spent, granted, held = (int(x) for x in out[1:])
-        return Balance(max(granted - spent - held, 0), spent, held, granted, 0, next_reset(now))
+        return Balance(max(daily + granted - spent - held, 0), spent, held, granted, daily, next_reset(now))
 
     # rate ---------------------------------------------------------------------------------------------------------
     async def admit(self, key_id: str, per_minute: int, now: float) -> int:

@@ -211,7 +211,7 @@ class SqliteLedger(Ledger):
 
         return await self._run(tx)
 
-    async def grant(self, key_id: str, credits: int, now: float) -> Balance | None:
+    async def grant(self, key_id: str, credits: int, daily: int, now: float) -> Balance | None:
         day = utc_day(now)
 
         def tx(db: sqlite3.Connection) -> Balance | None:
@@ -221,7 +221,7 @@ class SqliteLedger(Ledger):
                        "DO UPDATE SET granted = granted + excluded.granted", (key_id, day, credits))
             self._expire(db, key_id, now)
             spent, granted, held = self._figures(db, key_id, day)
-            return Balance(max(granted - spent - held, 0), spent, held, granted, 0, next_reset(now))
+            return Balance(max(daily + granted - spent - held, 0), spent, held, granted, daily, next_reset(now))
 
         return await self._run(tx)
 

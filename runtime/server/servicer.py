@@ -11,6 +11,7 @@ from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
 from runtime import engine as ev
 from runtime.accounts.accounts import Accounts
+from runtime.accounts.ledger import Balance
 from runtime.accounts.tiers import Tier
 from runtime.engine import Engine
 from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
@@ -81,17 +82,12 @@ class KilnServicer(pb_grpc.KilnServicer):
             raise FailedPrecondition("this server runs without accounts (started without --auth-db)", "NO_ACCOUNTS")
         return self.accounts
 
-    async def _balance(self, key_id: str, tier: Tier) -> pb.Balance:
-        accounts = self._accounts()
-        b = await accounts.ledger.balance(key_id, tier.daily_credits, accounts.now())
-        return pb.Balance(key_id=key_id, tier=tier.name, remaining=b.remaining, daily_credits=b.daily,
-                          granted=b.granted, spent=b.spent, held=b.held, reset_unix=int(b.reset))
-
     async def GetBalance(self, request: pb.GetBalanceRequest, context: grpc.aio.ServicerContext) -> pb.Balance:
-        self._accounts()
+        accounts = self._accounts()
         account = ACCOUNT.get()
         assert account is not None, "the auth interceptor runs first"
-        return await self._balance(account.key_id, account.tier)
+        b = await accounts.ledger.balance(account.key_id, account.tier.daily_credits, accounts.now())
+        return _balance(account.key_id, account.tier, b)
 
     async def GrantCredits(self, request: pb.GrantCreditsRequest, context: grpc.aio.ServicerContext) -> pb.Balance:
         accounts = self._accounts()
@@ -100,13 +96,14 @@ class KilnServicer(pb_grpc.KilnServicer):
         record = await accounts.ledger.get_key(request.key_id)
         if record is None:
             raise NotFound("key", request.key_id, [])
-        if await accounts.ledger.grant(request.key_id, request.credits, accounts.now()) is None:
-            raise NotFound("key", request.key_id, [])
         tier = accounts.tiers.get(record.tier)
         if tier is None:
             raise FailedPrecondition(f"key {request.key_id}'s tier {record.tier!r} is not in the tiers file",
                                      "UNKNOWN_TIER")
-        return await self._balance(request.key_id, tier)
+        b = await accounts.ledger.grant(request.key_id, request.credits, tier.daily_credits, accounts.now())
+        if b is None:
+            raise NotFound("key", request.key_id, [])
+        return _balance(request.key_id, tier, b)
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.aio.ServicerContext) -> pb.CreateKeyResponse:
         accounts = self._accounts()
@@ -123,6 +120,11 @@ class KilnServicer(pb_grpc.KilnServicer):
         record = await accounts.ledger.get_key(request.key_id)
         assert record is not None and record.revoked is not None
         return pb.RevokeKeyResponse(revoked_unix=record.revoked)
+
+
+def _balance(key_id: str, tier: Tier, b: Balance) -> pb.Balance:
+    return pb.Balance(key_id=key_id, tier=tier.name, remaining=b.remaining, daily_credits=b.daily,
+                      granted=b.granted, spent=b.spent, held=b.held, reset_unix=int(b.reset))
 
 
 def model_info(model: LoadedModel) -> pb.ModelInfo:

@@ -25,7 +25,7 @@ NOON = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC).timestamp()
 TTL = 30.0
 
 
-def test_reserve_commit_release_and_balance(ledger_url: str) -> None:
+def test_reserve_commit_release_and_balance(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         await ledger.add_key("k1", "h", "free", "", NOON)
         a = await ledger.reserve("k1", 3, daily=10, max_concurrent=9, now=NOON, ttl=TTL)
@@ -42,10 +42,10 @@ def test_reserve_commit_release_and_balance(ledger_url: str) -> None:
         bal = await ledger.balance("k1", 10, NOON + 2)
         assert (bal.remaining, bal.held, bal.spent) == (7, 0, 3)
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_64_concurrent_reservations_on_10_credits(ledger_url: str) -> None:
+def test_64_concurrent_reservations_on_10_credits(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         async def one(i: int) -> bool:
             try:
@@ -60,10 +60,10 @@ def test_64_concurrent_reservations_on_10_credits(ledger_url: str) -> None:
         bal = await ledger.balance("k", 10, NOON + 2)
         assert (bal.remaining, bal.spent, bal.held) == (0, 10, 0)
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_a_hold_nobody_extends_expires_and_its_credits_come_back(ledger_url: str) -> None:
+def test_a_hold_nobody_extends_expires_and_its_credits_come_back(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         dead = await ledger.reserve("k", 5, daily=5, max_concurrent=2, now=NOON, ttl=TTL)
         with pytest.raises(CreditsExhausted):
@@ -78,10 +78,10 @@ def test_a_hold_nobody_extends_expires_and_its_credits_come_back(ledger_url: str
         assert await ledger.commit(live.hold_id, NOON + 201)
         assert not await ledger.extend(live.hold_id, NOON + 202, TTL)
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_idempotency(ledger_url: str) -> None:
+def test_idempotency(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         kw = {"daily": 10, "max_concurrent": 5, "ttl": TTL}
         first = await ledger.reserve("k", 2, now=NOON, idempotency_key="abc", request_hash="r1", **kw)
@@ -105,10 +105,10 @@ def test_idempotency(ledger_url: str) -> None:
         again = await ledger.reserve("k", 2, now=NOON + 86400 + 10, idempotency_key="abc", request_hash="r2", **kw)
         assert again.hold_id != first.hold_id
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_concurrency_limit_counts_running_holds(ledger_url: str) -> None:
+def test_concurrency_limit_counts_running_holds(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         a = await ledger.reserve("k", 1, daily=10, max_concurrent=2, now=NOON, ttl=TTL)
         await ledger.reserve("k", 1, daily=10, max_concurrent=2, now=NOON, ttl=TTL)
@@ -118,17 +118,17 @@ def test_concurrency_limit_counts_running_holds(ledger_url: str) -> None:
         await ledger.commit(a.hold_id, NOON + 1)
         await ledger.reserve("k", 1, daily=10, max_concurrent=2, now=NOON + 1, ttl=TTL)
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_utc_day_boundary_resets_credits_and_grants(ledger_url: str) -> None:
+def test_utc_day_boundary_resets_credits_and_grants(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         await ledger.add_key("k", "h", "free", "", NOON)
         midnight = next_reset(NOON)
         late = midnight - 1
-        granted = await ledger.grant("k", 5, late)
+        granted = await ledger.grant("k", 5, 3, late)
         assert granted is not None and granted.granted == 5
-        assert await ledger.grant("nobody", 5, late) is None
+        assert await ledger.grant("nobody", 5, 3, late) is None
         hold = await ledger.reserve("k", 8, daily=3, max_concurrent=5, now=late, ttl=TTL)
         await ledger.commit(hold.hold_id, late + 0.5)
         assert (await ledger.balance("k", 3, late + 0.5)).remaining == 0
@@ -136,10 +136,10 @@ def test_utc_day_boundary_resets_credits_and_grants(ledger_url: str) -> None:
         assert (bal.remaining, bal.spent, bal.granted) == (3, 0, 0)
         assert utc_day(midnight) != utc_day(late) and bal.reset == midnight + 86400
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_gcra_rate_limit(ledger_url: str) -> None:
+def test_gcra_rate_limit(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         # a burst of up to one minute's worth passes, each admission saying how many more would
         assert [await ledger.admit("k", 6, NOON) for _ in range(6)] == [5, 4, 3, 2, 1, 0]
@@ -152,10 +152,10 @@ def test_gcra_rate_limit(ledger_url: str) -> None:
         assert await ledger.admit("k", 6, NOON + 60.0) == 4
         await ledger.admit("other", 6, NOON)
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
-def test_keys(ledger_url: str) -> None:
+def test_keys(auth_db: str) -> None:
     async def body(ledger: Ledger) -> None:
         await ledger.add_key("a1", "hash-a", "free", "alice", NOON)
         await ledger.add_key("b2", "hash-b", "pro", "", NOON + 1)
@@ -167,7 +167,7 @@ def test_keys(ledger_url: str) -> None:
         listed = await ledger.list_keys()
         assert [(k.key_id, k.tier, k.revoked) for k in listed] == [("a1", "free", NOON + 5), ("b2", "pro", None)]
 
-    run(with_ledger(ledger_url, body))
+    run(with_ledger(auth_db, body))
 
 
 def _reserve_many(url: str, n: int, start: float) -> int:

@@ -29,6 +29,11 @@ def wrap_handler(
     return handler  # client-streaming methods: none in kiln.v1
 
 
+def text_metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """The call's text metadata (binary `-bin` entries left out)."""
+    return {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+
+
 Check = Callable[[str, Any, dict[str, str]], Awaitable[None]]
 """(method, request, invocation metadata) -> None, raising a KilnError to refuse the call."""
 
@@ -44,7 +49,7 @@ class CheckInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if not method.startswith(KILN_PREFIX):
             return handler
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        metadata = text_metadata(details)
         check = self.check
 
         def unary(behaviour: Unary) -> Unary:

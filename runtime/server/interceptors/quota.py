@@ -36,7 +36,7 @@ from runtime.accounts.ledger import (
 )
 from runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, ResourceExhausted
 from runtime.server.context import ACCOUNT, COST, RESPONSE_METADATA
-from runtime.server.interceptors.base import KILN_PREFIX, Streaming, Unary, wrap_handler
+from runtime.server.interceptors.base import KILN_PREFIX, Streaming, Unary, text_metadata, wrap_handler
 from runtime.server.pricing import Resolved
 
 log = logging.getLogger("kiln.quota")
@@ -90,7 +90,7 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if not method.startswith(KILN_PREFIX):
             return handler
-        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        metadata = text_metadata(details)
         if method != GENERATE:
             return wrap_handler(handler, self._reporting_unary, self._reporting_streaming)
 
