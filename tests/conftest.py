@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +110,27 @@ def kiln(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the `kiln` CLI as a user would."""
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@contextmanager
+def redis_url(workdir: Path) -> Iterator[str]:
+    """The URL of a real `redis-server` started for the test; a skip where none is installed, a failure where CI
+    requires one (`.ci/run` installs it and sets KILN_REQUIRE_REDIS)."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("KILN_REQUIRE_REDIS"):
+            pytest.fail("redis-server is missing; .ci/run installs it from Debian's packages")
+        pytest.skip("redis-server is not installed here")
+    from bench.redis_server import RedisServer
+
+    with RedisServer(workdir) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def auth_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A ledger URL for each backend: a SQLite file, and a real Redis server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'auth.db'}"
+    else:
+        with redis_url(tmp_path) as url:
+            yield url

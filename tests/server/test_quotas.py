@@ -5,11 +5,8 @@ server is killed, idempotent retries, admin RPCs, and two replicas sharing one R
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,7 +16,7 @@ from grpc_status import rpc_status
 
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, kiln, start_server
+from tests.conftest import ServerProcess, kiln, redis_url, start_server
 from tests.server.test_errors import _broken_decoder_store
 
 TIERS = """
@@ -53,21 +50,6 @@ def _create_key(db: str, tiers: Path, tier: str = "t") -> str:
     out = kiln("keys", "create", "--auth-db", db, "--tiers", str(tiers), "--tier", tier, "--label", "test")
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def auth_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'auth.db'}"
-        return
-    if shutil.which("redis-server") is None:
-        if os.environ.get("KILN_REQUIRE_REDIS"):
-            pytest.fail("redis-server is missing; .ci/run installs it from Debian's packages")
-        pytest.skip("redis-server is not installed here")
-    from bench.redis_server import RedisServer
-
-    with RedisServer(tmp_path) as server:
-        yield server.url
 
 
 def _serve(store: Path, log: Path, db: str, tiers: Path, *extra: str) -> ServerProcess:
@@ -115,6 +97,22 @@ def _details(call: object) -> dict[str, object]:
     return out
 
 
+def _balance(target: str, key: str) -> pb.Balance:
+    ch, stub = _stub(target)
+    with ch:
+        return stub.GetBalance(pb.GetBalanceRequest(), metadata=_auth(key))
+
+
+def _settled(target: str, key: str, timeout: float = 10) -> pb.Balance:
+    """The balance once nothing is held: refunds land as the server sees cancellations."""
+    deadline = time.monotonic() + timeout
+    while True:
+        b = _balance(target, key)
+        if b.held == 0 or time.monotonic() > deadline:
+            return b
+        time.sleep(0.05)
+
+
 def _stub(target: str) -> tuple[grpc.Channel, pb_grpc.KilnStub]:
     ch = grpc.insecure_channel(target)
     return ch, pb_grpc.KilnStub(ch)
@@ -150,16 +148,10 @@ def test_64_concurrent_calls_on_10_credits(auth_db: str, tiny_store: Path, tmp_p
 
 
 def test_two_replicas_sharing_redis_never_overdraw(tiny_store: Path, tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("KILN_REQUIRE_REDIS"):
-            pytest.fail("redis-server is missing; .ci/run installs it from Debian's packages")
-        pytest.skip("redis-server is not installed here")
-    from bench.redis_server import RedisServer
-
     tiers = _tiers(tmp_path / "tiers.toml", credits=7)
-    with RedisServer(tmp_path) as redis:
-        key = _create_key(redis.url, tiers)
-        servers = [_serve(tiny_store, tmp_path / f"serve{i}.log", redis.url, tiers) for i in range(2)]
+    with redis_url(tmp_path) as redis:
+        key = _create_key(redis, tiers)
+        servers = [_serve(tiny_store, tmp_path / f"serve{i}.log", redis, tiers) for i in range(2)]
         try:
             async def spread():  # type: ignore[no-untyped-def]
                 return await asyncio.gather(*(_generate(servers[i % 2].target, key, _request(seed=i)) for i in range(24)))
@@ -168,9 +160,7 @@ def test_two_replicas_sharing_redis_never_overdraw(tiny_store: Path, tmp_path: P
             assert codes.count(grpc.StatusCode.OK) == 7
             assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 17
             for s in servers:
-                ch, stub = _stub(s.target)
-                with ch:
-                    b = stub.GetBalance(pb.GetBalanceRequest(), metadata=_auth(key))
+                b = _balance(s.target, key)
                 assert (b.spent, b.remaining) == (7, 0)
         finally:
             for s in servers:
@@ -202,16 +192,11 @@ def test_failed_and_cancelled_requests_are_refunded(auth_db: str, tiny_bundle: P
                         break
 
         asyncio.run(cancel_after_first_progress())
-        code, *_ = asyncio.run(_generate(server.target, key, _request(steps=12), timeout=0.05))
+        _settled(server.target, key)  # its 2 credits must be back before the next 2-credit call can reserve
+        code, *_ = asyncio.run(_generate(server.target, key, _request(steps=12, width=128, height=128),
+                                         timeout=0.02))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        ch, stub = _stub(server.target)
-        deadline = time.monotonic() + 10
-        with ch:
-            while True:  # the refunds land as the server sees the cancellations
-                b = stub.GetBalance(pb.GetBalanceRequest(), metadata=_auth(key))
-                if b.held == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+        b = _settled(server.target, key)
         assert (b.spent, b.held, b.remaining) == (0, 0, 3)
     finally:
         server.stop()
@@ -246,9 +231,7 @@ def test_killed_server_s_holds_expire_after_the_ttl(auth_db: str, tiny_store: Pa
     time.sleep(max(0.0, killed + 5.5 - time.time()))
     other = _serve(tiny_store, tmp_path / "serve2.log", auth_db, tiers)
     try:
-        ch, stub = _stub(other.target)
-        with ch:
-            later = stub.GetBalance(pb.GetBalanceRequest(), metadata=_auth(key))
+        later = _balance(other.target, key)
         assert (later.held, later.remaining, later.spent) == (0, 4, 0)
     finally:
         other.stop()
@@ -260,20 +243,21 @@ def test_idempotent_retries_are_charged_once(auth_db: str, tiny_store: Path, tmp
     server = _serve(tiny_store, tmp_path / "serve.log", auth_db, tiers)
     try:
         idem = ("x-idempotency-key", "job-1")
+        job = _request(steps=12, width=128, height=128)  # 2 credits, long enough to still be running at the retry
 
         async def racing() -> list[grpc.StatusCode]:
             async with grpc.aio.insecure_channel(server.target) as ch:
-                first = pb_grpc.KilnStub(ch).Generate(_request(steps=12), metadata=(*_auth(key), idem))
+                first = pb_grpc.KilnStub(ch).Generate(job, metadata=(*_auth(key), idem))
                 async for r in first:  # the first attempt is running...
                     if r.HasField("progress"):
                         break
-                retry = await _generate(server.target, key, _request(steps=12), idem)  # ...when the retry comes
+                retry = await _generate(server.target, key, job, idem)  # ...when the retry comes
                 async for _ in first:
                     pass
                 return [await first.code(), retry[0]]
 
         assert asyncio.run(racing()) == [grpc.StatusCode.OK, grpc.StatusCode.ABORTED]
-        code, again, meta, _ = asyncio.run(_generate(server.target, key, _request(steps=12), idem))
+        code, again, meta, _ = asyncio.run(_generate(server.target, key, job, idem))
         assert code == grpc.StatusCode.OK and again[-1].artifact.data[:8] == b"\x89PNG\r\n\x1a\n"
         code, _, _, call = asyncio.run(_generate(server.target, key, _request(steps=11), idem))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -282,9 +266,7 @@ def test_idempotent_retries_are_charged_once(auth_db: str, tiny_store: Path, tmp
         for _ in range(2):
             code, *_ = asyncio.run(_generate(server.target, key, _request(request_id="req-abc")))
             assert code == grpc.StatusCode.OK
-        ch, stub = _stub(server.target)
-        with ch:
-            b = stub.GetBalance(pb.GetBalanceRequest(), metadata=_auth(key))
+        b = _balance(server.target, key)
         assert (b.spent, b.remaining) == (3, 2)  # job-1 (12 steps: 2 credits) and req-abc (1), once each
     finally:
         server.stop()
