@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import latency, precision, quality, quota
+from bench import latency, precision, quality, quota, throughput
 
-SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota}
+SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput}
 
 
 def main(argv: list[str] | None = None) -> int:

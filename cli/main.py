@@ -92,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from runtime.accounts.accounts import AccountsConfig
     from runtime.accounts.tiers import DEFAULT_TIERS
+    from runtime.engine import EngineConfig
     from runtime.server.app import ServeConfig, serve
 
     accounts = None
@@ -99,8 +100,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         accounts = AccountsConfig(args.auth_db, Path(args.tiers) if args.tiers else DEFAULT_TIERS, args.hold_ttl)
     elif args.tiers:
         raise ValueError("--tiers needs --auth-db (the ledger the tiers' credits are kept in)")
+    engine = EngineConfig(batching=not args.no_batching, max_batch_size=args.max_batch,
+                          max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
-                         shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open)
+                         shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
+                         engine=engine)
     return asyncio.run(serve(config))
 
 
@@ -318,6 +322,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    b = s.add_argument_group("step-level batching (README: Performance)")
+    b.add_argument("--no-batching", action="store_true",
+                   help="one UNet call per request per step instead of one per model and image size")
+    b.add_argument("--max-batch", type=int, default=8,
+                   help="most UNet batch rows per call (an image counts 2 with guidance > 1); default 8")
+    b.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="an idle engine waits this long for more requests before starting; default 5")
+    b.add_argument("--max-queue", type=int, default=64,
+                   help="most requests running or waiting; beyond it RESOURCE_EXHAUSTED SERVER_BUSY; default 64")
     a = s.add_argument_group("accounts (README: Quotas)")
     a.add_argument("--auth-db", help="sqlite:///PATH or redis://HOST:PORT/DB: require API keys, enforce credits, "
                                      "rate and tier limits (without it: open, loopback only)")

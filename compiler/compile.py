@@ -15,6 +15,7 @@ from compiler import reuse
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, export_component
 from compiler.passes import fusions, unpack_attention
+from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
 from compiler.source import load_source
 from compiler.source.load import TOKENIZER_FILES
@@ -48,7 +49,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     """Compile a local diffusers folder into a new bundle version; nothing is published on failure."""
     source = load_source(source_path)
     store = Store(store_root)
-    steps = Progress(total=2 + 3 * len(COMPONENTS) + 1 + stage.stage_count(config.plan), enabled=progress)
+    steps = Progress(total=3 + 3 * len(COMPONENTS) + 1 + stage.stage_count(config.plan), enabled=progress)
     with steps.stage("hash source model"):
         source_hash = source.content_hash()
     identity = reuse.exporter_identity(config.opset, config.fusions)
@@ -97,12 +98,16 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                 external_data=data.name if data.exists() else None, passes=passes, parity=parity,
                 op_counts=fusions.op_counts(onnx.load(str(out), load_external_data=False)),
             )
+            if name == "vae_encoder":
+                with steps.stage("fit the latent preview map"):
+                    latent_rgb = fit_latent_rgb(source.module("vae"), _vae_scaling(source), source.vae_scale_factor)
             if name in LAST_USE:
                 source.release(LAST_USE[name])
         source.release_all()
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
             manifest = _manifest(config, source, source_hash, components, tokenizer)
+            manifest.model["latent_rgb"] = latent_rgb
             manifest.tool_versions = reuse.recorded_versions(identity, config.quantized)
             if donor:
                 manifest.source["reused_exports_from"] = f"{donor.manifest.name}/{donor.manifest.version}"
@@ -131,6 +136,10 @@ def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: P
         entry.gpu_only, entry.external_data = r.gpu_only, r.external_data
         entry.op_counts = fusions.op_counts(onnx.load(str(staging / entry.file), load_external_data=False))
     manifest.fidelity = result.fidelity
+
+
+def _vae_scaling(source) -> float:  # type: ignore[no-untyped-def]
+    return float(source.vae_config.get("scaling_factor", 0.18215))
 
 
 def _write_tokenizer(src: Path, dst: Path) -> dict:
@@ -178,7 +187,7 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
         model={
             "latent_channels": int(source.vae_config["latent_channels"]),
             "vae_scale_factor": source.vae_scale_factor,
-            "vae_scaling_factor": float(source.vae_config.get("scaling_factor", 0.18215)),
+            "vae_scaling_factor": _vae_scaling(source),
             "unet_in_channels": int(source.unet_config["in_channels"]),
             "text_hidden_size": int(text_cfg["hidden_size"]),
         },

@@ -1,8 +1,11 @@
 """The engine: one step loop over the active requests, like vLLM's `step()`.
 
-Each turn of the loop gives every active request one unit of work (text encode, one denoising
-step, or one image decode) on a single model thread, so concurrent requests interleave step by
-step and a cancelled request is dropped before its next unit. Events go to a per-request queue.
+Each turn of the loop (1) drops cancelled requests, (2) text-encodes newly arrived ones, (3) gives every
+request that is denoising one step -- requests that share a model and latent size go through the UNet
+together, one call per batch, each row with its own timestep, guidance and sampler state -- and (4) decodes
+one image of each request that has finished denoising. Requests join a batch at the turn after they arrive
+and leave it when done or cancelled, so batches change between steps. All model work runs on one thread;
+events go to a per-request queue.
 """
 
 from __future__ import annotations
@@ -14,9 +17,38 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from runtime.pipeline import Generation, Pipeline
+from runtime.errors import ResourceExhausted
+from runtime.pipeline import Generation, Pipeline, unet_batch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and how much work it accepts (`kiln serve --max-batch ...`)."""
+
+    batching: bool = True
+    """Run the denoising steps of concurrent requests that share a model and image size in one UNet call.
+    Off: one UNet call per request per step (requests still interleave step by step)."""
+    max_batch_size: int = 8
+    """Most UNet batch rows in one call, 1 to 256. An image counts 2 rows with classifier-free guidance
+    (guidance_scale > 1), 1 without. Requests that do not fit go in a further call in the same turn; a single
+    request larger than this still runs, alone."""
+    max_wait_s: float = 0.005
+    """When a request arrives at an idle engine, how long (0 to 10 s) the engine waits for others before its
+    first turn, so requests sent together start together. Later arrivals join running batches at the next step
+    and never wait for this."""
+    max_queue: int = 64
+    """Most requests in the engine at once (running or waiting for a turn), 1 to 100000. Beyond it Generate
+    fails at once with RESOURCE_EXHAUSTED, reason SERVER_BUSY, instead of queueing without bound."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_size <= 256:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be between 1 and 256")
+        if not 0.0 <= self.max_wait_s <= 10.0:
+            raise ValueError(f"max_wait_s={self.max_wait_s} must be between 0 and 10 seconds")
+        if not 1 <= self.max_queue <= 100_000:
+            raise ValueError(f"max_queue={self.max_queue} must be between 1 and 100000")
 
 
 @dataclass(frozen=True)
@@ -25,6 +57,8 @@ class Progress:
     step: int
     total_steps: int
     elapsed: float
+    preview: bytes = b""
+    """A small PNG approximating the current latents (requests that asked for previews), else empty."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,14 @@ class Outcome:
     total_steps: int
 
 
+@dataclass(frozen=True)
+class BatchRecord:
+    """One UNet call of the engine (kept in a bounded history for tests and logs)."""
+
+    request_ids: tuple[str, ...]
+    rows: int
+
+
 @dataclass
 class Job:
     gen: Generation
@@ -66,6 +108,16 @@ class Job:
     def request_id(self) -> str:
         return self.gen.params.request_id
 
+    @property
+    def rows(self) -> int:
+        """UNet batch rows this request takes in a step."""
+        return self.gen.params.num_images * (2 if self.gen.params.guided else 1)
+
+    def batch_key(self) -> tuple[int, tuple[int, ...]]:
+        """Requests with equal keys can share a UNet call: the same loaded model and latent shape."""
+        assert self.gen.latents is not None
+        return id(self.gen.model), self.gen.latents.shape[1:]
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -75,7 +127,8 @@ class Job:
 
 
 class Engine:
-    def __init__(self, history: int = 1000):
+    def __init__(self, config: EngineConfig | None = None, history: int = 1000):
+        self.config = config or EngineConfig()
         self._jobs: list[Job] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -83,6 +136,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-model")
         self._task: asyncio.Task[None] | None = None
         self.history: deque[Outcome] = deque(maxlen=history)
+        self.batches: deque[BatchRecord] = deque(maxlen=history)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="kiln-engine")
@@ -97,7 +151,16 @@ class Engine:
     def active(self) -> int:
         return len(self._jobs)
 
+    def check_capacity(self) -> None:
+        """Raises RESOURCE_EXHAUSTED (SERVER_BUSY) when the engine holds `max_queue` requests already."""
+        if len(self._jobs) >= self.config.max_queue:
+            raise ResourceExhausted(
+                f"the server is busy: {len(self._jobs)} requests are running or waiting (max_queue="
+                f"{self.config.max_queue}); retry shortly or on another replica",
+                "SERVER_BUSY", "engine queue", retry_after_s=1.0, max_queue=str(self.config.max_queue))
+
     def submit(self, gen: Generation) -> Job:
+        self.check_capacity()
         job = Job(gen, Pipeline(gen.model))
         self._jobs.append(job)
         self._idle.clear()
@@ -113,46 +176,139 @@ class Engine:
             return False
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            for job in list(self._jobs):
-                if job.cancelled:
-                    self._finish(job, "cancelled")
-                    continue
-                try:
-                    event, done = await loop.run_in_executor(self._pool, self._advance, job)
-                except Exception as e:  # one request's failure never stops the loop
-                    job.queue.put_nowait(Failed(e))
-                    self._finish(job, "failed")
-                    continue
-                job.queue.put_nowait(event)
-                if done:
-                    self._finish(job, "finished")
+            if self.config.max_wait_s > 0 and self._rows_waiting() < self.config.max_batch_size:
+                await self._gather_arrivals()
+            await self._turn()
             if not self._jobs:
                 self._wake.clear()
                 self._idle.set()
 
-    def _advance(self, job: Job) -> tuple[Event, bool]:
-        """One unit of work for `job`, on the model thread. Returns its event and whether the job is done."""
+    async def _gather_arrivals(self) -> None:
+        """From idle: wait up to max_wait_s for more requests, or until a full batch's worth has arrived."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.max_wait_s
+        while self._rows_waiting() < self.config.max_batch_size and (left := deadline - loop.time()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                break
+        self._wake.set()
+
+    def _rows_waiting(self) -> int:
+        return sum(j.rows for j in self._jobs)
+
+    async def _turn(self) -> None:
+        for job in [j for j in self._jobs if j.cancelled]:
+            self._finish(job, "cancelled")
+        for job in [j for j in self._jobs if j.gen.embeddings is None]:
+            if not job.cancelled:
+                await self._run(job, self._encode, job)
+        denoising = [j for j in self._jobs if j.gen.embeddings is not None and not j.gen.denoised]
+        for batch in self._batches(denoising):
+            batch = [j for j in batch if not j.cancelled and j in self._jobs]
+            if batch:
+                await self._step(batch)
+        for job in [j for j in self._jobs if j.gen.denoised]:
+            if not job.cancelled:
+                await self._run(job, self._decode_one, job)
+
+    def _batches(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs grouped by batch key in arrival order, each group cut into calls of at most max_batch_size rows."""
+        if not self.config.batching:
+            return [[j] for j in jobs]
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.batch_key(), []).append(job)
+        out: list[list[Job]] = []
+        for group in groups.values():
+            current: list[Job] = []
+            rows = 0
+            for job in group:
+                if current and rows + job.rows > self.config.max_batch_size:
+                    out.append(current)
+                    current, rows = [], 0
+                current.append(job)
+                rows += job.rows
+            out.append(current)
+        return out
+
+    async def _step(self, batch: list[Job]) -> None:
+        """One denoising step for every job in `batch`, in one UNet call; alone, one by one, if that fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            events = await loop.run_in_executor(self._pool, self._denoise, batch)
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(batch[0], e)
+                return
+            # find the request that breaks the call: the others must not fail with it
+            log.warning("batched UNet call over %d requests failed (%s); running them one by one", len(batch), e)
+            for job in batch:
+                await self._step([job])
+            return
+        for job, event in zip(batch, events, strict=True):
+            if isinstance(event, Failed):
+                self._fail(job, event.error)
+            else:
+                job.queue.put_nowait(event)
+
+    async def _run(self, job: Job, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        """One unit of work on the model thread; its event goes to the job, a failure fails only this job."""
+        try:
+            event, done = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except Exception as e:  # one request's failure never stops the loop
+            self._fail(job, e)
+            return
+        job.queue.put_nowait(event)
+        if done:
+            self._finish(job, "finished")
+
+    # units of work, on the model thread -------------------------------------------------------------------------
+    def _encode(self, job: Job) -> tuple[Event, bool]:
+        gen = job.gen
+        job.pipeline.encode_text(gen)
+        job.pipeline.prepare(gen)
+        return Progress("text_encode", 0, gen.params.steps, gen.elapsed), False
+
+    def _denoise(self, batch: list[Job]) -> list[Event]:
+        """The UNet call (raises: nothing has changed yet, so the batch can be retried), then each job's
+        sampler step (a failure there is that job's alone)."""
+        outputs = unet_batch(batch[0].gen.model, [j.gen for j in batch])
+        self.batches.append(BatchRecord(tuple(j.request_id for j in batch), sum(j.rows for j in batch)))
+        events: list[Event] = []
+        for job, out in zip(batch, outputs, strict=True):
+            try:
+                job.pipeline.apply_unet_output(job.gen, out)
+                gen = job.gen
+                events.append(Progress("denoise", gen.step, gen.params.steps, gen.elapsed, job.pipeline.preview(gen)))
+            except Exception as e:
+                events.append(Failed(e))
+        return events
+
+    def _decode_one(self, job: Job) -> tuple[Event, bool]:
         gen, pipe = job.gen, job.pipeline
-        total = gen.params.steps
-        if gen.embeddings is None:
-            pipe.encode_text(gen)
-            pipe.prepare(gen)
-            return Progress("text_encode", 0, total, gen.elapsed), False
-        if not gen.denoised:
-            pipe.denoise_step(gen)
-            return Progress("denoise", gen.step, total, gen.elapsed), False
         k = job.decoded
         png = pipe.encode_png(gen, k, pipe.decode(gen, k))
         job.decoded += 1
         return Artifact(k, png, gen.params.image_seed(k), dict(gen.timings)), job.decoded == gen.params.num_images
 
+    # bookkeeping ---------------------------------------------------------------------------------------------------
+    def _fail(self, job: Job, error: BaseException) -> None:
+        job.queue.put_nowait(Failed(error))
+        self._finish(job, "failed")
+
     def _finish(self, job: Job, status: str) -> None:
+        if job not in self._jobs:
+            return
         self._jobs.remove(job)
         job.queue.put_nowait(None)
         outcome = Outcome(job.request_id, status, job.gen.step, job.gen.params.steps)
         self.history.append(outcome)
         log.info("request %s %s after %d/%d steps (%.2fs)", outcome.request_id, status,
                  outcome.steps_done, outcome.total_steps, job.gen.elapsed)
+
+
+__all__ = ["Artifact", "BatchRecord", "Engine", "EngineConfig", "Event", "Failed", "Job", "Outcome", "Progress"]

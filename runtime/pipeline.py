@@ -135,9 +135,18 @@ class Pipeline:
         gen.step += 1
 
     def denoise_step(self, gen: Generation) -> None:
+        out = unet_batch(self.model, [gen])[0]
         with gen.timed("denoise"):
-            out = self.model.sessions["unet"].run(self.unet_inputs(gen))["out_sample"]
             self.apply_unet_output(gen, out)
+
+    def preview(self, gen: Generation) -> bytes:
+        """A PNG of the latents through the bundle's linear latent-to-RGB map (no VAE): at latent resolution,
+        every `preview_every` steps when the request asked for previews, else b""."""
+        k = gen.params.preview_every
+        if not k or gen.step % k or gen.latents is None:
+            return b""
+        with gen.timed("preview"):
+            return encode_png(latent_preview(gen.latents[0], self.m["latent_rgb"]), "")
 
     # 6. VAE decode, one image at a time (peak memory stays that of one image)
     def decode(self, gen: Generation, index: int) -> np.ndarray:
@@ -168,3 +177,25 @@ class Pipeline:
         while not gen.denoised:
             self.denoise_step(gen)
         return [self.decode(gen, k) for k in range(params.num_images)], gen
+
+
+def unet_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
+    """One UNet call over several requests' rows (each with its own timestep and text embeddings); returns each
+    request's slice of the output. The call's wall time counts as `denoise` time for every request in it."""
+    inputs = [Pipeline(model).unet_inputs(g) for g in gens]
+    feed = inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
+    t0 = time.perf_counter()
+    out = model.sessions["unet"].run(feed)["out_sample"]
+    took = time.perf_counter() - t0
+    bounds = np.cumsum([len(i["sample"]) for i in inputs])[:-1]
+    for g in gens:
+        g.timings["denoise"] = g.timings.get("denoise", 0.0) + took
+    return np.split(out, bounds)
+
+
+def latent_preview(latent: np.ndarray, latent_rgb: dict) -> np.ndarray:
+    """uint8 [H, W, 3] from one [C, H, W] latent: rgb = latent^T W + b (fitted by the compiler), clipped to [0, 1]."""
+    w = np.asarray(latent_rgb["weights"], np.float32)
+    b = np.asarray(latent_rgb["bias"], np.float32)
+    rgb = np.tensordot(latent.astype(np.float32), w, axes=([0], [0])) + b
+    return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)

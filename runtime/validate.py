@@ -30,6 +30,8 @@ class GenerationParams:
     sampler: str
     seed: int
     num_images: int
+    preview_every: int = 0
+    """Send a latent preview with every k-th denoising step's progress; 0: none."""
 
     def image_seed(self, index: int) -> int:
         return (self.seed + index) % 2**32
@@ -44,10 +46,12 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def validate(request, defaults: dict, limits: dict, request_id: str = "") -> GenerationParams:  # type: ignore[no-untyped-def]
+def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
+             previews: bool = True) -> GenerationParams:
     """Check every field of a kiln.v1.GenerateRequest; raises InvalidArgument listing all violations.
 
-    `request_id` is used when the request carries none (the server passes the RPC's id).
+    `request_id` is used when the request carries none (the server passes the RPC's id). `previews`: whether
+    the model can make latent previews (its manifest has a latent-to-RGB map).
     """
     bad: list[FieldViolation] = []
 
@@ -84,6 +88,13 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "") -> Gen
     check(1 <= num_images <= limits["max_images"], "num_images",
           f"num_images={num_images} must be between 1 and {limits['max_images']}")
 
+    preview_every = request.preview_every
+    if preview_every:
+        check(previews, "preview_every", f"model {request.model!r} has no latent preview map (compiled before Kiln "
+                                         "made one); recompile it, or leave preview_every at 0")
+        check(preview_every <= steps, "preview_every",
+              f"preview_every={preview_every} must be between 0 (off) and steps={steps}")
+
     request_id = request.request_id or request_id or new_request_id()
     check(bool(REQUEST_ID_RE.match(request_id)), "request_id",
           "request_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
@@ -102,4 +113,5 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "") -> Gen
         sampler=sampler,
         seed=request.seed if request.HasField("seed") else secrets.randbits(32),
         num_images=num_images,
+        preview_every=preview_every,
     )

@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from proto.kiln.v1 import kiln_pb2, kiln_pb2_grpc
 from runtime.accounts.accounts import Accounts, AccountsConfig
-from runtime.engine import Engine
+from runtime.engine import Engine, EngineConfig
 from runtime.model import LoadedModel, load_store
 from runtime.server.interceptors import ErrorInterceptor
 from runtime.server.interceptors.auth import AuthInterceptor
@@ -50,6 +50,8 @@ class ServeConfig:
     """API keys, tiers, credits and rate limits (`--auth-db`); None serves everyone, on loopback only."""
     insecure_open: bool = False
     """Allow binding a non-loopback address without accounts."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Step-level batching and the queue limit (`--max-batch`, `--max-wait-ms`, `--max-queue`, `--no-batching`)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -75,7 +77,7 @@ class KilnServer:
     def __init__(self, config: ServeConfig, models: dict[str, LoadedModel] | None = None):
         self.config = config
         self.models = models if models is not None else load_store(config.store, threads=config.threads)
-        self.engine = Engine()
+        self.engine = Engine(config.engine)
         self.health = health.aio.HealthServicer()
         self.accounts = Accounts(config.accounts) if config.accounts else None
         self.servicer = KilnServicer(self.models, self.engine, self.accounts)

@@ -44,7 +44,8 @@ class KilnServicer(pb_grpc.KilnServicer):
         if model is None:
             raise NotFound("model", request.model, sorted(self.models))
         m = model.manifest
-        params = validate(request, m.defaults, m.limits, REQUEST_ID.get())
+        params = validate(request, m.defaults, m.limits, REQUEST_ID.get(), previews="latent_rgb" in m.model)
+        self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0
         truncations = Pipeline(model).tokenize(gen)
@@ -65,7 +66,8 @@ class KilnServicer(pb_grpc.KilnServicer):
                     raise event.error
                 if isinstance(event, ev.Progress):
                     yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(
-                        stage=event.stage, step=event.step, total_steps=event.total_steps, elapsed_s=event.elapsed))
+                        stage=event.stage, step=event.step, total_steps=event.total_steps, elapsed_s=event.elapsed,
+                        preview_png=event.preview))
                 elif isinstance(event, ev.Artifact):
                     yield pb.GenerateResponse(request_id=rid, artifact=pb.Artifact(
                         index=event.index, mime="image/png", data=event.png, seed=event.seed,

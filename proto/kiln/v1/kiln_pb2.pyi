@@ -15,7 +15,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_SUCCESS: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -38,7 +39,8 @@ class GenerateRequest(_message.Message):
     seed: int
     num_images: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "started", "progress", "artifact")
@@ -91,16 +93,18 @@ class PromptTruncation(_message.Message):
     def __init__(self, field: _Optional[str] = ..., kept_tokens: _Optional[int] = ..., dropped_tokens: _Optional[int] = ..., dropped_text: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("stage", "step", "total_steps", "elapsed_s")
+    __slots__ = ("stage", "step", "total_steps", "elapsed_s", "preview_png")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_PNG_FIELD_NUMBER: _ClassVar[int]
     stage: str
     step: int
     total_steps: int
     elapsed_s: float
-    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    preview_png: bytes
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., preview_png: _Optional[bytes] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "seconds")

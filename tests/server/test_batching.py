@@ -1,0 +1,206 @@
+"""Step-level batching on a real gRPC server (in-process, so the engine's batch records can be checked):
+batched results equal the same requests run alone, byte for byte; joining, leaving, size groups, the batch
+size limit, cancellation, the queue limit and previews."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from PIL import Image
+
+from proto.kiln.v1 import kiln_pb2 as pb
+from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
+from runtime.engine import EngineConfig
+from runtime.model import LoadedModel
+from runtime.server.app import KilnServer, ServeConfig
+
+
+@asynccontextmanager
+async def serving(store: Path, models: dict[str, LoadedModel], **engine: object) -> AsyncIterator[KilnServer]:
+    server = KilnServer(ServeConfig(store=store, port=0, engine=EngineConfig(**engine)), models)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def generate(port: int, request: pb.GenerateRequest, cancel_at_step: int = 0
+                   ) -> tuple[grpc.StatusCode, list[pb.GenerateResponse], status_pb2.Status]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = pb_grpc.KilnStub(ch).Generate(request, timeout=120)
+        got: list[pb.GenerateResponse] = []
+        try:
+            async for r in call:
+                got.append(r)
+                if cancel_at_step and r.WhichOneof("event") == "progress" and r.progress.step == cancel_at_step:
+                    call.cancel()
+                    break
+        except grpc.aio.AioRpcError:
+            pass
+        status = status_pb2.Status()
+        for k, v in await call.trailing_metadata() or ():
+            if k == "grpc-status-details-bin":
+                status.ParseFromString(v)
+        return await call.code(), got, status
+
+
+def pngs(responses: list[pb.GenerateResponse]) -> list[bytes]:
+    return [r.artifact.data for r in responses if r.WhichOneof("event") == "artifact"]
+
+
+# varied on purpose: guided and not (2 rows vs 1 per image), samplers with and without multistep state and
+# ancestral noise, different step counts (requests leave the batch at different steps), two images in one
+REQUESTS = [
+    pb.GenerateRequest(model="tiny", prompt="a red circle", seed=1, steps=4, sampler="euler", request_id="r0"),
+    pb.GenerateRequest(model="tiny", prompt="a blue square", seed=2, steps=6, sampler="euler_a", request_id="r1",
+                       guidance_scale=1.0),
+    pb.GenerateRequest(model="tiny", prompt="a green triangle", seed=3, steps=3, sampler="dpmpp_2m_karras",
+                       num_images=2, request_id="r2"),
+    pb.GenerateRequest(model="tiny", prompt="a yellow circle", negative_prompt="blurry", seed=4, steps=5,
+                       guidance_scale=4.0, sampler="euler", request_id="r3"),
+]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_store: Path, tiny_model: LoadedModel) -> dict[str, list[bytes]]:
+    """Each request run by itself on a server without batching."""
+
+    async def run() -> dict[str, list[bytes]]:
+        async with serving(tiny_store, {"tiny": tiny_model}, batching=False) as server:
+            out = {}
+            for r in REQUESTS:
+                code, got, _ = await generate(server.port, r)
+                assert code == grpc.StatusCode.OK
+                out[r.request_id] = pngs(got)
+            assert not any(len(b.request_ids) > 1 for b in server.engine.batches)
+            return out
+
+    return asyncio.run(run())
+
+
+def test_batched_requests_give_the_same_png_bytes_as_alone(tiny_store, tiny_model, alone) -> None:
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_batch_size=16, max_wait_s=0.5) as server:
+            results = await asyncio.gather(*(generate(server.port, r) for r in REQUESTS))
+            return results, list(server.engine.batches)
+
+    results, batches = asyncio.run(run())
+    for r, (code, got, _) in zip(REQUESTS, results, strict=True):
+        assert code == grpc.StatusCode.OK
+        assert pngs(got) == alone[r.request_id], f"{r.request_id}: batched PNG bytes differ from alone"
+    # all four started together (max_wait), then left as their steps ran out: 3, 4, 5, 6 steps
+    sizes = [len(b.request_ids) for b in batches]
+    assert sizes == [4, 4, 4, 3, 2, 1], sizes
+    assert batches[0].rows == 2 + 1 + 4 + 2
+    assert all(b.request_ids[0] == "r0" for b in batches[:4])
+
+
+def test_late_arrivals_join_running_batches(tiny_store, tiny_model, alone) -> None:
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_wait_s=0.0) as server:
+            first = asyncio.create_task(generate(server.port, REQUESTS[1]))  # 6 steps
+            while not any(server.engine.batches):
+                await asyncio.sleep(0.001)
+            second = await generate(server.port, REQUESTS[0])
+            return await first, second, list(server.engine.batches)
+
+    first, second, batches = asyncio.run(run())
+    assert pngs(first[1]) == alone["r1"] and pngs(second[1]) == alone["r0"]
+    assert any(b.request_ids == ("r1", "r0") for b in batches), batches
+    assert batches[0].request_ids == ("r1",)
+
+
+def test_batch_size_limit_and_size_groups(tiny_store, tiny_model, alone) -> None:
+    other_size = pb.GenerateRequest(model="tiny", prompt="a red circle", seed=1, steps=4, width=128, height=96,
+                                    request_id="big")
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_batch_size=3, max_wait_s=0.5) as server:
+            results = await asyncio.gather(*(generate(server.port, r) for r in [*REQUESTS, other_size]))
+            return results, list(server.engine.batches)
+
+    results, batches = asyncio.run(run())
+    for r, (code, got, _) in zip(REQUESTS, results, strict=False):
+        assert code == grpc.StatusCode.OK and pngs(got) == alone[r.request_id]
+    for b in batches:
+        assert b.rows <= 3 or len(b.request_ids) == 1, b  # r2 alone is 4 rows: it runs, by itself
+        assert "big" not in b.request_ids or b.request_ids == ("big",), b
+
+
+def test_cancelled_request_leaves_the_batch_and_the_others_are_unchanged(tiny_store, tiny_model, alone) -> None:
+    victim = pb.GenerateRequest(model="tiny", prompt="cancel me", seed=9, steps=40, request_id="victim")
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_wait_s=0.5) as server:
+            results = await asyncio.gather(generate(server.port, victim, cancel_at_step=2),
+                                           *(generate(server.port, r) for r in REQUESTS))
+            for _ in range(100):
+                if any(o.request_id == "victim" for o in server.engine.history):
+                    break
+                await asyncio.sleep(0.01)
+            return results, list(server.engine.batches), list(server.engine.history)
+
+    results, batches, history = asyncio.run(run())
+    assert results[0][0] == grpc.StatusCode.CANCELLED
+    for r, (code, got, _) in zip(REQUESTS, results[1:], strict=True):
+        assert code == grpc.StatusCode.OK and pngs(got) == alone[r.request_id]
+    (victim_outcome,) = [o for o in history if o.request_id == "victim"]
+    assert victim_outcome.status == "cancelled" and victim_outcome.steps_done < 10
+    assert sum("victim" in b.request_ids for b in batches) == victim_outcome.steps_done
+
+
+def test_queue_limit_answers_server_busy(tiny_store, tiny_model) -> None:
+    slow = pb.GenerateRequest(model="tiny", prompt="slow", seed=1, steps=150, width=256, height=256)
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_queue=1) as server:
+            first = asyncio.create_task(generate(server.port, slow, cancel_at_step=3))
+            while not server.engine.active:
+                await asyncio.sleep(0.001)
+            busy = await generate(server.port, REQUESTS[0])
+            return await first, busy
+
+    first, (code, got, status) = asyncio.run(run())
+    assert first[0] == grpc.StatusCode.CANCELLED
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and not got
+    reasons = []
+    for d in status.details:
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            d.Unpack(info)
+            reasons.append(info.reason)
+    assert reasons == ["SERVER_BUSY"]
+    assert "max_queue=1" in status.message
+
+
+def test_previews_every_k_steps(tiny_store, tiny_model, alone) -> None:
+    request = pb.GenerateRequest()
+    request.CopyFrom(REQUESTS[0])
+    request.preview_every = 2
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}) as server:
+            ok = await generate(server.port, request)
+            request.preview_every = 5  # > steps
+            bad = await generate(server.port, request)
+            return ok, bad
+
+    (code, got, _), (bad_code, _, bad_status) = asyncio.run(run())
+    assert code == grpc.StatusCode.OK
+    steps = [r.progress for r in got if r.WhichOneof("event") == "progress" and r.progress.stage == "denoise"]
+    assert [s.step for s in steps if s.preview_png] == [2, 4]
+    m = tiny_model.manifest.model
+    latent = tiny_model.manifest.defaults["height"] // m["vae_scale_factor"]
+    preview = np.asarray(Image.open(io.BytesIO(steps[-1].preview_png)))
+    assert preview.shape == (latent, latent, 3) and preview.std() > 0
+    assert pngs(got) == alone["r0"], "previews must not change the image"
+    assert bad_code == grpc.StatusCode.INVALID_ARGUMENT and "preview_every=5" in bad_status.message
