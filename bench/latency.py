@@ -18,7 +18,12 @@ from bench import report, workspace
 DIFFUSERS_SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}),
                         "euler_a": ("EulerAncestralDiscreteScheduler", {}),
                         "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                                            {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True})}
+                                            {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+                        "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                                     {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+                        "ddim": ("DDIMScheduler", {}),
+                        "lcm": ("LCMScheduler", {}),
+                        "turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"})}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

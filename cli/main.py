@@ -195,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = pb.GenerateRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, steps=args.steps, sampler=args.sampler, num_images=args.num_images,
-        request_id=args.request_id,
+        request_id=args.request_id, preview_every=args.preview_every,
     )
     if args.guidance is not None:
         request.guidance_scale = args.guidance
@@ -253,6 +253,8 @@ def _api_key(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from runtime.samplers import SAMPLERS
+
     p = argparse.ArgumentParser(prog="kiln", description="Compile Stable Diffusion models to ONNX bundles and serve them.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
                    help="override the max abs difference allowed against PyTorch, e.g. unet=2e-3")
     c.add_argument("--default-steps", type=int, help="request default (else the source's kiln.json, else 20)")
     c.add_argument("--default-guidance", type=float, help="request default (else kiln.json, else 7.5)")
-    c.add_argument("--default-sampler", help="request default (else kiln.json, else dpmpp_2m_karras)")
+    c.add_argument("--default-sampler", choices=list(SAMPLERS),
+                   help="request default (else kiln.json, else dpmpp_2m_karras)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -369,13 +372,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=0, help="0: the model's default")
     g.add_argument("--steps", type=int, default=0, help="0: the model's default")
     g.add_argument("--guidance", type=float, default=None, help="unset: the model's default")
-    g.add_argument("--sampler", default="", help="euler | euler_a | dpmpp_2m_karras (unset: the model's default)")
+    g.add_argument("--sampler", default="", help=f"{' | '.join(SAMPLERS)} (unset: the model's default)")
     g.add_argument("--seed", type=int, default=None, help="unset: random, printed")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--request-id", default="")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--out", default="out.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--preview-every", type=int, default=0, metavar="K",
+                   help="save a latent preview every K steps beside the first image (OUT.preview-stepNNN.png)")
     g.add_argument("--idempotency-key", default="", help="retries with the same key are charged once")
     _api_key(g)
     g.set_defaults(func=cmd_generate)

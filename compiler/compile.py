@@ -24,6 +24,7 @@ from model_store import ComponentEntry, Manifest, Store
 from model_store.onnx_files import save_model
 from quantize import stage
 from quantize.precision import resolved
+from runtime.samplers import SAMPLERS, NoiseSchedule
 
 # release a source module once the last component that needs it is done
 LAST_USE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae"}
@@ -168,6 +169,10 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
 
     text_cfg = json.loads((source.path / "text_encoder/config.json").read_text())
     defaults = config.resolve_defaults(source.recommended_defaults())
+    most = SAMPLERS[str(defaults["sampler"])].max_steps(NoiseSchedule.from_config(source.scheduler_config))
+    if int(defaults["steps"]) > most:  # type: ignore[call-overload]
+        raise ValueError(f"default steps={defaults['steps']} must be between 1 and {most} for default sampler "
+                         f"{defaults['sampler']!r}; give --default-steps")
     size = source.default_size
     identity = hashlib.sha256(f"{source_hash}:{config.hash()}".encode()).hexdigest()[:8]
     return Manifest(

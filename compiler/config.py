@@ -12,7 +12,7 @@ from quantize.config import QuantizeConfig
 
 COMPONENT_NAMES = precision_plan.COMPONENTS
 PRECISIONS = precision_plan.PRECISIONS
-SAMPLER_NAMES = ("dpmpp_2m_karras", "euler", "euler_a")
+SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "lcm", "turbo")
 """The runtime's sampler names (runtime.samplers.SAMPLERS; a test keeps the two equal)."""
 BUILTIN_DEFAULTS = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m_karras"}
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

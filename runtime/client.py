@@ -116,9 +116,14 @@ def generate(target: str, request: pb.GenerateRequest, out: Path, timeout: float
                 for t in started.truncations:
                     print(f"warning: {t.field} is longer than the text encoder's window; dropped "
                           f"{t.dropped_tokens} tokens: {t.dropped_text!r}", file=sys.stderr)
-            elif kind == "progress" and bar:
+            elif kind == "progress":
                 p = response.progress
-                bar.draw(p.stage, p.step, p.total_steps, p.elapsed_s)
+                if p.preview_png:  # beside the first image: out.preview-step003.png
+                    first = output_paths(out, started.num_images or 1)[0]
+                    first.parent.mkdir(parents=True, exist_ok=True)
+                    first.with_name(f"{first.stem}.preview-step{p.step:03d}.png").write_bytes(p.preview_png)
+                if bar:
+                    bar.draw(p.stage, p.step, p.total_steps, p.elapsed_s)
             elif kind == "artifact":
                 a = response.artifact
                 path = output_paths(out, started.num_images or 1)[a.index]

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from runtime.errors import FieldViolation, InvalidArgument
-from runtime.samplers import SAMPLERS
+from runtime.samplers import SAMPLERS, NoiseSchedule
 
 MAX_PROMPT_CHARS = 2000
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -47,11 +47,12 @@ def new_request_id() -> str:
 
 
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
-             previews: bool = True) -> GenerationParams:
+             previews: bool = True, schedule: NoiseSchedule | None = None) -> GenerationParams:
     """Check every field of a kiln.v1.GenerateRequest; raises InvalidArgument listing all violations.
 
     `request_id` is used when the request carries none (the server passes the RPC's id). `previews`: whether
-    the model can make latent previews (its manifest has a latent-to-RGB map).
+    the model can make latent previews (its manifest has a latent-to-RGB map). `schedule`: the model's noise
+    schedule, for the step limits of samplers that have their own (turbo, lcm).
     """
     bad: list[FieldViolation] = []
 
@@ -83,6 +84,8 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
 
     sampler = request.sampler or defaults["sampler"]
     check(sampler in SAMPLERS, "sampler", f"sampler={sampler!r} is not one of: {', '.join(SAMPLERS)}")
+    if sampler in SAMPLERS and schedule is not None and steps > (most := SAMPLERS[sampler].max_steps(schedule)):
+        check(False, "steps", f"steps={steps} must be between 1 and {most} for sampler {sampler!r}")
 
     num_images = request.num_images or 1
     check(1 <= num_images <= limits["max_images"], "num_images",

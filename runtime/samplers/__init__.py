@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from runtime.samplers.base import Sampler
+from runtime.samplers.ddim import DdimSampler
+from runtime.samplers.dpmpp_2m import DpmppTwoMSampler
 from runtime.samplers.dpmpp_2m_karras import DpmppTwoMKarrasSampler
 from runtime.samplers.euler import EulerSampler
 from runtime.samplers.euler_a import EulerAncestralSampler
+from runtime.samplers.lcm import LcmSampler
 from runtime.samplers.schedule import NoiseSchedule
+from runtime.samplers.turbo import TurboSampler
 
-_ALL = (DpmppTwoMKarrasSampler, EulerSampler, EulerAncestralSampler)
+_ALL = (
+    DdimSampler, DpmppTwoMSampler, DpmppTwoMKarrasSampler, EulerSampler, EulerAncestralSampler, LcmSampler,
+    TurboSampler,
+)
 SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in sorted(_ALL, key=lambda cls: cls.name)}
 
 

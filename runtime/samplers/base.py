@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -21,16 +22,27 @@ class Sampler:
     name: ClassVar[str]
     """Registry name."""
     needs_noise: ClassVar[bool] = False
-    """True for ancestral samplers: `step` then needs fresh standard-normal `noise` shaped like the sample."""
+    """True for samplers that inject fresh noise: `step` then needs standard-normal `noise` shaped like the
+    sample on every step."""
+    schedule_defaults: ClassVar[Mapping[str, Any]] = {}
+    """NoiseSchedule values for fields the model's config lacks, where this sampler's diffusers twin has its own
+    defaults (diffusers' `Twin.from_config` fills missing keys from the twin's __init__ defaults)."""
 
+    schedule: NoiseSchedule
+    """The schedule this sampler runs on: the model's, with `schedule_defaults` applied."""
     timesteps: np.ndarray
     """float32 [num_steps]: the timestep fed to the UNet at step i."""
     init_noise_sigma: float
     """Initial latents = standard normal * init_noise_sigma."""
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int):
-        self.schedule = schedule
-        self.num_steps = _check_num_steps(num_steps, schedule.num_train_timesteps)
+        self.schedule = schedule.with_defaults(self.schedule_defaults)
+        self.num_steps = _check_num_steps(num_steps, self.max_steps(self.schedule), self.name)
+
+    @classmethod
+    def max_steps(cls, schedule: NoiseSchedule) -> int:
+        """The most steps this sampler allows on `schedule` (num_steps must be in [1, max_steps])."""
+        return schedule.num_train_timesteps
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         """The sample as the UNet should see it at step i."""
@@ -66,15 +78,15 @@ class Sampler:
         return model_output, sample, noise
 
 
-def _check_num_steps(num_steps: int, num_train_timesteps: int) -> int:
+def _check_num_steps(num_steps: int, max_steps: int, sampler: str) -> int:
     try:
         if isinstance(num_steps, bool):
             raise TypeError
         n = operator.index(num_steps)
     except TypeError:
         raise ValueError(f"num_steps={num_steps!r} is not an integer") from None
-    if not 1 <= n <= num_train_timesteps:
-        raise ValueError(f"num_steps={num_steps!r} is out of range [1, {num_train_timesteps}]")
+    if not 1 <= n <= max_steps:
+        raise ValueError(f"num_steps={num_steps!r} is out of range [1, {max_steps}] for sampler {sampler!r}")
     return n
 
 
@@ -89,11 +101,11 @@ class SigmaSampler(Sampler):
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int):
         super().__init__(schedule, num_steps)
-        self.timesteps = schedule.spaced_timesteps(self.num_steps)
-        self.sigmas = np.append(schedule.interp_sigmas(self.timesteps), 0.0).astype(np.float32)
+        self.timesteps = self.schedule.spaced_timesteps(self.num_steps)
+        self.sigmas = np.append(self.schedule.interp_sigmas(self.timesteps), 0.0).astype(np.float32)
         max_sigma = self.sigmas.max()
         # diffusers' convention: "leading" starts from a fully noised sample in the variance-preserving sense.
-        if schedule.timestep_spacing == "leading":
+        if self.schedule.timestep_spacing == "leading":
             max_sigma = np.sqrt(max_sigma * max_sigma + np.float32(1.0))
         self.init_noise_sigma = float(max_sigma)
 

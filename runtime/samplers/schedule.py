@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,8 @@ class NoiseSchedule:
     """The model's discrete training noise schedule, as read from a diffusers `scheduler_config.json`.
 
     Field defaults are those of the diffusers twin schedulers (Euler/EulerAncestral/DPMSolverMultistep), which
-    is what `Twin.from_config(config)` uses for a key the config lacks.
+    is what `Twin.from_config(config)` uses for a key the config lacks. Twins with other defaults (DDIM, LCM)
+    get theirs through `with_defaults`, which only touches the fields named in `defaulted`.
     """
 
     num_train_timesteps: int = 1000
@@ -54,6 +56,22 @@ class NoiseSchedule:
     "leading" (multiples of N // steps, plus steps_offset) or "trailing" (counting down from N-1)."""
     prediction_type: str = "epsilon"
     """What the UNet predicts: "epsilon" (the noise) or "v_prediction" (v = alpha*eps - sigma*x0)."""
+    set_alpha_to_one: bool = True
+    """DDIM: alphas_cumprod "before" t = 0, used when a step lands below t = 0: 1.0 if True, else
+    alphas_cumprod[0] (SD v1 sets False)."""
+    clip_sample: bool = False
+    """DDIM and LCM: clip the predicted x0 to [-clip_sample_range, clip_sample_range]. Defaults to True
+    for DDIM (its twin's default) when the config lacks the key."""
+    clip_sample_range: float = 1.0
+    """Bound for clip_sample; > 0."""
+    original_inference_steps: int = 50
+    """LCM: step count of the distillation schedule; LCM picks its timesteps from that grid, so it allows at
+    most this many steps. At most num_train_timesteps (checked when an LCM sampler is made)."""
+    timestep_scaling: float = 10.0
+    """LCM: t * timestep_scaling is the time in the consistency-model boundary scalings c_skip and c_out; > 0."""
+    defaulted: frozenset[str] = frozenset()
+    """Fields the source config lacked (set by `from_config`; empty when built directly). `with_defaults`
+    replaces only these, as diffusers does for keys a config lacks (its `_use_default_values`)."""
 
     def __post_init__(self) -> None:
         if self.num_train_timesteps < 2:
@@ -67,6 +85,15 @@ class NoiseSchedule:
         _one_of("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _one_of("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _one_of("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        for field in ("clip_sample_range", "timestep_scaling"):
+            value = getattr(self, field)
+            if not value > 0.0:
+                raise ValueError(f"{field}={value!r} must be > 0")
+        if self.original_inference_steps < 1:
+            raise ValueError(f"original_inference_steps={self.original_inference_steps!r} must be >= 1")
+        unknown = self.defaulted - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"defaulted names unknown fields: {', '.join(sorted(unknown))}")
 
     @classmethod
     def from_config(cls, d: dict[str, Any]) -> NoiseSchedule:
@@ -75,16 +102,36 @@ class NoiseSchedule:
             raise ValueError("trained_betas is not supported; use beta_start/beta_end/beta_schedule")
         if d.get("rescale_betas_zero_snr"):
             raise ValueError("rescale_betas_zero_snr=True is not supported")
+        if d.get("thresholding"):
+            raise ValueError("thresholding=True (dynamic thresholding) is not supported")
         defaults = cls()
+
+        def get(name: str, cast: Any) -> Any:
+            value = d.get(name)
+            return getattr(defaults, name) if value is None else cast(value)
+
         return cls(
-            num_train_timesteps=int(d.get("num_train_timesteps", defaults.num_train_timesteps)),
-            beta_start=float(d.get("beta_start", defaults.beta_start)),
-            beta_end=float(d.get("beta_end", defaults.beta_end)),
-            beta_schedule=d.get("beta_schedule", defaults.beta_schedule),
-            steps_offset=int(d.get("steps_offset", defaults.steps_offset)),
-            timestep_spacing=d.get("timestep_spacing", defaults.timestep_spacing),
-            prediction_type=d.get("prediction_type", defaults.prediction_type),
+            num_train_timesteps=get("num_train_timesteps", int),
+            beta_start=get("beta_start", float),
+            beta_end=get("beta_end", float),
+            beta_schedule=get("beta_schedule", str),
+            steps_offset=get("steps_offset", int),
+            timestep_spacing=get("timestep_spacing", str),
+            prediction_type=get("prediction_type", str),
+            set_alpha_to_one=get("set_alpha_to_one", bool),
+            clip_sample=get("clip_sample", bool),
+            clip_sample_range=get("clip_sample_range", float),
+            original_inference_steps=get("original_inference_steps", int),
+            timestep_scaling=get("timestep_scaling", float),
+            defaulted=frozenset(f.name for f in fields(cls) if f.name != "defaulted" and d.get(f.name) is None),
         )
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> NoiseSchedule:
+        """This schedule with the fields in `defaulted` that `defaults` names set to its values."""
+        chosen = {k: v for k, v in defaults.items() if k in self.defaulted}
+        if not chosen:
+            return self
+        return replace(self, **chosen, defaulted=self.defaulted - chosen.keys())
 
     def alphas_cumprod(self) -> np.ndarray:
         """float32 [N]: prod_{s<=t} (1 - beta_s), accumulated in float64 like torch.cumprod on CPU."""
@@ -102,12 +149,18 @@ class NoiseSchedule:
         ac = self.alphas_cumprod()
         return np.sqrt((np.float32(1.0) - ac) / ac)
 
-    def spaced_timesteps(self, num_steps: int) -> np.ndarray:
-        """float32 [num_steps]: descending inference timesteps for `timestep_spacing`."""
+    def spaced_timesteps(self, num_steps: int, whole: bool = False) -> np.ndarray:
+        """float32 [num_steps]: descending inference timesteps for `timestep_spacing`.
+
+        whole: round "linspace" timesteps to training timesteps, as the DDIM-style twins do (the other spacings
+        are whole already); the sigma-space twins keep them fractional.
+        """
         n_train = self.num_train_timesteps
         t: np.ndarray
         if self.timestep_spacing == "linspace":
             t = np.linspace(0, n_train - 1, num_steps)[::-1]
+            if whole:
+                t = t.round()
         elif self.timestep_spacing == "leading":
             t = (np.arange(num_steps) * (n_train // num_steps)).round()[::-1] + self.steps_offset
         else:  # trailing; float arange can overshoot by one element for some step counts, so truncate

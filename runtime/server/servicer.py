@@ -44,7 +44,8 @@ class KilnServicer(pb_grpc.KilnServicer):
         if model is None:
             raise NotFound("model", request.model, sorted(self.models))
         m = model.manifest
-        params = validate(request, m.defaults, m.limits, REQUEST_ID.get(), previews="latent_rgb" in m.model)
+        params = validate(request, m.defaults, m.limits, REQUEST_ID.get(), previews="latent_rgb" in m.model,
+                          schedule=model.schedule)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0

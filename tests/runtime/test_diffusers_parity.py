@@ -19,6 +19,10 @@ TWINS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "ddim": ("DDIMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
 }
 
 
@@ -52,7 +56,7 @@ def test_images_match_diffusers(diffusers_pipe, tiny_model, sampler, prompt, neg
     import diffusers
     import torch
 
-    steps = 12
+    steps = 4 if sampler == "turbo" else 12  # turbo allows 1-4 steps
     width, height = size
     cls_name, kw = TWINS[sampler]
     diffusers_pipe.scheduler = getattr(diffusers, cls_name).from_config(diffusers_pipe.source_scheduler_config, **kw)

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -48,6 +50,10 @@ CONFIGS = {
     # the shipped shapes model's schedule (train/shapes/model.py): linear betas, v-prediction, SD v1's spacing
     "shapes": {**SD_V1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
                "prediction_type": "v_prediction"},
+    # the keys only DDIM and LCM read, away from their defaults: clipping is active with fake_unet, and so small
+    # a timestep_scaling that LCM's c_skip is far from 0 (at the usual 10 it is < 1e-5 for t >= 19)
+    "ddim_lcm_keys": {**SD_V1, "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 0.5,
+                      "original_inference_steps": 25, "timestep_scaling": 0.01},
 }
 STEPS = (1, 2, 4, 7, 10, 25, 50)
 
@@ -55,11 +61,46 @@ STEPS = (1, 2, 4, 7, 10, 25, 50)
 TWINS = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
     "dpmpp_2m_karras": (
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "ddim": (DDIMScheduler, {}),  # step() defaults to eta=0
+    "lcm": (LCMScheduler, {}),
+    # SD-Turbo/SDXL-Turbo's diffusers setup, whatever the model config's spacing
+    "turbo": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
 }
+# Twins that draw no noise on their last step (our sampler takes it and ignores it).
+NO_NOISE_ON_LAST_STEP = {"lcm"}
+
+
+def max_steps(name: str, config: dict) -> int:
+    """The step limit each sampler documents, restated here so the test can catch a change."""
+    if name == "turbo":
+        return 4
+    if name == "lcm":
+        return config.get("original_inference_steps", 50)
+    return config.get("num_train_timesteps", 1000)
+
+
+def trajectory_cases() -> list:
+    """Every (sampler, config, steps) combination; those past a sampler's step limit are skipped here and
+    checked to raise in test_step_limits."""
+    cases = []
+    for name in TWINS:
+        for config_name, config in CONFIGS.items():
+            for num_steps in STEPS:
+                limit = max_steps(name, config)
+                skip = pytest.mark.skip(reason=f"{name} allows 1-{limit} steps (test_step_limits)")
+                marks = [skip] if num_steps > limit else []
+                cases.append(pytest.param(name, config_name, num_steps, marks=marks,
+                                          id=f"{name}-{config_name}-{num_steps}"))
+    return cases
+
 
 SHAPE = (2, 4, 8, 8)
 RTOL = 1e-5
@@ -87,19 +128,20 @@ def test_registry_matches_twins():
 
 @pytest.mark.parametrize("config_name", CONFIGS)
 @pytest.mark.parametrize("name", TWINS)
-def test_default_spacing_matches_twin(name, config_name):
+def test_schedule_matches_twin_config(name, config_name):
+    """The schedule each sampler runs on has its twin's settings, including the twin's own defaults."""
     twin_cls, twin_kwargs = TWINS[name]
     twin = twin_cls.from_config(CONFIGS[config_name], **twin_kwargs)
-    schedule = NoiseSchedule.from_config(CONFIGS[config_name])
-    assert schedule.timestep_spacing == twin.config.timestep_spacing
-    assert schedule.prediction_type == twin.config.prediction_type
-    assert schedule.steps_offset == twin.config.steps_offset
+    schedule = make_sampler(name, NoiseSchedule.from_config(CONFIGS[config_name]), 1).schedule
+    for field in ("timestep_spacing", "prediction_type", "steps_offset", "beta_schedule", "beta_start", "beta_end",
+                  "set_alpha_to_one", "clip_sample", "clip_sample_range", "original_inference_steps",
+                  "timestep_scaling"):
+        if field in twin.config:
+            assert getattr(schedule, field) == twin.config[field], field
     np.testing.assert_array_equal(schedule.alphas_cumprod(), twin.alphas_cumprod.numpy())
 
 
-@pytest.mark.parametrize("num_steps", STEPS)
-@pytest.mark.parametrize("config_name", CONFIGS)
-@pytest.mark.parametrize("name", TWINS)
+@pytest.mark.parametrize(("name", "config_name", "num_steps"), trajectory_cases())
 def test_trajectory_matches_diffusers(name, config_name, num_steps):
     config = CONFIGS[config_name]
     twin_cls, twin_kwargs = TWINS[name]
@@ -127,7 +169,9 @@ def test_trajectory_matches_diffusers(name, config_name, num_steps):
         out_ref = torch.from_numpy(fake_unet(in_ref.numpy(), float(t)))
         out_ours = fake_unet(in_ours, float(ours.timesteps[i]))
         noise = None
-        if ours.needs_noise:
+        if ours.needs_noise and name in NO_NOISE_ON_LAST_STEP and i == num_steps - 1:
+            noise = np.full(SHAPE, np.nan, np.float32)  # must be ignored
+        elif ours.needs_noise:
             shape, dtype, device = out_ref.shape, out_ref.dtype, out_ref.device
             noise = randn_tensor(shape, dtype=dtype, device=device, generator=gen_ours).numpy()
         x_ref = ref.step(out_ref, t, x_ref, generator=gen_ref).prev_sample
@@ -137,8 +181,10 @@ def test_trajectory_matches_diffusers(name, config_name, num_steps):
     assert torch.equal(gen_ref.get_state(), gen_ours.get_state())
 
 
-def test_ancestral_step_requires_noise():
-    sampler = make_sampler("euler_a", NoiseSchedule.from_config(SD_V1), 4)
+@pytest.mark.parametrize("name", ["euler_a", "lcm", "turbo"])
+def test_noise_injecting_step_requires_noise(name):
+    assert SAMPLERS[name].needs_noise
+    sampler = make_sampler(name, NoiseSchedule.from_config(SD_V1), 4)
     x = np.zeros(SHAPE, np.float32)
     with pytest.raises(ValueError, match="needs noise"):
         sampler.step(x, 0, x)
@@ -157,7 +203,8 @@ def test_step_index_out_of_range(name):
 
 
 def test_unknown_sampler_name():
-    with pytest.raises(ValueError, match="^sampler='foo' is not one of: dpmpp_2m_karras, euler, euler_a$"):
+    names = "ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, lcm, turbo"
+    with pytest.raises(ValueError, match=f"^sampler='foo' is not one of: {names}$"):
         make_sampler("foo", NoiseSchedule.from_config(SD_V1), 10)
 
 
@@ -168,11 +215,46 @@ def test_bad_num_steps(name, bad):
         make_sampler(name, NoiseSchedule.from_config(SD_V1), bad)
 
 
+@pytest.mark.parametrize("config_name", ["sd_v1", "ddim_lcm_keys"])
 @pytest.mark.parametrize("name", TWINS)
-def test_num_steps_bounds_are_allowed(name):
-    schedule = NoiseSchedule.from_config(SD_V1)
+def test_step_limits(name, config_name):
+    config = CONFIGS[config_name]
+    schedule = NoiseSchedule.from_config(config)
+    limit = max_steps(name, config)
+    assert SAMPLERS[name].max_steps(schedule) == limit
     assert make_sampler(name, schedule, 1).num_steps == 1
-    assert make_sampler(name, schedule, np.int64(1000)).timesteps.shape == (1000,)
+    assert make_sampler(name, schedule, np.int64(limit)).timesteps.shape == (limit,)
+    with pytest.raises(ValueError, match=rf"^num_steps={limit + 1} is out of range \[1, {limit}\] for sampler '{name}'$"):
+        make_sampler(name, schedule, limit + 1)
+
+
+@pytest.mark.parametrize("config_name", ["sd_v1", "ddim_lcm_keys"])
+def test_lcm_limit_is_the_twins(config_name):
+    config = CONFIGS[config_name]
+    limit = max_steps("lcm", config)
+    twin = LCMScheduler.from_config(config)
+    twin.set_timesteps(limit)
+    with pytest.raises(ValueError):
+        twin.set_timesteps(limit + 1)
+    assert make_sampler("lcm", NoiseSchedule.from_config(config), limit).num_steps == limit
+
+
+def test_lcm_original_steps_above_train_steps():
+    schedule = NoiseSchedule.from_config({**SD_V1, "original_inference_steps": 1001})
+    with pytest.raises(ValueError, match="^original_inference_steps=1001 must be at most num_train_timesteps=1000$"):
+        make_sampler("lcm", schedule, 4)
+    assert make_sampler("euler", schedule, 4).num_steps == 4  # only LCM reads the key
+
+
+def test_defaults_apply_only_to_missing_keys():
+    schedule = NoiseSchedule.from_config(SD_V1)
+    assert {"timestep_spacing", "prediction_type", "clip_sample_range"} <= schedule.defaulted
+    assert "clip_sample" not in schedule.defaulted and "steps_offset" not in schedule.defaulted
+    ddim = make_sampler("ddim", schedule, 4).schedule
+    assert (ddim.timestep_spacing, ddim.clip_sample) == ("leading", False)  # SD v1 sets clip_sample False
+    assert make_sampler("euler", schedule, 4).schedule is schedule
+    explicit = NoiseSchedule.from_config({**SD_V1, "timestep_spacing": "trailing"})
+    assert make_sampler("ddim", explicit, 4).schedule.timestep_spacing == "trailing"
 
 
 @pytest.mark.parametrize(
@@ -185,6 +267,10 @@ def test_num_steps_bounds_are_allowed(name):
         ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
         ({"num_train_timesteps": 1}, "num_train_timesteps=1"),
         ({"beta_end": 1.5}, "beta_end=1.5"),
+        ({"thresholding": True}, "thresholding=True"),
+        ({"clip_sample_range": 0.0}, r"^clip_sample_range=0.0 must be > 0$"),
+        ({"timestep_scaling": -1.0}, r"^timestep_scaling=-1.0 must be > 0$"),
+        ({"original_inference_steps": 0}, r"^original_inference_steps=0 must be >= 1$"),
     ],
 )
 def test_bad_schedule_config(override, match):

@@ -58,8 +58,10 @@ BAD = [
     ({"guidance_scale": -1.0}, "guidance_scale", "guidance_scale=-1.0 must be between 0 and 30"),
     ({"guidance_scale": 31.0}, "guidance_scale", "guidance_scale=31.0 must be between 0 and 30"),
     ({"guidance_scale": float("nan")}, "guidance_scale", "guidance_scale=nan must be between 0 and 30"),
-    ({"sampler": "ddim2"}, "sampler", "sampler='ddim2' is not one of: dpmpp_2m_karras, euler, euler_a"),
+    ({"sampler": "ddim2"}, "sampler", "sampler='ddim2' is not one of: ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, lcm, turbo"),
     ({"num_images": 5}, "num_images", "num_images=5 must be between 1 and 4"),
+    ({"sampler": "turbo", "steps": 5}, "steps", "steps=5 must be between 1 and 4 for sampler 'turbo'"),
+    ({"steps": 4, "preview_every": 5}, "preview_every", "preview_every=5 must be between 0 (off) and steps=4"),
     ({"request_id": "has spaces"}, "request_id", "request_id must be 1-128 characters"),
 ]
 

@@ -101,7 +101,7 @@ def test_list_models(server) -> None:
     assert dict(m.precision) == {"text_encoder": "fp32", "unet": "fp32", "vae_decoder": "fp32", "vae_encoder": "fp32"}
     assert (m.default_width, m.default_height, m.default_steps, m.default_sampler) == (64, 64, 20, "dpmpp_2m_karras")
     assert (m.limits.min_size, m.limits.max_size, m.limits.max_steps, m.limits.max_images) == (64, 1024, 150, 4)
-    assert list(m.samplers) == ["dpmpp_2m_karras", "euler", "euler_a"]
+    assert list(m.samplers) == ["ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "lcm", "turbo"]
     r = kiln("models", "list", "--target", server.target)
     assert r.returncode == 0 and r.stdout.startswith("tiny\t")
 
@@ -139,3 +139,12 @@ def test_message_size_limits_are_explicit(server) -> None:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         else:
             raise AssertionError("a 17 MiB request was accepted")
+
+
+def test_cli_saves_previews_beside_the_image(server, tmp_path: Path) -> None:
+    out = tmp_path / "img.png"
+    r = kiln("generate", "--target", server.target, "--model", "tiny", "--prompt", "a red circle", "--seed", "1",
+             "--steps", "4", "--preview-every", "2", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "img.preview-step002.png",
+                                                           "img.preview-step004.png"]
