@@ -38,9 +38,29 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="skip the over-gRPC variant (its server holds a second copy of the model: needed for sd-v1 "
                         "in 24 GiB)")
     p.add_argument("--out", default="", help="result file name (default latency-<arch>)")
+    p.add_argument("--variants", default="",
+                   help="cold-start mode: comma-separated, from " + ", ".join(COLD_VARIANTS) + "; each runs in a fresh "
+                        "process (cold start, warm runs, peak RSS); peers in their own virtual environments")
+    p.add_argument("--calibration-prompts", type=int, default=2, help="int8 bundles of the cold-start mode")
+
+
+COLD_VARIANTS = {
+    # name: (bundle suffix, compile flags, engine, OpenVINO precision)
+    "kiln-fp32": ("", (), "onnxruntime", ""),
+    "kiln-int8": ("-int8", ("--precision", "int8"), "onnxruntime", ""),
+    "kiln-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5"), "onnxruntime", ""),
+    "kiln-fp32-tome0.5": ("-tome0.5", ("--tome", "0.5"), "onnxruntime", ""),
+    "kiln-openvino": ("-plain", ("--no-fusions",), "openvino", ""),
+    "kiln-openvino-tome0.5": ("-plain-tome0.5", ("--no-fusions", "--tome", "0.5"), "openvino", ""),
+    "diffusers": None, "optimum": None, "openvino": None,
+}
+"""Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers
+(bench/peers)."""
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.variants:
+        return run_cold(args)
     import diffusers
     import torch
     from diffusers import StableDiffusionPipeline
@@ -118,3 +138,78 @@ def run(args: argparse.Namespace) -> Path:
         + f"\n\nSame latents in both pipelines: max pixel difference {diff.max()}/255, mean {diff.mean():.3f}/255.\n"
     )
     return report.write(args.out or f"latency-{args.arch}", f"Latency: Kiln vs diffusers ({args.arch})", body)
+
+
+def _kiln_bundle(source: Path, arch: str, variant: str, args: argparse.Namespace) -> Path:
+    suffix, flags, _, _ = COLD_VARIANTS[variant]  # type: ignore[misc]
+    flags = list(flags)
+    if "--precision" in flags:  # as bench/precision.py compiles them, so its cached bundles serve here too
+        flags += ["--default-steps", str(args.steps), "--calibration-prompts", str(args.calibration_prompts),
+                  "--calibration-steps", str(args.steps), "--fidelity-prompts", "1", "--allow-low-fidelity"]
+    return workspace.bundle(source, f"bench-{arch}{suffix}", *flags)
+
+
+def run_cold(args: argparse.Namespace) -> Path:
+    """Every variant in a fresh process, one at a time: cold start (process start to first image), warm latency
+    (median of --repeats) and peak RSS; images compared with diffusers' (same latents, same Euler sampler)."""
+    import json
+    import subprocess
+    import sys
+
+    from bench import peers
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in COLD_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {', '.join(COLD_VARIANTS)}")
+    if args.sampler != "euler":
+        raise SystemExit("cold-start mode runs every pipeline with the Euler sampler (--sampler euler)")
+    source = workspace.source_model(args.arch, args.source)
+    size = args.size or 512
+    latents = peers.latents(source, size, 1)
+    bundles = {v: _kiln_bundle(source, args.arch, v, args) for v in variants if COLD_VARIANTS[v]}
+    results: dict[str, dict] = {}
+    for v in variants:
+        print(f"[latency] {v} ...", file=sys.stderr, flush=True)
+        if COLD_VARIANTS[v] is None:
+            results[v] = peers.measure(v, source, size=size, steps=args.steps, guidance=args.guidance, seed=1,
+                                       repeats=args.repeats)
+            continue
+        _, _, engine, ov_precision = COLD_VARIANTS[v]  # type: ignore[misc]
+        out = workspace.WORK / "latency" / f"{v}-{size}px-{args.steps}steps.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bench.kiln_worker", "--bundle", str(bundles[v]), "--engine", engine,
+               "--size", str(size), "--steps", str(args.steps), "--guidance", str(args.guidance),
+               "--latents", str(latents), "--repeats", str(args.repeats), "--out", str(out)]
+        if ov_precision:
+            cmd += ["--openvino-precision", ov_precision]
+        subprocess.run(cmd, check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
+        results[v] = json.loads(out.read_text())
+
+    base = results.get("diffusers")
+    rows = []
+    for v, r in results.items():
+        warm, cold = r["median_warm_s"], r["cold_start_s"]
+        diff = "(reference)" if v == "diffusers" else (
+            "max {}/255, mean {:.2f}/255".format(*peers.image_diff(base["image"], r["image"])) if base else "")
+        rows.append([
+            peers.LABELS.get(v, f"Kiln `{v}`"), f"{warm:.2f}", f"{base['median_warm_s'] / warm:.2f}x" if base else "",
+            f"{cold:.1f}", f"{cold / base['cold_start_s']:.2f}x" if base else "",
+            f"{r['peak_rss_bytes'] / 2**30:.2f}", diff,
+        ])
+    phases = "; ".join(f"{v}: " + ", ".join(f"{k.removesuffix('_s')} {x:.1f}" for k, x in r["phases"].items())
+                       for v, r in results.items())
+    body = (
+        f"Model: `{args.arch}` architecture (random weights), {size}x{size}, {args.steps} steps, Euler, guidance "
+        f"{args.guidance:g} (batch 2 per UNet call), 1 image, the same starting latents everywhere. Each variant runs "
+        f"in a fresh process, one at a time: cold start = process start to the first image (interpreter, imports, "
+        f"loading, one generation; exports made beforehand and cached), then {args.repeats} warm runs (median). "
+        "Peak RSS is the process's VmHWM. Kiln runs in-process (bench/kiln_worker.py, no gRPC); peers run in their "
+        "own virtual environments (bench/peers). Threads: 2 (the machine's cores).\n\n"
+        + report.table(["variant", "warm s (median)", "speed vs diffusers", "cold start s", "cold vs diffusers",
+                        "peak RSS GiB", "image vs diffusers"], rows)
+        + f"\n\nCold-start phases (s): {phases}.\n"
+        + "\nBundles: " + ", ".join(f"`{v}` = {bundles[v].parent.name}/{bundles[v].name}" for v in bundles) + "\n"
+    )
+    return report.write(args.out or f"latency-cold-{args.arch}", f"Latency and cold start: Kiln vs peers ({args.arch})",
+                        body)

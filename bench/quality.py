@@ -29,6 +29,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="chooses the prompt set")
     p.add_argument("--precision", default="fp32",
                    help="comma-separated precisions, one bundle each (e.g. fp32,int8,nf4,int4)")
+    p.add_argument("--tome", default="", help="comma-separated token-merging ratios: fp32 bundles compiled with --tome")
     p.add_argument("--out", default="quality", help="result file name under bench/results/")
 
 
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> Path:
     for precision in args.precision.split(","):
         name = "shapes" if precision == "fp32" else f"shapes-{precision}"
         names[name] = workspace.bundle(source, name, "--precision", precision)
+    for ratio in filter(None, args.tome.split(",")):
+        names[f"shapes-tome{ratio}"] = workspace.bundle(source, f"shapes-tome{ratio}", "--tome", ratio)
     prompts = prompt_set(args.count, args.seed)
     table_rows = []
     results: dict[str, dict[str, float]] = {}
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> Path:
                                if r.WhichOneof("event") == "artifact"]
                         return scene, checker.read(np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB")))
 
-                    label = f"shapes {_precision_label(info.precision)}, {sampler}, {steps} steps"
+                    tome = f", ToMe {name.removeprefix('shapes-tome')}" if name.startswith("shapes-tome") else ""
+                    label = f"shapes {_precision_label(info.precision)}{tome}, {sampler}, {steps} steps"
                     try:
                         first = one(prompts[0])
                     except grpc.RpcError as e:  # e.g. turbo above its 4 steps: a row saying why

@@ -46,7 +46,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         min_psnr=args.min_psnr, max_rel_error=args.max_rel_error, allow_low_fidelity=args.allow_low_fidelity,
     )
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
-                           reuse_exports=not args.no_reuse,
+                           reuse_exports=not args.no_reuse, tome=args.tome, attention_slicing=args.attention_slicing,
                            default_steps=args.default_steps, default_guidance_scale=args.default_guidance,
                            default_sampler=args.default_sampler, quantize=quantize)
     if args.parity_threshold:
@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
-                         engine=engine)
+                         engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision)
     return asyncio.run(serve(config))
 
 
@@ -297,6 +297,10 @@ def parser() -> argparse.ArgumentParser:
                    help="publish even if the gate fails (the manifest and ListModels say so)")
     c.add_argument("--opset", type=int, default=17)
     c.add_argument("--no-fusions", action="store_true", help="skip ONNX Runtime's transformer fusions")
+    c.add_argument("--tome", type=float, default=0.0, metavar="RATIO",
+                   help="token merging in the UNet's highest-resolution self-attention, 0 (off) to <1; e.g. 0.5")
+    c.add_argument("--attention-slicing", default="off", metavar="auto|N",
+                   help="self-attention without the whole score matrix in memory: off, auto, or 2-64 slices")
     c.add_argument("--no-reuse", action="store_true",
                    help="export every component again even if a bundle in the store has the same fp32 graphs")
     c.add_argument("--parity-threshold", default="", metavar="COMPONENT=MAXDIFF[,...]",
@@ -325,6 +329,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="who runs the graphs (openvino: bundles compiled --no-fusions; pip extra kiln[openvino])")
+    s.add_argument("--openvino-precision", default="default", choices=["default", "bf16", "f32"],
+                   help="OpenVINO engine: inference precision (default: OpenVINO's, bf16 on AMX CPUs)")
     b = s.add_argument_group("step-level batching (README: Performance)")
     b.add_argument("--no-batching", action="store_true",
                    help="one UNet call per request per step instead of one per model and image size")

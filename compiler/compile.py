@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -14,7 +15,7 @@ import onnx
 from compiler import reuse
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, export_component
-from compiler.passes import fusions, unpack_attention
+from compiler.passes import attention_slicing, fusions, tome, unpack_attention
 from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
 from compiler.source import load_source
@@ -61,23 +62,26 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         for name, spec in COMPONENTS.items():
             out = staging / f"{name}.onnx"
             given = donor.manifest.components.get(name) if donor else None
-            if donor and reuse.donates(given, config.fusions):
+            unet_passes = name == "unet" and config.unet_passes
+            if donor and reuse.donates(given, config.fusions) and not unet_passes:
                 assert given is not None
                 with steps.stage(f"export {name}: reuse {donor.manifest.name}/{donor.manifest.version}"):
                     reuse.copy_component(donor, given, out)
                 passes = list(given.passes)
             else:
                 given = None
-                with steps.stage(f"export {name}"):
+                with steps.stage(f"export {name}"), _merging(name, source, config):
                     export_component(spec, source, out, config.opset)
                 passes = []
             quantized = resolved(config.plan[name]) in ("int8", "nf4", "int4")
             with steps.stage(f"optimize {name}"):
-                if config.fusions and (given is None or quantized):
+                if (config.fusions and (given is None or quantized)) or unet_passes:
                     fused = onnx.load(str(out))
-                    if given is None:
+                    if config.fusions and given is None:
                         fused = fusions.apply(fused, name)
                         passes.append("fusions")
+                    if unet_passes:
+                        fused = _unet_passes(fused, config, passes)
                     unpacked = 0
                     if quantized:
                         # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
@@ -92,7 +96,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                         given.parity.get("max_abs_diff", float("inf")) <= config.parity_threshold[name]:
                     parity = {**given.parity, "threshold": config.parity_threshold[name]}  # the same graph
                 else:
-                    parity = check_parity(spec, source, out, config.parity_threshold[name])
+                    with _merging(name, source, config):  # token merging is part of the reference too
+                        parity = check_parity(spec, source, out, config.parity_threshold[name])
             data = out.with_name(out.name + ".data")
             components[name] = ComponentEntry(
                 file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision="fp32",
@@ -119,6 +124,25 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return CompileResult(ref.path, ref.manifest)
+
+
+def _merging(name: str, source, config: CompileConfig):  # type: ignore[no-untyped-def]
+    """Token merging patched into the PyTorch UNet (for export and for the parity reference), else nothing."""
+    if name == "unet" and config.tome:
+        return tome.patched(source.module("unet"), config.tome)
+    return contextlib.nullcontext()
+
+
+def _unet_passes(model: onnx.ModelProto, config: CompileConfig, passes: list[str]) -> onnx.ModelProto:
+    """The UNet's graph passes after the fusions: token merging's own attention fusion, then slicing."""
+    if config.tome:
+        if config.fusions:  # the merged self-attention, which ONNX Runtime's fusion does not match
+            model, _ = tome.fuse_attention(model)
+        passes.append("tome")
+    if config.attention_slicing != "off":
+        model, _ = attention_slicing.apply(model, config.attention_slicing)
+        passes.append(f"attention_slicing={config.attention_slicing}")
+    return model
 
 
 def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: Progress) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
+from compiler.passes import attention_slicing, tome
 from quantize import precision as precision_plan
 from quantize.config import QuantizeConfig
 
@@ -30,6 +31,13 @@ class CompileConfig:
     """ONNX opset of the exported graphs (17 to 21)."""
     fusions: bool = True
     """Apply ONNX Runtime's transformer fusions valid on the CPU execution provider."""
+    tome: float = 0.0
+    """Token merging ratio (ToMe for SD) baked into the UNet's highest-resolution self-attention: the share of
+    tokens merged into their most similar neighbour before self-attention and copied back after, at least 0
+    (off) and below 1 (compiler/passes/tome.py). Trades prompt adherence for UNet speed at large sizes."""
+    attention_slicing: str = "off"
+    """`off`, `auto`, or a slice count N (2 to 64): compute the UNet's self-attention without holding the whole
+    queries x keys score matrix, to lower peak memory at large sizes (compiler/passes/attention_slicing.py)."""
     parity_threshold: dict[str, float] = field(
         default_factory=lambda: {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vae_encoder": 1e-3}
     )
@@ -63,6 +71,9 @@ class CompileConfig:
                 "starting with a letter or digit"
             )
         self.plan = precision_plan.parse(self.precision)
+        tome.check_args(self.tome)
+        if self.attention_slicing != "off":
+            self.attention_slicing = str(attention_slicing.parse(self.attention_slicing))
         if not 17 <= self.opset <= 21:
             raise ValueError(f"opset={self.opset} must be between 17 and 21")
         if self.max_size % 8 or self.max_size < 64:
@@ -93,12 +104,21 @@ class CompileConfig:
     def graph_fields(self) -> dict[str, object]:
         """The fields that change the exported graphs (defaults and limits do not)."""
         out: dict[str, object] = {"precision": self.plan, "opset": self.opset, "fusions": self.fusions}
+        if self.tome:  # only when on: bundles compiled before these switches keep their hash
+            out["tome"] = self.tome
+        if self.attention_slicing != "off":
+            out["attention_slicing"] = self.attention_slicing
         if self.quantized:
             out["quantize"] = self.quantize.graph_fields()
         return out
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.graph_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def unet_passes(self) -> bool:
+        """Token merging or attention slicing changes the UNet's graph (it is exported afresh, not reused)."""
+        return bool(self.tome) or self.attention_slicing != "off"
 
     @property
     def quantized(self) -> bool:

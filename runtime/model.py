@@ -9,11 +9,14 @@ from pathlib import Path
 from model_store import BundleRef, Manifest, ManifestError, Store
 from runtime.samplers.schedule import NoiseSchedule
 from runtime.sessions import ModelSession, OrtSession
+from runtime.sessions_openvino import OpenVinoConfig, OpenVinoSession, UnreadableGraph, require_openvino
 from runtime.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
+ENGINES = ("onnxruntime", "openvino")
+"""Inference engines that run a bundle's ONNX graphs: ONNX Runtime (any provider), or OpenVINO on the CPU."""
 
 
 @dataclass
@@ -33,14 +36,22 @@ class LoadedModel:
         return self.manifest.version
 
 
-def load_bundle(ref: BundleRef, providers: list[str] | None = None, threads: int = 0) -> LoadedModel:
+def load_bundle(ref: BundleRef, providers: list[str] | None = None, threads: int = 0, engine: str = "onnxruntime",
+                openvino: OpenVinoConfig | None = None) -> LoadedModel:
     """Open every component of a bundle; raises ManifestError if files are missing or resized."""
     ref.check_files()
-    return open_bundle_dir(ref.path, ref.manifest, providers, threads)
+    return open_bundle_dir(ref.path, ref.manifest, providers, threads, engine, openvino)
 
 
-def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None, threads: int = 0) -> LoadedModel:
-    """Sessions over a bundle folder's files as `m` describes them (the compiler uses it before publishing)."""
+def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None, threads: int = 0,
+                    engine: str = "onnxruntime", openvino: OpenVinoConfig | None = None) -> LoadedModel:
+    """Sessions over a bundle folder's files as `m` describes them (the compiler uses it before publishing).
+
+    `engine` picks who runs the graphs; with "openvino", `openvino` configures it (default: OpenVINO's precision,
+    `threads` threads) and `providers` is unused. Raises UnreadableGraph naming the component and ops OpenVINO
+    cannot convert, OpenVinoMissing when openvino is not installed."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} must be one of {', '.join(ENGINES)}")
     missing = [c for c in REQUIRED if c not in m.components]
     if missing:
         raise ManifestError(f"bundle {path} lacks components {missing}")
@@ -51,22 +62,32 @@ def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None,
             f"bundle {m.name} {m.version}: {', '.join(gpu_only)} ({m.components[gpu_only[0]].precision}) cannot run on "
             "ONNX Runtime's CPU provider; serve it with onnxruntime-gpu, or compile --precision fp32/int8 for CPU"
         )
-    sessions: dict[str, ModelSession] = {
-        name: OrtSession(name, path / c.file, providers, threads) for name, c in m.components.items()
-    }
+    if engine == "openvino":
+        config = openvino or OpenVinoConfig(threads=threads)
+        sessions: dict[str, ModelSession] = {
+            name: OpenVinoSession(name, path / c.file, config) for name, c in m.components.items()
+        }
+    else:
+        sessions = {name: OrtSession(name, path / c.file, providers, threads) for name, c in m.components.items()}
     tok = m.tokenizer
     tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
     return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
 
 
-def load_store(root: str | Path, providers: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:
-    """The latest version of every bundle in the store; a broken bundle is logged and skipped."""
+def load_store(root: str | Path, providers: list[str] | None = None, threads: int = 0, engine: str = "onnxruntime",
+               openvino: OpenVinoConfig | None = None) -> dict[str, LoadedModel]:
+    """The latest version of every bundle in the store; a broken bundle (or one `engine` cannot read) is logged and
+    skipped. A missing engine is not per bundle: OpenVinoMissing is raised at once."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} must be one of {', '.join(ENGINES)}")
+    if engine == "openvino":
+        require_openvino()
     store = Store(root)
     models: dict[str, LoadedModel] = {}
     for name in store.names():
         try:
-            models[name] = load_bundle(store.latest(name), providers, threads)
-        except ManifestError as e:
+            models[name] = load_bundle(store.latest(name), providers, threads, engine, openvino)
+        except (ManifestError, UnreadableGraph) as e:
             log.error("skipping bundle %s: %s", name, e)
             continue
         except Exception:  # a bundle the runtime cannot open must not stop the others from serving

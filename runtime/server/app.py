@@ -50,6 +50,11 @@ class ServeConfig:
     """API keys, tiers, credits and rate limits (`--auth-db`); None serves everyone, on loopback only."""
     insecure_open: bool = False
     """Allow binding a non-loopback address without accounts."""
+    inference_engine: str = "onnxruntime"
+    """Who runs the bundles' graphs: `onnxruntime` (any execution provider) or `openvino` (CPU; bf16 on AMX by
+    default; bundles compiled `--no-fusions`, since OpenVINO reads no ONNX Runtime contrib ops)."""
+    openvino_precision: str = "default"
+    """With the OpenVINO engine: `default` (OpenVINO's choice: bf16 on AMX CPUs), `bf16` or `f32`."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Step-level batching and the queue limit (`--max-batch`, `--max-wait-ms`, `--max-queue`, `--no-batching`)."""
 
@@ -76,7 +81,12 @@ class KilnServer:
 
     def __init__(self, config: ServeConfig, models: dict[str, LoadedModel] | None = None):
         self.config = config
-        self.models = models if models is not None else load_store(config.store, threads=config.threads)
+        if models is None:
+            from runtime.sessions_openvino import OpenVinoConfig
+
+            ov = OpenVinoConfig(precision=config.openvino_precision, threads=config.threads)
+            models = load_store(config.store, threads=config.threads, engine=config.inference_engine, openvino=ov)
+        self.models = models
         self.engine = Engine(config.engine)
         self.health = health.aio.HealthServicer()
         self.accounts = Accounts(config.accounts) if config.accounts else None

@@ -141,3 +141,33 @@ def test_request_defaults_come_from_config_then_kiln_json_then_builtin(tiny_sour
     (src / "kiln.json").write_text(json.dumps({"defaults": {"sampler": "plms"}}))
     with pytest.raises(ValueError, match="default_sampler='plms' is not one of"):
         compile_model(src, tmp_path / "s", CompileConfig(name="e"), progress=False)
+
+
+def test_tome_and_slicing_switches_change_the_unet_and_the_bundle_identity(tiny_source: Path, tmp_path: Path) -> None:
+    """`--tome` and `--attention-slicing` on a real compile: a fresh UNet export (never a donor's plain one),
+    the passes recorded, parity verified against the token-merged PyTorch UNet, a new config hash, and a
+    bundle whose UNet still serves any size."""
+    from runtime.model import load_bundle
+
+    store = tmp_path / "store"
+    plain = compile_model(tiny_source, store, CompileConfig(name="plain"), progress=False).manifest
+    merged = compile_model(tiny_source, store, CompileConfig(name="merged", tome=0.5, attention_slicing="auto"),
+                           progress=False)
+    m = merged.manifest
+    unet = m.components["unet"]
+    assert unet.passes == ["fusions", "tome", "attention_slicing=auto"]
+    assert unet.parity["max_abs_diff"] <= 1e-3
+    assert unet.op_counts.get("ScatterElements", 0) > 0 and "Attention" not in unet.op_counts
+    assert m.config_hash != plain.config_hash
+    assert m.components["text_encoder"].passes == plain.components["text_encoder"].passes  # reused as before
+    assert "reused_exports_from" in m.source
+    model = load_bundle(Store(store).latest("merged"))
+    for hw in ((8, 8), (12, 20)):
+        x = np.random.default_rng(0).standard_normal((2, 4, *hw), dtype=np.float32)
+        out = model.sessions["unet"].run({"sample": x, "timestep": np.array([999.0, 1.0], np.float32),
+                                          "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)})
+        assert out["out_sample"].shape == x.shape and np.isfinite(out["out_sample"]).all()
+    with pytest.raises(ValueError, match="tome ratio=1.0 must be"):
+        CompileConfig(name="x", tome=1.0)
+    with pytest.raises(ValueError, match="attention_slicing='many' must be 'auto' or an integer from 2 to 64"):
+        CompileConfig(name="x", attention_slicing="many")
