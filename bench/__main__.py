@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import latency, precision, quality, quota, throughput
+from bench import latency, memory, precision, quality, quota, throughput, tome
 
-SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput}
+SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
+             "tome": tome, "memory": memory}
 
 
 def main(argv: list[str] | None = None) -> int:
