@@ -15,8 +15,9 @@ from compiler.source.init import PRETRAINED
 def test_quality_scenario_small_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bench.workspace.WORK", tmp_path / "work")
     out = tmp_path / "quality.md"
-    args = argparse.Namespace(source=None, steps="4", sampler="", guidance=None, count=24, seed=1, out=str(out),
-                              precision="fp32")
+    parser = argparse.ArgumentParser()
+    quality.add_args(parser)  # the scenario's own defaults for every option not given here
+    args = parser.parse_args(["--steps", "4", "--count", "24", "--seed", "1", "--out", str(out)])
     path = quality.run(args)
     text = path.read_text()
     assert path == out and "| shapes fp32, euler, 4 steps |" in text  # the shipped kiln.json's sampler
