@@ -50,8 +50,8 @@ COLD_VARIANTS = {
     "kiln-int8": ("-int8", ("--precision", "int8"), "onnxruntime", ""),
     "kiln-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5"), "onnxruntime", ""),
     "kiln-fp32-tome0.5": ("-tome0.5", ("--tome", "0.5"), "onnxruntime", ""),
-    "kiln-openvino": ("-plain", ("--no-fusions",), "openvino", ""),
-    "kiln-openvino-tome0.5": ("-plain-tome0.5", ("--no-fusions", "--tome", "0.5"), "openvino", ""),
+    "kiln-openvino": ("", (), "openvino", ""),
+    "kiln-openvino-tome0.5": ("-tome0.5", ("--tome", "0.5"), "openvino", ""),
     "diffusers": None, "optimum": None, "openvino": None,
 }
 """Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers
@@ -169,11 +169,13 @@ def run_cold(args: argparse.Namespace) -> Path:
     latents = peers.latents(source, size, 1)
     bundles = {v: _kiln_bundle(source, args.arch, v, args) for v in variants if COLD_VARIANTS[v]}
     results: dict[str, dict] = {}
+    path = Path()
     for v in variants:
         print(f"[latency] {v} ...", file=sys.stderr, flush=True)
         if COLD_VARIANTS[v] is None:
             results[v] = peers.measure(v, source, size=size, steps=args.steps, guidance=args.guidance, seed=1,
                                        repeats=args.repeats)
+            path = _cold_report(args, size, results, bundles)
             continue
         _, _, engine, ov_precision = COLD_VARIANTS[v]  # type: ignore[misc]
         out = workspace.WORK / "latency" / f"{v}-{size}px-{args.steps}steps.json"
@@ -185,6 +187,12 @@ def run_cold(args: argparse.Namespace) -> Path:
             cmd += ["--openvino-precision", ov_precision]
         subprocess.run(cmd, check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
         results[v] = json.loads(out.read_text())
+        path = _cold_report(args, size, results, bundles)  # after every variant: a cut-short run keeps its rows
+    return path
+
+
+def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], bundles: dict[str, Path]) -> Path:
+    from bench import peers
 
     base = results.get("diffusers")
     rows = []
