@@ -101,11 +101,11 @@ def run(args: argparse.Namespace) -> Path:
             label = [v[0], str(slicing) if v[1] else "no", "on" if v[2] else "off", f"{size}x{size}",
                      _attention_ops(unets[v[:2]])]
             if not r.get("ok"):
-                rows.append([*label, "-", r["why"], "-", "-", "-", diff])
+                rows.append([*label, "-", r["why"], "-", "-", "-", "-", diff])
                 continue
             rows.append([*label, f"{r['rss_after_load_mb']:.0f}", f"{r['peak_mb']:.0f}",
                          f"{r['peak_mb'] - r['rss_after_load_mb']:.0f}", f"{r['first_s']:.2f}",
-                         f"{report.median(r['step_s']):.2f}", diff])
+                         f"{report.median(r['step_s']):.2f}", f"{report.median(r['step_cpu_s']):.1f}", diff])
     lat = {s: (s // shapes["scale"]) ** 2 for s in sizes}
     scores = ", ".join(f"{s}x{s}: {2 * heads * lat[s] ** 2 * 4 / 2**30:.2f} GiB" for s in sizes)
     body = (
@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> Path:
         f"Each row is a fresh process: it loads the graph, resets its peak RSS (`/proc/self/clear_refs`), then "
         f"calls the UNet {args.repeats + 1} times with the same inputs. `peak RSS`: VmHWM over the calls (weights "
         "included); `call extra`: peak minus RSS after loading. `first call`: the first call (arena growth and the "
-        f"memory-pattern trace included); `step`: median of the {args.repeats} call(s) after it. `max abs diff`: the "
+        f"memory-pattern trace included); `step`: median wall time of the {args.repeats} call(s) after it, "
+        "`step CPU s` their median CPU time over all threads (less swayed than wall time by other work on the "
+        "machine; ONNX Runtime's threads spin while they wait, which counts too). `max abs diff`: the "
         "output against the unsliced graph's (memory pattern on), or the fused graph's where the unsliced one did "
         "not run (the two graphs differ by the fusions' rounding).\n\n"
         "What slicing does to each graph: in `fused`, self-attention is `Attention` (packed Q/K/V, no tiled CPU "
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> Path:
         f"The full score matrix of one highest-resolution self-attention (2 images x {heads} heads x S x S fp32, "
         f"S = latent pixels): {scores}.\n\n"
         + report.table(["graph", "slicing", "mem pattern", "size", "attention ops", "RSS after load MiB",
-                        "peak RSS MiB", "call extra MiB", "first call s", "step s", "max abs diff"], rows)
+                        "peak RSS MiB", "call extra MiB", "first call s", "step s", "step CPU s", "max abs diff"], rows)
         + f"\n\nMachine load (1-minute average) at the start and end of the measurements: {load_before:.1f}, "
         f"{load_after:.1f} on {os.cpu_count()} cores; other work shares this machine, so times are indicative; "
         "peak RSS is not affected.\n"
@@ -251,15 +253,17 @@ def _worker(unet: Path, size: int, repeats: int, out: Path, shapes: dict[str, in
     feed = {"sample": rng.standard_normal((2, shapes["in_channels"], latent, latent), dtype=np.float32),
             "timestep": np.array([500.0, 500.0], np.float32),
             "encoder_hidden_states": rng.standard_normal((2, 77, shapes["context"]), dtype=np.float32)}
-    times = []
+    times, cpu = [], []
     for _ in range(repeats + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = run(feed)["out_sample"]
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     peak = _status_mb(status, "VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.save(out.with_suffix(".npy"), result)
     out.with_suffix(".json").write_text(json.dumps({
-        "rss_after_load_mb": after_load, "peak_mb": peak, "first_s": times[0], "step_s": times[1:] or times,
+        "rss_after_load_mb": after_load, "peak_mb": peak, "first_s": times[0], "step_s": times[1:],
+        "step_cpu_s": cpu[1:],
     }))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,14 +61,21 @@ def _model_fingerprint(model: Path) -> str:
     return h.hexdigest()
 
 
+def exports_dir() -> Path:
+    """Where peer exports are cached: $KILN_PEER_EXPORTS if set (e.g. a tmpfs when the disk is short), else
+    bench/work/peers/exports. An SD v1 export takes ~4 GB, and the ONNX one ~8 GB while it is being written."""
+    env = os.environ.get("KILN_PEER_EXPORTS")
+    return Path(env) if env else workspace.WORK / "peers" / "exports"
+
+
 def export(pipeline: str, model: Path, log: Callable[[str], None] = _say) -> Path:
     """The peer's one-time export of `model` (ONNX for optimum, OpenVINO IR for openvino), made in a process of its
-    own and cached under bench/work/peers/exports/ per model contents and environment."""
+    own and cached in `exports_dir()` per model contents and environment."""
     if pipeline not in venvs.ENVS:
         raise ValueError(f"pipeline={pipeline!r} needs no export; exports exist for {', '.join(venvs.ENVS)}")
     python = venvs.ensure(pipeline, log)
     key = hashlib.sha256((_model_fingerprint(model) + venvs.ENVS[pipeline].key()).encode()).hexdigest()[:12]
-    out = workspace.WORK / "peers" / "exports" / f"{pipeline}-{model.name}-{key}"
+    out = exports_dir() / f"{pipeline}-{model.name}-{key}"
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

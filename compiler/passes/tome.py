@@ -6,8 +6,9 @@ token a source; the r = int(N * ratio) sources most similar (cosine, on the bloc
 destination are averaged into it before self-attention and copied back from it after.
 
 Unlike tomesd, merge and unmerge are one index map per block (`slot`: token -> merged position), so
-merging is a ScatterElements(add) plus a count division, unmerging a single Gather, and every size is
-computed from the traced input shape: the exported graph serves every height and width.
+merging is one row ScatterND(add) plus a count division and unmerging one row Gather, and every size is
+computed from the traced input shape: the exported graph serves every height and width. ONNX Runtime's
+UNet fusion cannot see the merged self-attention; `fuse_attention` fuses it after `fusions.apply`.
 """
 
 from __future__ import annotations
