@@ -330,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
     s.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                   help="who runs the graphs (openvino: bundles compiled --no-fusions; pip extra kiln[openvino])")
+                   help="who runs the graphs (openvino: CPU, bf16 on AMX; reads fp32/int8/int4 bundles, not nf4 or fp16; pip extra kiln[openvino])")
     s.add_argument("--openvino-precision", default="default", choices=["default", "bf16", "f32"],
                    help="OpenVINO engine: inference precision (default: OpenVINO's, bf16 on AMX CPUs)")
     b = s.add_argument_group("step-level batching (README: Performance)")

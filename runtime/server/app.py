@@ -52,7 +52,7 @@ class ServeConfig:
     """Allow binding a non-loopback address without accounts."""
     inference_engine: str = "onnxruntime"
     """Who runs the bundles' graphs: `onnxruntime` (any execution provider) or `openvino` (CPU; bf16 on AMX by
-    default; bundles compiled `--no-fusions`, since OpenVINO reads no ONNX Runtime contrib ops)."""
+    default; it reads fp32, int8 and int4 bundles, fused or not, but not nf4 (MatMulBnb4) or fp16)."""
     openvino_precision: str = "default"
     """With the OpenVINO engine: `default` (OpenVINO's choice: bf16 on AMX CPUs), `bf16` or `f32`."""
     engine: EngineConfig = field(default_factory=EngineConfig)
