@@ -45,8 +45,22 @@ class Sampler:
         return schedule.num_train_timesteps
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        """The sample as the UNet should see it at step i."""
-        raise NotImplementedError
+        """The sample as the UNet should see it at step i: unchanged, unless a sampler scales it."""
+        self._check_index(i)
+        return np.asarray(sample, dtype=np.float32)
+
+    def predicted_x0(self, model_output: np.ndarray, sample: np.ndarray, alpha: np.float32, sigma: np.float32,
+                     clip: bool = False) -> np.ndarray:
+        """x0 from the UNet output at a variance-preserving noise level (sample = alpha * x0 + sigma * eps), for
+        the model's prediction type; with `clip`, clipped as the schedule's clip_sample says."""
+        if self.schedule.prediction_type == "epsilon":
+            x0 = (sample - sigma * model_output) / alpha
+        else:
+            x0 = alpha * sample - sigma * model_output
+        if clip and self.schedule.clip_sample:
+            bound = np.float32(self.schedule.clip_sample_range)
+            x0 = np.clip(x0, -bound, bound)
+        return x0
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None

@@ -34,10 +34,6 @@ class DdimSampler(Sampler):
         self._alpha = ac[t]
         self._alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final).astype(np.float32)
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        self._check_index(i)
-        return np.asarray(sample, dtype=np.float32)
-
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
@@ -45,13 +41,7 @@ class DdimSampler(Sampler):
         one = np.float32(1.0)
         alpha, alpha_prev = self._alpha[i], self._alpha_prev[i]
         sqrt_a, sqrt_b = np.sqrt(alpha), np.sqrt(one - alpha)
-        if self.schedule.prediction_type == "epsilon":
-            x0 = (sample - sqrt_b * model_output) / sqrt_a
-            eps = model_output
-        else:
-            x0 = sqrt_a * sample - sqrt_b * model_output
-            eps = sqrt_a * model_output + sqrt_b * sample
-        if self.schedule.clip_sample:
-            bound = np.float32(self.schedule.clip_sample_range)
-            x0 = np.clip(x0, -bound, bound)
+        v_pred = self.schedule.prediction_type != "epsilon"
+        eps = sqrt_a * model_output + sqrt_b * sample if v_pred else model_output
+        x0 = self.predicted_x0(model_output, sample, sqrt_a, sqrt_b, clip=True)
         return np.sqrt(alpha_prev) * x0 + np.sqrt(one - alpha_prev) * eps

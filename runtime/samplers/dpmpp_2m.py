@@ -62,19 +62,12 @@ class DpmppTwoMSampler(Sampler):
         timesteps = dpm_timesteps(schedule, num_steps)
         return timesteps, schedule.interp_sigmas(timesteps)
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        self._check_index(i)
-        return np.asarray(sample, dtype=np.float32)
-
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
         model_output, sample, _ = self._check_step_args(model_output, i, sample, noise)
         alpha_s, sigma_s = _alpha_sigma(self.sigmas[i])
-        if self.schedule.prediction_type == "epsilon":
-            denoised = (sample - sigma_s * model_output) / alpha_s
-        else:
-            denoised = alpha_s * sample - sigma_s * model_output
+        denoised = self.predicted_x0(model_output, sample, alpha_s, sigma_s)
         prev, self._prev = self._prev, (i, denoised)
 
         if self.sigmas[i + 1] == 0:  # final step: the first-order update to sigma = 0 is exactly x0

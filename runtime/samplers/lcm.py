@@ -55,10 +55,6 @@ class LcmSampler(Sampler):
         self._c_skip = SIGMA_DATA * SIGMA_DATA / denom
         self._c_out = scaled / np.sqrt(denom)
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        self._check_index(i)
-        return np.asarray(sample, dtype=np.float32)
-
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:
@@ -66,13 +62,7 @@ class LcmSampler(Sampler):
         assert noise is not None  # needs_noise
         one = np.float32(1.0)
         sqrt_a, sqrt_b = np.sqrt(self._alpha[i]), np.sqrt(one - self._alpha[i])
-        if self.schedule.prediction_type == "epsilon":
-            x0 = (sample - sqrt_b * model_output) / sqrt_a
-        else:
-            x0 = sqrt_a * sample - sqrt_b * model_output
-        if self.schedule.clip_sample:
-            bound = np.float32(self.schedule.clip_sample_range)
-            x0 = np.clip(x0, -bound, bound)
+        x0 = self.predicted_x0(model_output, sample, sqrt_a, sqrt_b, clip=True)
         denoised = self._c_out[i] * x0 + self._c_skip[i] * sample
         if i == self.num_steps - 1:
             return denoised
