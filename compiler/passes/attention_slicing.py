@@ -33,6 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compiler.passes import unpack_attention
+from compiler.passes.graph import producers_and_consumers
 
 AUTO = "auto"
 MIN_SLICES, MAX_SLICES = 2, 64
@@ -100,11 +101,7 @@ def apply(model: onnx.ModelProto, slices: str | int) -> tuple[onnx.ModelProto, i
 
 def _self_attention_chains(model: onnx.ModelProto) -> list[_Chain]:
     graph = model.graph
-    producer = {o: node for node in graph.node for o in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    producer, consumers = producers_and_consumers(graph.node)
     outputs = {o.name for o in graph.output}
     scalars = _scalar_constants(model)
     sources = _graph_input_ancestry(model)

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compiler.passes.graph import producers_and_consumers
+
 if TYPE_CHECKING:  # torch is imported where it is used: CompileConfig checks its arguments without it
     import torch
 
@@ -245,11 +247,7 @@ def fuse_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     `fusions.apply`. Returns the model, rewritten in place, and the number of attentions fused.
     """
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, consumers = producers_and_consumers(graph.node)
     inits = {i.name: i for i in graph.initializer}
     replace: dict[int, onnx.NodeProto] = {}  # id(Reshape that ends an attention) -> its Attention node
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
