@@ -52,14 +52,14 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
         return compile_args[compile_args.index(flag) + 1] if flag in compile_args else default
 
     precision = arg("--precision", "fp32")
-    graph = {"tome": float(arg("--tome", "0")), "attention_slicing": arg("--attention-slicing", "off")}
+    tome, slicing = float(arg("--tome", "0")), arg("--attention-slicing", "off")
     try:
         ref = store.latest(name)
         if (ref.manifest.source["path"] == str(source.resolve())
                 and ref.manifest.source["sha256"] == load_source(source).content_hash()
                 and ref.manifest.compile_config.get("precision", "fp32") == precision
-                and all(ref.manifest.compile_config.get(k, v0) == v for (k, v), v0 in zip(graph.items(), (0.0, "off"),
-                                                                                          strict=True))
+                and ref.manifest.compile_config.get("tome", 0.0) == tome
+                and ref.manifest.compile_config.get("attention_slicing", "off") == slicing
                 and ref.manifest.tool_versions == recorded_versions(
                     exporter_identity(ref.manifest.opset, bool(ref.manifest.compile_config["fusions"])),
                     precision != "fp32")):

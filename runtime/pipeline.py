@@ -182,7 +182,8 @@ class Pipeline:
 def unet_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
     """One UNet call over several requests' rows (each with its own timestep and text embeddings); returns each
     request's slice of the output. The call's wall time counts as `denoise` time for every request in it."""
-    inputs = [Pipeline(model).unet_inputs(g) for g in gens]
+    pipe = Pipeline(model)
+    inputs = [pipe.unet_inputs(g) for g in gens]
     feed = inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
     t0 = time.perf_counter()
     out = model.sessions["unet"].run(feed)["out_sample"]
