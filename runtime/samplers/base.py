@@ -49,6 +49,14 @@ class Sampler:
         self._check_index(i)
         return np.asarray(sample, dtype=np.float32)
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """`original` (clean latents) noised to the level of step i, as the sampler's latents are at that step
+        (img2img's start, inpainting's blend). Variance-preserving here: sqrt(a) * x0 + sqrt(1 - a) * noise with
+        a = alphas_cumprod[timesteps[i]]; sigma-space samplers override it."""
+        a = self.schedule.alphas_cumprod()[int(self.timesteps[self._check_index(i)])]
+        return (np.sqrt(a) * np.asarray(original, np.float32)
+                + np.sqrt(np.float32(1.0) - a) * np.asarray(noise, np.float32)).astype(np.float32)
+
     def predicted_x0(self, model_output: np.ndarray, sample: np.ndarray, alpha: np.float32, sigma: np.float32,
                      clip: bool = False) -> np.ndarray:
         """x0 from the UNet output at a variance-preserving noise level (sample = alpha * x0 + sigma * eps), for
@@ -127,6 +135,11 @@ class SigmaSampler(Sampler):
         """Divides by sqrt(sigma^2 + 1), mapping the sigma-space sample back to unit variance."""
         sigma = self.sigmas[self._check_index(i)]
         return np.asarray(sample, dtype=np.float32) / np.sqrt(sigma * sigma + np.float32(1.0))
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """x0 + sigma_i * noise."""
+        sigma = self.sigmas[self._check_index(i)]
+        return (np.asarray(original, np.float32) + sigma * np.asarray(noise, np.float32)).astype(np.float32)
 
     def denoised(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
         """The model's estimate of x0 at noise level sigma (float32 in, float32 out)."""

@@ -62,6 +62,11 @@ class DpmppTwoMSampler(Sampler):
         timesteps = dpm_timesteps(schedule, num_steps)
         return timesteps, schedule.interp_sigmas(timesteps)
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """alpha_i * x0 + sigma_i * noise, the variance-preserving pair of the solver's sigma at step i."""
+        alpha, sigma = _alpha_sigma(self.sigmas[self._check_index(i)])
+        return (alpha * np.asarray(original, np.float32) + sigma * np.asarray(noise, np.float32)).astype(np.float32)
+
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, noise: np.ndarray | None = None
     ) -> np.ndarray:

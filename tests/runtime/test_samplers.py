@@ -281,3 +281,45 @@ def test_bad_schedule_config(override, match):
 def test_import_does_not_pull_torch():
     code = "import sys, runtime.samplers; bad = {'torch', 'diffusers'} & set(sys.modules); assert not bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+@pytest.mark.parametrize("start", [1, 3])
+@pytest.mark.parametrize("config_name", ["sd_v1", "trailing", "shapes"])
+@pytest.mark.parametrize("name", TWINS)
+def test_img2img_start_and_blend_match_diffusers(name, config_name, start):
+    """img2img: `add_noise` at the start step equals the twin's (after set_begin_index, as diffusers' img2img
+    pipeline calls it), the trajectory from there matches, and the inpainting blend's add_noise at every later
+    step matches the twin's mid-loop add_noise."""
+    num_steps = 4
+    config = CONFIGS[config_name]
+    twin_cls, twin_kwargs = TWINS[name]
+    ref = twin_cls.from_config(config, **twin_kwargs)
+    ref.set_timesteps(num_steps)
+    if hasattr(ref, "set_begin_index"):  # DDIM and LCM index by timestep and have none
+        ref.set_begin_index(start)
+    ours = make_sampler(name, NoiseSchedule.from_config(config), num_steps)
+
+    rng = np.random.default_rng(7)
+    x0, noise = rng.standard_normal((2, *SHAPE), dtype=np.float32)
+    x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref.timesteps[start:start + 1])
+    x_ours = ours.add_noise(x0, noise, start)
+    assert_close(x_ours, x_ref.numpy(), "noised start")
+
+    gen_ref, gen_ours = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for i in range(start, num_steps):
+        t = ref.timesteps[i]
+        in_ref = ref.scale_model_input(x_ref, t)
+        in_ours = ours.scale_model_input(x_ours, i)
+        out_ref = torch.from_numpy(fake_unet(in_ref.numpy(), float(t)))
+        out_ours = fake_unet(in_ours, float(ours.timesteps[i]))
+        step_noise = None
+        if ours.needs_noise and not (name in NO_NOISE_ON_LAST_STEP and i == num_steps - 1):
+            step_noise = randn_tensor(out_ref.shape, dtype=out_ref.dtype, generator=gen_ours).numpy()
+        elif ours.needs_noise:
+            step_noise = np.zeros(SHAPE, np.float32)
+        x_ref = ref.step(out_ref, t, x_ref, generator=gen_ref).prev_sample
+        x_ours = ours.step(out_ours, i, x_ours, noise=step_noise)
+        assert_close(x_ours, x_ref.numpy(), f"sample after step {i}")
+        if i + 1 < num_steps:  # the blend's re-noised known region, as the inpainting pipeline computes it
+            blend_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref.timesteps[i + 1:i + 2])
+            assert_close(ours.add_noise(x0, noise, i + 1), blend_ref.numpy(), f"blend add_noise at {i + 1}")
