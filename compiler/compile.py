@@ -218,6 +218,8 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             "vae_scale_factor": source.vae_scale_factor,
             "vae_scaling_factor": _vae_scaling(source),
             "unet_in_channels": int(source.unet_config["in_channels"]),
+            # 9 input channels (latents, mask, masked-image latents): a dedicated inpainting UNet
+            "inpainting": int(source.unet_config["in_channels"]) == 9,
             "text_hidden_size": int(text_cfg["hidden_size"]),
         },
         defaults={"width": size, "height": size, **defaults},

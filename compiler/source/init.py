@@ -14,6 +14,9 @@ PRETRAINED = Path(__file__).parent / "pretrained"
 RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     "tiny": ("tiny", "tiny"),
     "sd-v1": ("sd-v1", "sd-v1"),
+    # inpainting UNets: 9 input channels (latents, mask, masked-image latents), otherwise the same model
+    "tiny-inpainting": ("tiny-inpainting", "tiny"),
+    "sd-v1-inpainting": ("sd-v1-inpainting", "sd-v1"),
 }
 TRAINED_ARCHS = ("shapes",)
 """Models Kiln trained itself and ships (fp16 safetensors in `pretrained/NAME/`, tokenizer added on init)."""
@@ -76,7 +79,12 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
     shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     shutil.copy(rest_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    import diffusers
+
+    index = {**MODEL_INDEX, "_diffusers_version": diffusers.__version__}
+    if arch.endswith("-inpainting"):
+        index["_class_name"] = "StableDiffusionInpaintPipeline"
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -102,9 +102,13 @@ def load_source(path: str | Path) -> SourceModel:
     missing += [f"tokenizer/{f}" for f in TOKENIZER_FILES[:2] if not (root / "tokenizer" / f).exists()]
     if missing:
         raise FileNotFoundError(f"source model {root} lacks {', '.join(missing)}")
+    unet_config = json.loads((root / "unet/config.json").read_text())
+    if int(unet_config.get("in_channels", 4)) not in (4, 9):
+        raise ValueError(f"source model {root}: unet in_channels={unet_config.get('in_channels')} must be 4 "
+                         "(text-to-image) or 9 (inpainting: latents, mask, masked-image latents)")
     return SourceModel(
         path=root,
         scheduler_config=json.loads((root / "scheduler/scheduler_config.json").read_text()),
-        unet_config=json.loads((root / "unet/config.json").read_text()),
+        unet_config=unet_config,
         vae_config=json.loads((root / "vae/config.json").read_text()),
     )
