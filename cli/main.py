@@ -201,6 +201,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request.guidance_scale = args.guidance
     if args.seed is not None:
         request.seed = args.seed
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image (the image to inpaint)")
+    if args.strength is not None and not args.init_image:
+        raise ValueError("--strength applies only with --init-image")
+    if args.init_image:  # sent as the file's bytes: the server decodes and checks them
+        request.init_image = Path(args.init_image).read_bytes()
+    if args.mask:
+        request.mask_image = Path(args.mask).read_bytes()
+        request.mask_blur = args.mask_blur
+    if args.strength is not None:
+        request.strength = args.strength
     metadata = key_metadata(args.api_key)
     if args.idempotency_key:
         metadata += (("x-idempotency-key", args.idempotency_key),)
@@ -216,7 +227,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     s = result.started
     for path, a in zip(result.paths, result.artifacts, strict=False):
         total = sum(t.seconds for t in a.timings)
-        print(f"wrote {path} ({s.width}x{s.height}, {s.steps} steps, {s.sampler}, seed {a.seed}, {total:.2f}s)")
+        steps = f"{s.steps} steps" if s.mode == "text_to_image" else \
+            f"{s.mode}, strength {s.strength:g}: {s.denoising_steps} of {s.steps} steps"
+        print(f"wrote {path} ({s.width}x{s.height}, {steps}, {s.sampler}, seed {a.seed}, {total:.2f}s)")
     return 0
 
 
@@ -389,6 +402,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--preview-every", type=int, default=0, metavar="K",
                    help="save a latent preview every K steps beside the first image (OUT.preview-stepNNN.png)")
+    g.add_argument("--init-image", default="", metavar="PATH",
+                   help="img2img: start from this PNG/JPEG/WebP (its size when --width/--height are 0)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the init image to redraw, (0, 1]; runs int(steps x strength) steps "
+                        "(unset: 0.8 for img2img, 1.0 for inpainting)")
+    g.add_argument("--mask", default="", metavar="PATH",
+                   help="inpainting: white = redraw, black = keep; the init image's size")
+    g.add_argument("--mask-blur", type=int, default=0, metavar="PX",
+                   help="inpainting: blur radius of the mask's edge, 0-64 pixels")
     g.add_argument("--idempotency-key", default="", help="retries with the same key are charged once")
     _api_key(g)
     g.set_defaults(func=cmd_generate)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.pipeline import to_vae_input
+
 PROMPTS_FILE = Path(__file__).parent / "prompts/calibration.txt"
 
 
@@ -81,6 +83,3 @@ def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: boo
     return result
 
 
-def to_vae_input(image: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1], as the VAE encoder takes it."""
-    return (image.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0).astype(np.float32)

@@ -24,10 +24,11 @@ import onnx
 
 from model_store.onnx_files import save_model
 from quantize import embedding_int8, fp16, int4, int8, nf4
-from quantize.calibration import Run, prompts, run_pipeline, to_vae_input
+from quantize.calibration import Run, prompts, run_pipeline
 from quantize.config import QuantizeConfig
 from quantize.fidelity import FidelityError, ImageFidelity, rel_error
 from quantize.precision import resolved
+from runtime.pipeline import to_vae_input
 
 FIDELITY_SEED = 1000
 REL_ERROR_FEEDS = 8
@@ -239,11 +240,9 @@ def _component_fidelity(component: str, session: Any, model: Any, ref: Run, text
 
 def _decode(model: Any, decoder: Any, latents: np.ndarray) -> np.ndarray:
     """The runtime's decode stage (runtime.pipeline) with the given decoder session."""
-    from runtime.pipeline import Generation, Pipeline
+    from runtime.pipeline import Pipeline
 
-    gen = Generation(None, dataclasses.replace(model, sessions={**model.sessions, "vae_decoder": decoder}))  # type: ignore[arg-type]
-    gen.latents = latents.astype(np.float32)
-    return Pipeline(gen.model).decode(gen, 0)
+    return Pipeline(dataclasses.replace(model, sessions={**model.sessions, "vae_decoder": decoder})).vae_decode(latents)
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -268,10 +268,11 @@ class Engine:
 
     # units of work, on the model thread -------------------------------------------------------------------------
     def _encode(self, job: Job) -> tuple[Event, bool]:
+        """Text encoding, then the starting latents (img2img and inpainting: the VAE encoder runs here)."""
         gen = job.gen
         job.pipeline.encode_text(gen)
         job.pipeline.prepare(gen)
-        return Progress("text_encode", 0, gen.params.steps, gen.elapsed), False
+        return Progress("text_encode", 0, gen.total_steps, gen.elapsed), False
 
     def _denoise(self, batch: list[Job]) -> list[Event]:
         """The UNet call (raises: nothing has changed yet, so the batch can be retried), then each job's
@@ -283,7 +284,8 @@ class Engine:
             try:
                 job.pipeline.apply_unet_output(job.gen, out)
                 gen = job.gen
-                events.append(Progress("denoise", gen.step, gen.params.steps, gen.elapsed, job.pipeline.preview(gen)))
+                events.append(Progress("denoise", gen.steps_done, gen.total_steps, gen.elapsed,
+                                       job.pipeline.preview(gen)))
             except Exception as e:
                 events.append(Failed(e))
         return events
@@ -305,7 +307,7 @@ class Engine:
             return
         self._jobs.remove(job)
         job.queue.put_nowait(None)
-        outcome = Outcome(job.request_id, status, job.gen.step, job.gen.params.steps)
+        outcome = Outcome(job.request_id, status, job.gen.steps_done, job.gen.total_steps)
         self.history.append(outcome)
         log.info("request %s %s after %d/%d steps (%.2fs)", outcome.request_id, status,
                  outcome.steps_done, outcome.total_steps, job.gen.elapsed)

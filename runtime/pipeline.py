@@ -1,7 +1,12 @@
-"""Text-to-image in named, timed stages, as numpy over model sessions.
+"""Text-to-image, img2img and inpainting in named, timed stages, as numpy over model sessions.
 
-1. validate (runtime.validate)  2. tokenize  3. text encode  4. prepare timesteps and latents
-5. denoise (one UNet call per step, guidance in the same batch)  6. VAE decode  7. encode PNG
+1. validate (runtime.validate)  2. tokenize  3. text encode  4. prepare timesteps and latents (img2img and
+inpainting: VAE-encode the init image and noise it to the strength's step)  5. denoise (one UNet call per step,
+guidance in the same batch; inpainting blends the known region back in after each step with an ordinary
+UNet, or feeds mask and masked-image latents to a 9-channel one)  6. VAE decode (inpainting: paste over the
+init image through the mask)  7. encode PNG
+
+The arithmetic follows diffusers' StableDiffusion, Img2Img and Inpaint pipelines step for step.
 
 A `Generation` holds one request's state between stages, so the engine can interleave requests
 step by step; `Pipeline.run` chains the stages for callers that want one image directly.
@@ -24,6 +29,9 @@ from runtime.validate import GenerationParams
 
 NoiseFn = Callable[[int, tuple[int, ...]], np.ndarray]
 """(image index, shape) -> standard-normal float32 noise for that image."""
+
+LOGVAR_RANGE = (-30.0, 20.0)
+"""The VAE posterior's log-variance is clipped to this, as diffusers' DiagonalGaussianDistribution does."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,25 @@ class Generation:
     latents: np.ndarray | None = None
     noise_fn: NoiseFn | None = None
     step: int = 0
-    """Denoising steps done."""
+    """Index of the next sampler step (after the last one: sampler.num_steps)."""
+    first_step: int = 0
+    """img2img and inpainting below strength 1 skip the first steps of the schedule: the index they start at."""
+    image_latents: np.ndarray | None = None
+    """Inpainting with an ordinary UNet: the init image's latents [n, C, h, w], blended back in after each step."""
+    init_noise: np.ndarray | None = None
+    """... and the starting noise, which re-noises them to each step's level."""
+    blend_mask: np.ndarray | None = None
+    """... and the mask at latent resolution [1, 1, h, w] (1 = redraw)."""
+    unet_extra: np.ndarray | None = None
+    """9-channel inpainting UNet: mask and masked-image latents [n, 1 + C, h, w], appended to its input."""
+
+    @property
+    def steps_done(self) -> int:
+        return self.step - self.first_step
+
+    @property
+    def total_steps(self) -> int:
+        return self.params.denoising_steps
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -72,6 +98,11 @@ class Pipeline:
     def __init__(self, model: LoadedModel):
         self.model = model
         self.m = model.manifest.model
+
+    @property
+    def inpainting_model(self) -> bool:
+        """A 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting checkpoints."""
+        return int(self.m.get("unet_in_channels", 4)) == 9
 
     # 2. tokenize
     def tokenize(self, gen: Generation) -> list[Truncation]:
@@ -96,27 +127,72 @@ class Pipeline:
             gen.embeddings = np.repeat(hidden, n, axis=0).astype(np.float32)
 
     # 4. prepare timesteps and initial latents
-    def prepare(self, gen: Generation, latents: np.ndarray | None = None, noise_fn: NoiseFn | None = None) -> None:
+    def prepare(self, gen: Generation, latents: np.ndarray | None = None, noise_fn: NoiseFn | None = None,
+                encode_noise_fn: NoiseFn | None = None) -> None:
+        """Sampler, starting latents and (inpainting) the mask inputs. `latents`: the starting noise instead of
+        drawing it; `noise_fn`: the per-image noise stream (starting noise, then ancestral samplers' per-step
+        noise); `encode_noise_fn`: the per-image stream that samples the VAE posterior of encoded images."""
         p = gen.params
         with gen.timed("prepare"):
             gen.sampler = make_sampler(p.sampler, self.model.schedule, p.steps)
             f = self.m["vae_scale_factor"]
             shape = (1, self.m["latent_channels"], p.height // f, p.width // f)
-            if noise_fn is None:
-                rngs = [np.random.Generator(np.random.PCG64(p.image_seed(k))) for k in range(p.num_images)]
+            gen.noise_fn = noise_fn = noise_fn or _seeded_noise(p, stream=0)
+            noise = latents if latents is not None else np.concatenate([noise_fn(k, shape) for k in range(p.num_images)])
+            noise = noise.astype(np.float32)
+            if p.init_image is None and not self.inpainting_model:
+                gen.latents = (noise * np.float32(gen.sampler.init_noise_sigma)).astype(np.float32)
+                return
+        with gen.timed("vae_encode"):
+            self._prepare_from_image(gen, noise, encode_noise_fn or _seeded_noise(p, stream=1))
 
-                def noise_fn(k: int, s: tuple[int, ...]) -> np.ndarray:
-                    return rngs[k].standard_normal(s, dtype=np.float32)
+    def _prepare_from_image(self, gen: Generation, noise: np.ndarray, encode_noise: NoiseFn) -> None:
+        """Starting latents from the init image, as diffusers' Img2Img pipeline (always noised to the start step)
+        or Inpaint pipeline (pure noise at strength 1) does; then the inpainting inputs."""
+        p, sampler = gen.params, gen.sampler
+        assert sampler is not None
+        n = p.num_images
+        gen.first_step = gen.step = p.steps - p.denoising_steps
+        height, width = p.height, p.width
+        image = to_vae_input(p.init_image) if p.init_image is not None else np.zeros((1, 3, height, width), np.float32)
+        inpainting = p.mode == "inpaint" or self.inpainting_model
+        # the init image's own latents: to noise (strength < 1), or to blend back in (any ordinary UNet)
+        x0 = self.vae_encode(image, encode_noise, n) if not self.inpainting_model or p.strength < 1.0 else None
+        if not inpainting or p.strength < 1.0:
+            assert x0 is not None
+            gen.latents = sampler.add_noise(x0, noise, gen.first_step)
+        else:
+            gen.latents = (noise * np.float32(sampler.init_noise_sigma)).astype(np.float32)
+        if not inpainting:
+            return
+        mask = p.mask if p.mask is not None else np.ones((height, width), np.uint8)
+        f = self.m["vae_scale_factor"]
+        if self.inpainting_model:
+            masked = image * (mask < 0.5)[None, None].astype(np.float32)
+            masked_latents = self.vae_encode(masked, encode_noise, n)
+            small = np.broadcast_to(mask[None, None, ::f, ::f].astype(np.float32), (n, 1, *masked_latents.shape[2:]))
+            gen.unet_extra = np.concatenate([small, masked_latents], axis=1)
+        else:
+            assert x0 is not None
+            soft = soft_mask(mask, p.mask_blur)
+            gen.blend_mask = np.ascontiguousarray(soft[None, None, ::f, ::f])
+            gen.image_latents, gen.init_noise = x0, noise
 
-            gen.noise_fn = noise_fn
-            if latents is None:
-                latents = np.concatenate([noise_fn(k, shape) for k in range(p.num_images)])
-            gen.latents = (latents * np.float32(gen.sampler.init_noise_sigma)).astype(np.float32)
+    def vae_encode(self, image: np.ndarray, noise_fn: NoiseFn, n: int) -> np.ndarray:
+        """[n, C, h, w] scaled latents of one [1, 3, H, W] image in [-1, 1]: the encoder's posterior sampled once
+        per image k (mean + std * noise_fn(k)), times the VAE's scaling factor, as diffusers' retrieve_latents."""
+        moments = self.model.sessions["vae_encoder"].run({"sample": image.astype(np.float32)})["latent_moments"]
+        mean, logvar = np.split(moments.astype(np.float32), 2, axis=1)
+        std = np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+        scale = np.float32(self.m["vae_scaling_factor"])
+        return np.concatenate([(mean + std * noise_fn(k, mean.shape)) * scale for k in range(n)]).astype(np.float32)
 
     # 5. denoise: one UNet call for this request's images (and their unconditional twins)
     def unet_inputs(self, gen: Generation) -> dict[str, np.ndarray]:
         assert gen.sampler is not None and gen.latents is not None and gen.embeddings is not None
         x = gen.sampler.scale_model_input(gen.latents, gen.step)
+        if gen.unet_extra is not None:
+            x = np.concatenate([x, gen.unet_extra], axis=1)
         if gen.params.guided:
             x = np.concatenate([x, x])
         t = np.full((x.shape[0],), gen.sampler.timesteps[gen.step], dtype=np.float32)
@@ -133,6 +209,13 @@ class Pipeline:
             noise = np.concatenate([gen.noise_fn(k, shape) for k in range(gen.params.num_images)])
         gen.latents = gen.sampler.step(out, gen.step, gen.latents, noise)
         gen.step += 1
+        if gen.blend_mask is not None:  # keep the known region: the init latents at this step's noise level
+            assert gen.image_latents is not None and gen.init_noise is not None
+            known = gen.image_latents
+            if gen.step < gen.sampler.num_steps:
+                known = gen.sampler.add_noise(known, gen.init_noise, gen.step)
+            m = gen.blend_mask
+            gen.latents = ((np.float32(1.0) - m) * known + m * gen.latents).astype(np.float32)
 
     def denoise_step(self, gen: Generation) -> None:
         out = unet_batch(self.model, [gen])[0]
@@ -143,19 +226,29 @@ class Pipeline:
         """A PNG of the latents through the bundle's linear latent-to-RGB map (no VAE): at latent resolution,
         every `preview_every` steps when the request asked for previews, else b""."""
         k = gen.params.preview_every
-        if not k or gen.step % k or gen.latents is None:
+        if not k or gen.steps_done % k or gen.latents is None:
             return b""
         with gen.timed("preview"):
             return encode_png(latent_preview(gen.latents[0], self.m["latent_rgb"]), "")
 
     # 6. VAE decode, one image at a time (peak memory stays that of one image)
     def decode(self, gen: Generation, index: int) -> np.ndarray:
+        """uint8 [H, W, 3]; inpainting pastes it over the init image through the (blurred) mask, so kept pixels
+        stay the init image's exactly (the VAE round trip would change them)."""
         assert gen.latents is not None
+        p = gen.params
         with gen.timed("decode"):
-            z = gen.latents[index : index + 1] / np.float32(self.m["vae_scaling_factor"])
-            x = self.model.sessions["vae_decoder"].run({"latent_sample": z})["sample"][0]
-            x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
-            return (x * 255).round().astype(np.uint8)
+            image = self.vae_decode(gen.latents[index : index + 1])
+            if p.mask is not None and p.init_image is not None:
+                image = paste(image, p.init_image, soft_mask(p.mask, p.mask_blur))
+            return image
+
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] from one image's scaled latents [1, C, h, w]."""
+        z = latents.astype(np.float32) / np.float32(self.m["vae_scaling_factor"])
+        x = self.model.sessions["vae_decoder"].run({"latent_sample": z})["sample"][0]
+        x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+        return (x * 255).round().astype(np.uint8)
 
     # 7. PNG with the parameters chunk
     def encode_png(self, gen: Generation, index: int, image: np.ndarray) -> bytes:
@@ -164,16 +257,17 @@ class Pipeline:
             text = parameters_text(
                 p.prompt, p.negative_prompt, p.steps, p.sampler, p.guidance_scale, p.image_seed(index),
                 p.width, p.height, self.model.name, self.model.version,
+                p.strength if p.init_image is not None else None,
             )
             return encode_png(image, text)
 
-    def run(self, params: GenerationParams, latents: np.ndarray | None = None,
-            noise_fn: NoiseFn | None = None) -> tuple[list[np.ndarray], Generation]:
+    def run(self, params: GenerationParams, latents: np.ndarray | None = None, noise_fn: NoiseFn | None = None,
+            encode_noise_fn: NoiseFn | None = None) -> tuple[list[np.ndarray], Generation]:
         """All stages in order for one request; returns the decoded uint8 images."""
         gen = Generation(params, self.model)
         self.tokenize(gen)
         self.encode_text(gen)
-        self.prepare(gen, latents, noise_fn)
+        self.prepare(gen, latents, noise_fn, encode_noise_fn)
         while not gen.denoised:
             self.denoise_step(gen)
         return [self.decode(gen, k) for k in range(params.num_images)], gen
@@ -200,3 +294,37 @@ def latent_preview(latent: np.ndarray, latent_rgb: dict) -> np.ndarray:
     b = np.asarray(latent_rgb["bias"], np.float32)
     rgb = np.tensordot(latent.astype(np.float32), w, axes=([0], [0])) + b
     return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _seeded_noise(p: GenerationParams, stream: int) -> NoiseFn:
+    """Image k's standard-normal draws from its own seed (seed + k), so an image is the same made alone or in a
+    batch. Stream 0 is the starting and per-step noise, stream 1 the VAE posterior samples of encoded images."""
+    rngs = [np.random.Generator(np.random.PCG64(p.image_seed(k) if stream == 0 else [p.image_seed(k), stream]))
+            for k in range(p.num_images)]
+
+    def draw(k: int, shape: tuple[int, ...]) -> np.ndarray:
+        return rngs[k].standard_normal(shape, dtype=np.float32)
+
+    return draw
+
+
+def to_vae_input(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1], as diffusers' VaeImageProcessor normalises."""
+    return (image.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(255.0) * 2 - 1).astype(np.float32)
+
+
+def soft_mask(mask: np.ndarray, blur: int) -> np.ndarray:
+    """float32 [H, W] in [0, 1] from a 0/1 mask: itself, or Gaussian-blurred with radius `blur` pixels."""
+    if not blur:
+        return mask.astype(np.float32)
+    from PIL import Image, ImageFilter
+
+    blurred = Image.fromarray(mask * np.uint8(255)).filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(blurred, np.float32) / np.float32(255.0)
+
+
+def paste(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8: generated where mask is 1, original where it is 0, mixed in between."""
+    m = mask[..., None]
+    out = original.astype(np.float32) * (np.float32(1.0) - m) + generated.astype(np.float32) * m
+    return np.clip(out.round(), 0, 255).astype(np.uint8)

@@ -14,15 +14,18 @@ SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"
 
 def parameters_text(
     prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float, seed: int,
-    width: int, height: int, model: str, model_version: str,
+    width: int, height: int, model: str, model_version: str, strength: float | None = None,
 ) -> str:
-    """`prompt\\nNegative prompt: ...\\nSteps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, ...`."""
+    """`prompt\\nNegative prompt: ...\\nSteps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, ...`, with
+    `Denoising strength: S` after the size for img2img and inpainting."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(
         f"Steps: {steps}, Sampler: {SAMPLER_LABELS.get(sampler, sampler)}, CFG scale: {guidance_scale:g}, "
-        f"Seed: {seed}, Size: {width}x{height}, Model: {model}, Model version: {model_version}, Generator: kiln"
+        f"Seed: {seed}, Size: {width}x{height}, "
+        + (f"Denoising strength: {strength:g}, " if strength is not None else "")
+        + f"Model: {model}, Model version: {model_version}, Generator: kiln"
     )
     return "\n".join(lines)
 

@@ -1,4 +1,11 @@
-"""Stage 1, validate: a GenerateRequest checked against the model's limits -> resolved GenerationParams."""
+"""Stage 1, validate: a GenerateRequest checked against the model's limits -> resolved GenerationParams.
+
+Image inputs (img2img, inpainting) are decoded here too (runtime.images), so a bad image fails before any
+model work, with INVALID_ARGUMENT naming the field. Size rule: without width/height the output takes the init
+image's size, each side rounded down to a multiple of 8; with them, the init image (and mask) are resized
+(Lanczos) to width x height, which must have the init image's aspect ratio within 1%. The mask must be the
+init image's size; after resizing it is binarised at 0.5 (gray >= 128 = redraw).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,21 @@ import math
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from runtime.errors import FieldViolation, InvalidArgument
+from runtime.images import ImageLimits, decode_image, decode_mask, resize
 from runtime.samplers import SAMPLERS, NoiseSchedule
 
 MAX_PROMPT_CHARS = 2000
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+"""strength when the request leaves it unset (diffusers' pipeline defaults)."""
+MAX_MASK_BLUR = 64
+"""Largest mask_blur radius, pixels."""
+ASPECT_TOLERANCE = 0.01
+"""How far width/height's aspect ratio may be from the init image's before it is refused instead of resized."""
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -32,6 +48,24 @@ class GenerationParams:
     num_images: int
     preview_every: int = 0
     """Send a latent preview with every k-th denoising step's progress; 0: none."""
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """img2img/inpainting: uint8 [height, width, 3] RGB, already at the output size; None for text-to-image."""
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """Inpainting: uint8 [height, width] of 0 (keep) and 1 (redraw); None otherwise."""
+    strength: float = 1.0
+    """How much of init_image is redrawn, (0, 1]; 1.0 for text-to-image."""
+    mask_blur: int = 0
+    """Inpainting: blur radius (pixels) of the mask used to blend and paste the result over init_image."""
+
+    @property
+    def mode(self) -> str:
+        """text_to_image | img2img | inpaint."""
+        return "inpaint" if self.mask is not None else "img2img" if self.init_image is not None else "text_to_image"
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps actually run: all of them for text-to-image, int(steps * strength) from an init image."""
+        return denoising_steps(self.steps, self.strength) if self.init_image is not None else self.steps
 
     def image_seed(self, index: int) -> int:
         return (self.seed + index) % 2**32
@@ -46,13 +80,34 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def request_mode(request) -> str:  # type: ignore[no-untyped-def]
+    """The mode a GenerateRequest asks for, from which image fields it fills."""
+    return "inpaint" if request.mask_image else "img2img" if request.init_image else "text_to_image"
+
+
+def request_strength(request) -> float:  # type: ignore[no-untyped-def]
+    """The strength a request runs at: its own (float32 on the wire, so rounded to 6 decimals: 0.7 stays 0.7),
+    else the mode's default."""
+    if request.HasField("strength"):
+        return round(float(request.strength), 6)
+    return DEFAULT_STRENGTH.get(request_mode(request), 1.0)
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """diffusers' img2img arithmetic, int(steps * strength) capped at steps, without float round-off
+    (0.29 * 100 = 28.999999999999996 counts 29)."""
+    return min(math.floor(steps * strength + 1e-6), steps)
+
+
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
-             previews: bool = True, schedule: NoiseSchedule | None = None) -> GenerationParams:
+             previews: bool = True, schedule: NoiseSchedule | None = None, encoder: bool = True,
+             image_limits: ImageLimits | None = None) -> GenerationParams:
     """Check every field of a kiln.v1.GenerateRequest; raises InvalidArgument listing all violations.
 
     `request_id` is used when the request carries none (the server passes the RPC's id). `previews`: whether
     the model can make latent previews (its manifest has a latent-to-RGB map). `schedule`: the model's noise
-    schedule, for the step limits of samplers that have their own (turbo, lcm).
+    schedule, for the step limits of samplers that have their own (turbo, lcm). `encoder`: whether the model
+    has a VAE encoder (needed for init_image). `image_limits`: encoded-size and pixel limits of image fields.
     """
     bad: list[FieldViolation] = []
 
@@ -70,9 +125,12 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     lo, hi = limits["min_size"], limits["max_size"]
     width = request.width or defaults["width"]
     height = request.height or defaults["height"]
-    for field, value in (("width", width), ("height", height)):
-        check(value % 8 == 0 and lo <= value <= hi, field,
-              f"{field}={value} must be a multiple of 8 between {lo} and {hi}")
+    for name, value in (("width", width), ("height", height)):
+        check(value % 8 == 0 and lo <= value <= hi, name,
+              f"{name}={value} must be a multiple of 8 between {lo} and {hi}")
+    init_image, mask = None, None
+    if request.init_image or request.mask_image:
+        init_image, mask, width, height = _image_inputs(request, width, height, lo, hi, bad, encoder, image_limits)
 
     steps = request.steps or defaults["steps"]
     check(1 <= steps <= limits["max_steps"], "steps", f"steps={steps} must be between 1 and {limits['max_steps']}")
@@ -87,6 +145,19 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     if sampler in SAMPLERS and schedule is not None and steps > (most := SAMPLERS[sampler].max_steps(schedule)):
         check(False, "steps", f"steps={steps} must be between 1 and {most} for sampler {sampler!r}")
 
+    strength = request_strength(request)
+    if request.HasField("strength") and not request.init_image:
+        check(False, "strength", "strength applies only with init_image (img2img or inpainting)")
+    elif not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        check(False, "strength", f"strength={strength:g} must be greater than 0 and at most 1")
+    elif request.init_image and 1 <= steps <= limits["max_steps"] and denoising_steps(steps, strength) < 1:
+        check(False, "strength", f"strength={strength:g} runs int(steps={steps} x {strength:g}) = 0 denoising steps; "
+                                 f"raise strength to at least {1 / steps:.3g} or raise steps")
+    run_steps = denoising_steps(steps, strength) if request.init_image else steps
+    check(request.mask_blur <= MAX_MASK_BLUR, "mask_blur",
+          f"mask_blur={request.mask_blur} must be between 0 and {MAX_MASK_BLUR} pixels")
+    check(not request.mask_blur or bool(request.mask_image), "mask_blur", "mask_blur applies only with mask_image")
+
     num_images = request.num_images or 1
     check(1 <= num_images <= limits["max_images"], "num_images",
           f"num_images={num_images} must be between 1 and {limits['max_images']}")
@@ -95,8 +166,9 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     if preview_every:
         check(previews, "preview_every", f"model {request.model!r} has no latent preview map (compiled before Kiln "
                                          "made one); recompile it, or leave preview_every at 0")
-        check(preview_every <= steps, "preview_every",
-              f"preview_every={preview_every} must be between 0 (off) and steps={steps}")
+        most = f"steps={steps}" if not request.init_image else f"the steps run, int(steps x strength) = {run_steps}"
+        check(preview_every <= max(run_steps, 1), "preview_every",
+              f"preview_every={preview_every} must be between 0 (off) and {most}")
 
     request_id = request.request_id or request_id or new_request_id()
     check(bool(REQUEST_ID_RE.match(request_id)), "request_id",
@@ -117,4 +189,55 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
         seed=request.seed if request.HasField("seed") else secrets.randbits(32),
         num_images=num_images,
         preview_every=preview_every,
+        init_image=init_image,
+        mask=mask,
+        strength=strength if request.init_image else 1.0,
+        mask_blur=request.mask_blur,
     )
+
+
+def _image_inputs(request, width: int, height: int, lo: int, hi: int,  # type: ignore[no-untyped-def]
+                  bad: list[FieldViolation], encoder: bool, limits: ImageLimits | None
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
+    """Decode init_image and mask_image and bring them to the output size; returns (image, mask, width, height),
+    appending to `bad` for every problem found."""
+    limits = limits or ImageLimits()
+    if not request.init_image:
+        bad.append(FieldViolation("mask_image", "mask_image needs init_image (the image to inpaint)"))
+        return None, None, width, height
+    if not encoder:
+        bad.append(FieldViolation("init_image", f"model {request.model!r} has no VAE encoder; recompile it to "
+                                                "serve img2img and inpainting"))
+        return None, None, width, height
+    try:
+        image = decode_image(request.init_image, "init_image", limits)
+    except InvalidArgument as e:
+        bad.extend(e.violations)
+        return None, None, width, height
+    h0, w0 = image.shape[:2]
+    if not request.width and not request.height:
+        width, height = w0 // 8 * 8, h0 // 8 * 8
+        if not (lo <= width <= hi and lo <= height <= hi):
+            bad.append(FieldViolation("init_image", (
+                f"init_image is {w0}x{h0}: without width/height the output takes that size rounded down to "
+                f"multiples of 8 ({width}x{height}), which must be between {lo} and {hi} per side; resize it or "
+                "send width and height")))
+            return None, None, width, height
+    elif abs((w0 / h0) / (width / height) - 1.0) > ASPECT_TOLERANCE:
+        bad.append(FieldViolation("init_image", (
+            f"init_image is {w0}x{h0} (aspect {w0 / h0:.3f}) but the request asks for {width}x{height} (aspect "
+            f"{width / height:.3f}); crop it to that aspect ratio, or leave width and height at 0 to use its size")))
+        return None, None, width, height
+    mask = None
+    if request.mask_image:
+        try:
+            gray = decode_mask(request.mask_image, "mask_image", limits)
+        except InvalidArgument as e:
+            bad.extend(e.violations)
+            return None, None, width, height
+        if gray.shape != (h0, w0):
+            bad.append(FieldViolation("mask_image", f"mask_image is {gray.shape[1]}x{gray.shape[0]}; it must be the "
+                                                    f"size of init_image ({w0}x{h0})"))
+            return None, None, width, height
+        mask = (resize(gray, width, height) >= 128).astype(np.uint8)
+    return np.ascontiguousarray(resize(image, width, height)), mask, width, height

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make demo: build the default model, compile it, serve it, generate one image over gRPC, stop the server.
+# make demo: build the default model, compile it, serve it, generate one image over gRPC, then edit it over
+# gRPC (img2img: recolour the shape; inpainting: redraw the left half), stop the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=.venv/bin/kiln
@@ -20,3 +21,19 @@ $KILN wait --target "127.0.0.1:$PORT" --timeout 120
 $KILN generate --target "127.0.0.1:$PORT" --model "$ARCH" --prompt "$PROMPT" --seed 7 --out "$DEMO/out.png"
 .venv/bin/python -m bench.check_image "$DEMO/out.png"
 echo "demo image: $DEMO/out.png (server log: $DEMO/serve.log)"
+
+if [ "$ARCH" = shapes ]; then
+  # img2img: start from the image above, 75% redrawn toward a new prompt
+  $KILN generate --target "127.0.0.1:$PORT" --model "$ARCH" --init-image "$DEMO/out.png" --strength 0.75 --steps 8 \
+    --prompt "a large green circle on a blue background, on the right" --seed 7 --out "$DEMO/img2img.png"
+  .venv/bin/python -m bench.check_image "$DEMO/img2img.png"
+  # inpainting: white = redraw (the left half), black = keep
+  .venv/bin/python -c "import numpy as np; from PIL import Image; m = np.zeros((64, 64), np.uint8); m[:, :32] = 255; \
+Image.fromarray(m).save('$DEMO/mask-left.png')"
+  $KILN generate --target "127.0.0.1:$PORT" --model "$ARCH" --init-image "$DEMO/out.png" --mask "$DEMO/mask-left.png" \
+    --mask-blur 2 --steps 8 --prompt "a small yellow square on a blue background, on the left" --seed 7 \
+    --out "$DEMO/inpaint.png"
+  .venv/bin/python scripts/strip.py "$DEMO/out.png" "$DEMO/img2img.png" "$DEMO/mask-left.png" "$DEMO/inpaint.png" \
+    --out "$DEMO/edits.png"
+  echo "edits: $DEMO/img2img.png, $DEMO/inpaint.png (side by side: $DEMO/edits.png)"
+fi

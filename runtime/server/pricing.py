@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from proto.kiln.v1 import kiln_pb2 as pb
 from runtime.accounts.cost import request_cost
+from runtime.images import header_size
 from runtime.model import LoadedModel
+from runtime.validate import denoising_steps, request_strength
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,7 @@ class Resolved:
     width: int
     height: int
     steps: int
+    """Denoising steps the request runs: `steps`, or int(steps * strength) from an init image."""
     images: int
 
     @property
@@ -27,10 +31,21 @@ class Resolved:
 
 
 def resolve(models: dict[str, LoadedModel], request: pb.GenerateRequest) -> Resolved | None:
-    """None when the model is not served here (the servicer answers NOT_FOUND, nothing is charged)."""
+    """None when the model is not served here (the servicer answers NOT_FOUND, nothing is charged).
+
+    Runs before validation, on the raw request: an init image's size comes from its header (the output's
+    size when width/height are unset), and out-of-range values resolve to something chargeable (validation
+    refuses them afterwards)."""
     model = models.get(request.model)
     if model is None:
         return None
     d = model.manifest.defaults
-    return Resolved(request.model, request.width or int(d["width"]), request.height or int(d["height"]),
-                    request.steps or int(d["steps"]), request.num_images or 1)
+    width, height = request.width or int(d["width"]), request.height or int(d["height"])
+    if request.init_image and not request.width and not request.height and (size := header_size(request.init_image)):
+        width, height = max(size[0] // 8 * 8, 8), max(size[1] // 8 * 8, 8)
+    steps = request.steps or int(d["steps"])
+    if request.init_image:
+        strength = request_strength(request)
+        if math.isfinite(strength) and 0.0 < strength <= 1.0:
+            steps = max(denoising_steps(steps, strength), 1)
+    return Resolved(request.model, width, height, steps, request.num_images or 1)

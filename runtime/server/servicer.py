@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -44,8 +45,10 @@ class KilnServicer(pb_grpc.KilnServicer):
         if model is None:
             raise NotFound("model", request.model, sorted(self.models))
         m = model.manifest
-        params = validate(request, m.defaults, m.limits, REQUEST_ID.get(), previews="latent_rgb" in m.model,
-                          schedule=model.schedule)
+        args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
+                "vae_encoder" in model.sessions)
+        # decoding client images takes a while (up to 4096x4096): off the event loop
+        params = await asyncio.to_thread(validate, *args) if request.init_image else validate(*args)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0
@@ -55,7 +58,9 @@ class KilnServicer(pb_grpc.KilnServicer):
         yield pb.GenerateResponse(request_id=rid, started=pb.Started(
             model=model.name, model_version=model.version, width=params.width, height=params.height,
             steps=params.steps, guidance_scale=params.guidance_scale, sampler=params.sampler, seed=params.seed,
-            num_images=params.num_images, cost=COST.get(),
+            num_images=params.num_images, cost=COST.get(), mode=params.mode,
+            strength=params.strength if params.init_image is not None else 0.0,
+            denoising_steps=params.denoising_steps,
             truncations=[pb.PromptTruncation(field=t.field, kept_tokens=t.kept_tokens,
                                              dropped_tokens=t.dropped_tokens, dropped_text=t.dropped_text)
                          for t in truncations],
@@ -143,6 +148,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
             max_prompt_chars=MAX_PROMPT_CHARS,
         ),
         samplers=list(SAMPLERS),
+        inpainting_model=int(m.model.get("unet_in_channels", 4)) == 9,
         fidelity=pb.Fidelity(
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,

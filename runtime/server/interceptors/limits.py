@@ -31,7 +31,8 @@ class TierLimitsInterceptor(CheckInterceptor):
             return  # unknown model: the servicer says NOT_FOUND
         bad = []
         if r.steps > tier.max_steps:
-            bad.append(FieldViolation("steps", f"steps={r.steps} is above tier {tier.name!r}'s max_steps={tier.max_steps}"))
+            what = f"steps={r.steps}" if not request.init_image else f"int(steps x strength) = {r.steps} denoising steps"
+            bad.append(FieldViolation("steps", f"{what} is above tier {tier.name!r}'s max_steps={tier.max_steps}"))
         if r.pixels > tier.max_pixels:
             bad.append(FieldViolation("width", f"width x height = {r.width}x{r.height} = {r.pixels} pixels is above "
                                                f"tier {tier.name!r}'s max_pixels={tier.max_pixels}"))
