@@ -209,3 +209,32 @@ def test_previews_every_k_steps(tiny_store, tiny_model, alone) -> None:
     assert preview.shape == (latent, latent, 3) and preview.std() > 0
     assert pngs(got) == alone["r0"], "previews must not change the image"
     assert bad_code == grpc.StatusCode.INVALID_ARGUMENT and "preview_every=5" in bad_status.message
+
+
+def test_img2img_and_inpainting_batch_with_text_to_image(tiny_store, tiny_model, alone) -> None:
+    """Requests that start part-way through the schedule (img2img), blend after each step (inpainting) and
+    text-to-image share UNet calls, and each still gives the PNG bytes it gives alone."""
+    y, x = np.mgrid[0:64, 0:64]
+    init = io.BytesIO()
+    Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8)).save(init, format="PNG")
+    mask = io.BytesIO()
+    Image.fromarray(((x < 32) * 255).astype(np.uint8)).save(mask, format="PNG")
+    edits = [
+        pb.GenerateRequest(model="tiny", prompt="recolour", seed=5, steps=6, strength=0.5,
+                           init_image=init.getvalue(), request_id="i2i"),
+        pb.GenerateRequest(model="tiny", prompt="fill", seed=6, steps=5, init_image=init.getvalue(),
+                           mask_image=mask.getvalue(), mask_blur=2, sampler="euler_a", request_id="inpaint"),
+    ]
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, batching=False) as server:
+            solo = {r.request_id: pngs((await generate(server.port, r))[1]) for r in edits}
+        async with serving(tiny_store, {"tiny": tiny_model}, max_batch_size=16, max_wait_s=0.5) as server:
+            results = await asyncio.gather(*(generate(server.port, r) for r in [*edits, REQUESTS[0]]))
+            return solo, results, list(server.engine.batches)
+
+    solo, results, batches = asyncio.run(run())
+    for r, (code, got, _) in zip([*edits, REQUESTS[0]], results, strict=True):
+        assert code == grpc.StatusCode.OK
+        assert pngs(got) == (solo.get(r.request_id) or alone[r.request_id]), r.request_id
+    assert len(batches[0].request_ids) == 3, batches  # all three in one UNet call
