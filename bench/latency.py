@@ -52,6 +52,8 @@ COLD_VARIANTS = {
     "kiln-fp32-tome0.5": ("-tome0.5", ("--tome", "0.5"), "onnxruntime", ""),
     "kiln-openvino": ("", (), "openvino", ""),
     "kiln-openvino-tome0.5": ("-tome0.5", ("--tome", "0.5"), "openvino", ""),
+    "kiln-openvino-int8": ("-int8", ("--precision", "int8"), "openvino", ""),
+    "kiln-openvino-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5"), "openvino", ""),
     "diffusers": None, "optimum": None, "openvino": None,
 }
 """Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers
