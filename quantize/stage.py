@@ -242,7 +242,7 @@ def _decode(model: Any, decoder: Any, latents: np.ndarray) -> np.ndarray:
     """The runtime's decode stage (runtime.pipeline) with the given decoder session."""
     from runtime.pipeline import Pipeline
 
-    return Pipeline(dataclasses.replace(model, sessions={**model.sessions, "vae_decoder": decoder})).vae_decode(latents)
+    return Pipeline(dataclasses.replace(model, sessions={**model.sessions, "vae_decoder": decoder})).vae_decode(latents)[0]
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -1,9 +1,10 @@
 """The engine: one step loop over the active requests, like vLLM's `step()`.
 
-Each turn of the loop (1) drops cancelled requests, (2) text-encodes newly arrived ones, (3) gives every
-request that is denoising one step -- requests that share a model and latent size go through the UNet
-together, one call per batch, each row with its own timestep, guidance and sampler state -- and (4) decodes
-one image of each request that has finished denoising. Requests join a batch at the turn after they arrive
+Each turn of the loop (1) drops cancelled requests, (2) text-encodes newly arrived ones (one text-encoder call
+per model), (3) gives every request that is denoising one step -- requests that share a model and latent size
+go through the UNet together, one call per batch, each row with its own timestep, guidance and sampler state --
+and (4) decodes the next image of each request that has finished denoising, images of the same size together
+up to a pixel budget. Requests join a batch at the turn after they arrive
 and leave it when done or cancelled, so batches change between steps. All model work runs on one thread;
 events go to a per-request queue.
 """
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from runtime.errors import ResourceExhausted
-from runtime.pipeline import Generation, Pipeline, unet_batch
+from runtime.pipeline import Generation, Pipeline, decode_batch, encode_text_batch, unet_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class EngineConfig:
     """When a request arrives at an idle engine, how long (0 to 10 s) the engine waits for others before its
     first turn, so requests sent together start together. Later arrivals join running batches at the next step
     and never wait for this."""
+    decode_batch_pixels: int = 512 * 512
+    """Most output pixels the VAE decoder runs in one call, 0 to 2^26: images of the same size that finish in the
+    same turn are decoded together up to this (one at a time when a single image is larger). The default keeps the
+    decoder's peak memory at one 512x512 image's worth; 0 decodes every image alone."""
     max_queue: int = 64
     """Most requests in the engine at once (running or waiting for a turn), 1 to 100000. Beyond it Generate
     fails at once with RESOURCE_EXHAUSTED, reason SERVER_BUSY, instead of queueing without bound."""
@@ -47,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size} must be between 1 and 256")
         if not 0.0 <= self.max_wait_s <= 10.0:
             raise ValueError(f"max_wait_s={self.max_wait_s} must be between 0 and 10 seconds")
+        if not 0 <= self.decode_batch_pixels <= 1 << 26:
+            raise ValueError(f"decode_batch_pixels={self.decode_batch_pixels} must be between 0 and {1 << 26}")
         if not 1 <= self.max_queue <= 100_000:
             raise ValueError(f"max_queue={self.max_queue} must be between 1 and 100000")
 
@@ -137,6 +144,8 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self.history: deque[Outcome] = deque(maxlen=history)
         self.batches: deque[BatchRecord] = deque(maxlen=history)
+        self.decodes: deque[tuple[str, ...]] = deque(maxlen=history)
+        """Request ids of each VAE-decoder call."""
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="kiln-engine")
@@ -203,17 +212,18 @@ class Engine:
     async def _turn(self) -> None:
         for job in [j for j in self._jobs if j.cancelled]:
             self._finish(job, "cancelled")
-        for job in [j for j in self._jobs if j.gen.embeddings is None]:
-            if not job.cancelled:
-                await self._run(job, self._encode, job)
+        arrived: dict[int, list[Job]] = {}
+        for job in [j for j in self._jobs if j.gen.embeddings is None and not j.cancelled]:
+            arrived.setdefault(id(job.gen.model) if self.config.batching else id(job), []).append(job)
+        for group in arrived.values():
+            await self._together(group, self._encode)
         denoising = [j for j in self._jobs if j.gen.embeddings is not None and not j.gen.denoised]
         for batch in self._batches(denoising):
             batch = [j for j in batch if not j.cancelled and j in self._jobs]
             if batch:
                 await self._step(batch)
-        for job in [j for j in self._jobs if j.gen.denoised]:
-            if not job.cancelled:
-                await self._run(job, self._decode_one, job)
+        for group in self._decode_groups([j for j in self._jobs if j.gen.denoised and not j.cancelled]):
+            await self._together(group, self._decode)
 
     def _batches(self, jobs: list[Job]) -> list[list[Job]]:
         """Jobs grouped by batch key in arrival order, each group cut into calls of at most max_batch_size rows."""
@@ -235,6 +245,38 @@ class Engine:
             out.append(current)
         return out
 
+    def _decode_groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs whose next image can be decoded in one call: same model and size, within decode_batch_pixels."""
+        if not self.config.batching:
+            return [[j] for j in jobs]
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.batch_key(), []).append(job)
+        out: list[list[Job]] = []
+        for group in groups.values():
+            p = group[0].gen.params
+            per_call = max(1, self.config.decode_batch_pixels // (p.width * p.height))
+            out += [group[i : i + per_call] for i in range(0, len(group), per_call)]
+        return out
+
+    async def _together(self, jobs: list[Job], fn) -> None:  # type: ignore[no-untyped-def]
+        """`fn(jobs)` -> one (event, done) per job, on the model thread; if it fails for a group, each job runs
+        alone so that only the one that breaks fails."""
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._pool, fn, jobs)
+        except Exception as e:
+            if len(jobs) == 1:
+                self._fail(jobs[0], e)
+                return
+            log.warning("a call over %d requests failed (%s); running them one by one", len(jobs), e)
+            for job in jobs:
+                await self._together([job], fn)
+            return
+        for job, (event, done) in zip(jobs, results, strict=True):
+            job.queue.put_nowait(event)
+            if done:
+                self._finish(job, "finished")
+
     async def _step(self, batch: list[Job]) -> None:
         """One denoising step for every job in `batch`, in one UNet call; alone, one by one, if that fails."""
         loop = asyncio.get_running_loop()
@@ -255,24 +297,14 @@ class Engine:
             else:
                 job.queue.put_nowait(event)
 
-    async def _run(self, job: Job, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        """One unit of work on the model thread; its event goes to the job, a failure fails only this job."""
-        try:
-            event, done = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        except Exception as e:  # one request's failure never stops the loop
-            self._fail(job, e)
-            return
-        job.queue.put_nowait(event)
-        if done:
-            self._finish(job, "finished")
-
     # units of work, on the model thread -------------------------------------------------------------------------
-    def _encode(self, job: Job) -> tuple[Event, bool]:
-        """Text encoding, then the starting latents (img2img and inpainting: the VAE encoder runs here)."""
-        gen = job.gen
-        job.pipeline.encode_text(gen)
-        job.pipeline.prepare(gen)
-        return Progress("text_encode", 0, gen.total_steps, gen.elapsed), False
+    def _encode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
+        """One text-encoder call for the jobs (same model), then each one's starting latents (img2img and
+        inpainting: the VAE encoder runs here)."""
+        encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
+        for job in jobs:
+            job.pipeline.prepare(job.gen)
+        return [(Progress("text_encode", 0, j.gen.total_steps, j.gen.elapsed), False) for j in jobs]
 
     def _denoise(self, batch: list[Job]) -> list[Event]:
         """The UNet call (raises: nothing has changed yet, so the batch can be retried), then each job's
@@ -290,12 +322,17 @@ class Engine:
                 events.append(Failed(e))
         return events
 
-    def _decode_one(self, job: Job) -> tuple[Event, bool]:
-        gen, pipe = job.gen, job.pipeline
-        k = job.decoded
-        png = pipe.encode_png(gen, k, pipe.decode(gen, k))
-        job.decoded += 1
-        return Artifact(k, png, gen.params.image_seed(k), dict(gen.timings)), job.decoded == gen.params.num_images
+    def _decode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
+        """The next image of each job (same model and size) in one VAE-decoder call, then each one's PNG."""
+        images = decode_batch(jobs[0].gen.model, [(j.gen, j.decoded) for j in jobs])
+        self.decodes.append(tuple(j.request_id for j in jobs))
+        out: list[tuple[Event, bool]] = []
+        for job, image in zip(jobs, images, strict=True):
+            gen, k = job.gen, job.decoded
+            png = job.pipeline.encode_png(gen, k, image)
+            job.decoded += 1
+            out.append((Artifact(k, png, gen.params.image_seed(k), dict(gen.timings)), job.decoded == gen.params.num_images))
+        return out
 
     # bookkeeping ---------------------------------------------------------------------------------------------------
     def _fail(self, job: Job, error: BaseException) -> None:

@@ -119,12 +119,7 @@ class Pipeline:
 
     # 3. text encode: negative and positive prompt in one batch
     def encode_text(self, gen: Generation) -> None:
-        with gen.timed("text_encode"):
-            ids = np.stack([t.ids for t in gen.tokens])
-            hidden = self.model.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
-            n = gen.params.num_images
-            # [uncond x n, cond x n]: the UNet batch layout, images in order within each half
-            gen.embeddings = np.repeat(hidden, n, axis=0).astype(np.float32)
+        encode_text_batch(self.model, [gen])
 
     # 4. prepare timesteps and initial latents
     def prepare(self, gen: Generation, latents: np.ndarray | None = None, noise_fn: NoiseFn | None = None,
@@ -236,18 +231,21 @@ class Pipeline:
         """uint8 [H, W, 3]; inpainting pastes it over the init image through the (blurred) mask, so kept pixels
         stay the init image's exactly (the VAE round trip would change them)."""
         assert gen.latents is not None
-        p = gen.params
         with gen.timed("decode"):
-            image = self.vae_decode(gen.latents[index : index + 1])
-            if p.mask is not None and p.init_image is not None:
-                image = paste(image, p.init_image, soft_mask(p.mask, p.mask_blur))
-            return image
+            return self.finish_image(gen, self.vae_decode(gen.latents[index : index + 1])[0])
+
+    def finish_image(self, gen: Generation, image: np.ndarray) -> np.ndarray:
+        """A decoded image as the request wants it: inpainting pastes it over the init image through the mask."""
+        p = gen.params
+        if p.mask is not None and p.init_image is not None:
+            return paste(image, p.init_image, soft_mask(p.mask, p.mask_blur))
+        return image
 
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] from one image's scaled latents [1, C, h, w]."""
+        """uint8 [B, H, W, 3] from scaled latents [B, C, h, w]."""
         z = latents.astype(np.float32) / np.float32(self.m["vae_scaling_factor"])
-        x = self.model.sessions["vae_decoder"].run({"latent_sample": z})["sample"][0]
-        x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+        x = self.model.sessions["vae_decoder"].run({"latent_sample": z})["sample"]
+        x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
         return (x * 255).round().astype(np.uint8)
 
     # 7. PNG with the parameters chunk
@@ -271,6 +269,34 @@ class Pipeline:
         while not gen.denoised:
             self.denoise_step(gen)
         return [self.decode(gen, k) for k in range(params.num_images)], gen
+
+
+def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> None:
+    """One text-encoder call over several requests' prompts (each request's negative and positive rows); sets
+    each one's embeddings, [uncond x n, cond x n] (the UNet batch layout, images in order within each half)."""
+    ids = np.stack([t.ids for g in gens for t in g.tokens])
+    t0 = time.perf_counter()
+    hidden = model.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+    took = time.perf_counter() - t0
+    rows = np.cumsum([len(g.tokens) for g in gens])[:-1]
+    for g, h in zip(gens, np.split(hidden, rows), strict=True):
+        g.embeddings = np.repeat(h, g.params.num_images, axis=0).astype(np.float32)
+        g.timings["text_encode"] = g.timings.get("text_encode", 0.0) + took
+
+
+def decode_batch(model: LoadedModel, items: list[tuple[Generation, int]]) -> list[np.ndarray]:
+    """One VAE-decoder call over images of several requests with the same latent size ((request, image index)
+    pairs); each comes back as `Pipeline.decode` gives it (inpainting pasted over its init image)."""
+    pipe = Pipeline(model)
+    t0 = time.perf_counter()
+    z = np.concatenate([g.latents[k : k + 1] for g, k in items])  # type: ignore[index]
+    images = pipe.vae_decode(z)
+    took = time.perf_counter() - t0
+    out = []
+    for (g, _), image in zip(items, images, strict=True):
+        g.timings["decode"] = g.timings.get("decode", 0.0) + took
+        out.append(pipe.finish_image(g, image))
+    return out
 
 
 def unet_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:

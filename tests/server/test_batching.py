@@ -238,3 +238,27 @@ def test_img2img_and_inpainting_batch_with_text_to_image(tiny_store, tiny_model,
         assert code == grpc.StatusCode.OK
         assert pngs(got) == (solo.get(r.request_id) or alone[r.request_id]), r.request_id
     assert len(batches[0].request_ids) == 3, batches  # all three in one UNet call
+
+
+def test_requests_finishing_together_share_the_decoder(tiny_store, tiny_model) -> None:
+    """Same steps: the three requests finish in the same turn and their images are decoded in one VAE call
+    (tiny images are far under the pixel budget), each PNG still byte-identical to the request run alone; a
+    pixel budget of one image decodes them one by one."""
+    same = [pb.GenerateRequest(model="tiny", prompt=f"shape {i}", seed=10 + i, steps=3, request_id=f"s{i}",
+                               num_images=1 + (i == 2)) for i in range(3)]
+
+    async def run(**engine):  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_batch_size=16, max_wait_s=0.5, **engine) as server:
+            results = await asyncio.gather(*(generate(server.port, r) for r in same))
+            return [pngs(got) for _, got, _ in results], list(server.engine.decodes)
+
+    async def alone():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, batching=False) as server:
+            return [pngs((await generate(server.port, r))[1]) for r in same]
+
+    solo = asyncio.run(alone())
+    together, decodes = asyncio.run(run())
+    assert together == solo
+    assert sorted(decodes[0]) == ["s0", "s1", "s2"] and decodes[1] == ("s2",), decodes  # s2's second image next turn
+    one_by_one, decodes = asyncio.run(run(decode_batch_pixels=64 * 64))
+    assert one_by_one == solo and all(len(d) == 1 for d in decodes), decodes
