@@ -166,9 +166,9 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     if preview_every:
         check(previews, "preview_every", f"model {request.model!r} has no latent preview map (compiled before Kiln "
                                          "made one); recompile it, or leave preview_every at 0")
-        most = f"steps={steps}" if not request.init_image else f"the steps run, int(steps x strength) = {run_steps}"
+        bound = f"steps={steps}" if not request.init_image else f"the steps run, int(steps x strength) = {run_steps}"
         check(preview_every <= max(run_steps, 1), "preview_every",
-              f"preview_every={preview_every} must be between 0 (off) and {most}")
+              f"preview_every={preview_every} must be between 0 (off) and {bound}")
 
     request_id = request.request_id or request_id or new_request_id()
     check(bool(REQUEST_ID_RE.match(request_id)), "request_id",
