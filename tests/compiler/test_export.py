@@ -25,7 +25,7 @@ def test_init_is_deterministic_per_seed(tiny_source: Path, tmp_path: Path) -> No
 
 
 def test_init_rejects_unknown_arch_and_nonempty_dir(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"arch=.sd-v9. is not one of: sd-v1, shapes, tiny"):
+    with pytest.raises(ValueError, match=r"arch=.sd-v9. is not one of: sd-v1, sd-v1-inpainting, shapes, tiny, tiny-inpainting"):
         init_model(tmp_path / "x", "sd-v9")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
@@ -49,6 +49,9 @@ def test_sd_v1_configs_build_the_real_architecture() -> None:
         text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te.items() if not k.startswith("_")}))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(unet) == 859_520_964
+    with torch.device("meta"):  # SD's inpainting UNet: the same, with 5 more input channels in conv_in
+        inpaint = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd-v1-inpainting/unet/config.json").read_text()))
+    assert inpaint.config.in_channels == 9 and count(inpaint) == 859_520_964 + 5 * 320 * 3 * 3
     assert count(vae) == 83_653_863
     assert count(text) == 123_060_480
 
