@@ -39,7 +39,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     quantize = QuantizeConfig(
         calibration_prompts=args.calibration_prompts, calibration_file=args.calibration_file,
-        calibration_steps=args.calibration_steps, int8_activations=args.int8_activations,
+        calibration_steps=args.calibration_steps, calibration_size=args.calibration_size,
+        int8_activations=args.int8_activations,
         nf4_block_size=args.nf4_block_size, int4_block_size=args.int4_block_size,
         int4_accuracy_level=args.int4_accuracy_level, weight_min_elements=args.weight_min_elements,
         fidelity_prompts=args.fidelity_prompts,
@@ -296,6 +297,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-prompts", type=int, default=8, help="prompts run through fp32 to calibrate int8")
     q.add_argument("--calibration-file", help="prompt file instead of quantize/prompts/calibration.txt")
     q.add_argument("--calibration-steps", type=int, help="steps per calibration prompt (default: bundle default)")
+    q.add_argument("--calibration-size", type=int, metavar="PX",
+                   help="width and height of the calibration images (default: the bundle's default size); "
+                        "smaller bounds the calibrator's memory on large UNets")
     q.add_argument("--int8-activations", default="u8", choices=["u8", "s8"])
     q.add_argument("--nf4-block-size", type=int, default=64)
     q.add_argument("--int4-block-size", type=int, default=32)

@@ -53,8 +53,10 @@ class Run:
     """Final latents per prompt (before the VAE decoder)."""
 
 
-def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: bool = True) -> Run:  # type: ignore[no-untyped-def]
-    """Text-to-image over `texts` at the bundle's default size, sampler and guidance; seed + i per prompt."""
+def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: bool = True,  # type: ignore[no-untyped-def]
+                 size: int | None = None) -> Run:
+    """Text-to-image over `texts` at the bundle's default size (or `size` x `size`), sampler and guidance; seed + i
+    per prompt."""
     from proto.kiln.v1 import kiln_pb2 as pb
     from runtime.pipeline import Pipeline
     from runtime.validate import validate
@@ -68,7 +70,7 @@ def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: boo
     try:
         pipe = Pipeline(model)
         for i, text in enumerate(texts):
-            request = pb.GenerateRequest(prompt=text, steps=steps, seed=seed + i)
+            request = pb.GenerateRequest(prompt=text, steps=steps, seed=seed + i, width=size or 0, height=size or 0)
             params = validate(request, model.manifest.defaults, model.manifest.limits)
             images, gen = pipe.run(params)
             assert gen.latents is not None

@@ -17,6 +17,11 @@ class QuantizeConfig:
     """A text file of prompts (one per line, `#` comments) instead of Kiln's shipped set."""
     calibration_steps: int | None = None
     """Denoising steps per calibration prompt. None: the bundle's default steps."""
+    calibration_size: int | None = None
+    """Width and height (pixels, a multiple of 8) of the calibration runs. None: the bundle's default size.
+    A smaller size bounds the calibrator's memory on large UNets (ONNX Runtime's calibrator keeps every
+    quantized tensor of a UNet call alive at once: an SD v1 UNet with token merging at 512x512 went past 24 GiB);
+    activation ranges of convolutions and linear layers change little with image size."""
     int8_activations: str = "u8"
     """int8 activation type: `u8` (uint8 asymmetric, U8S8: VNNI's native operand order) or `s8` (S8S8)."""
     nf4_block_size: int = 64
@@ -44,6 +49,9 @@ class QuantizeConfig:
             raise ValueError(f"calibration_prompts={self.calibration_prompts} must be between 1 and 256")
         if self.calibration_steps is not None and not 1 <= self.calibration_steps <= 150:
             raise ValueError(f"calibration_steps={self.calibration_steps} must be between 1 and 150")
+        if self.calibration_size is not None and not (
+                self.calibration_size % 8 == 0 and 8 <= self.calibration_size <= 4096):
+            raise ValueError(f"calibration_size={self.calibration_size} must be a multiple of 8 between 8 and 4096")
         if self.int8_activations not in ACTIVATIONS:
             raise ValueError(f"int8_activations={self.int8_activations!r} is not one of: {', '.join(ACTIVATIONS)}")
         if self.nf4_block_size not in (16, 32, 64, 128, 256):
@@ -64,5 +72,6 @@ class QuantizeConfig:
     def graph_fields(self) -> dict[str, object]:
         """The settings that change quantized weights or scales (the gate's thresholds do not)."""
         d = asdict(self)
-        return {k: d[k] for k in ("calibration_prompts", "calibration_file", "calibration_steps", "int8_activations",
+        return {k: d[k] for k in ("calibration_prompts", "calibration_file", "calibration_steps", "calibration_size",
+                                  "int8_activations",
                                   "nf4_block_size", "int4_block_size", "int4_accuracy_level", "weight_min_elements")}

@@ -88,7 +88,8 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
     feeds: dict[str, list[dict[str, np.ndarray]]] = {}
     if _needs_calibration(wanted):
         with stage(f"calibrate ({len(calibration_texts)} prompts)"):
-            feeds = run_pipeline(model, calibration_texts, config.calibration_steps or steps).feeds
+            feeds = run_pipeline(model, calibration_texts, config.calibration_steps or steps,
+                                 size=config.calibration_size).feeds
     with stage(f"fp32 reference ({len(fidelity_texts)} prompts)"):
         ref = run_pipeline(model, fidelity_texts, steps, seed=FIDELITY_SEED)
 

@@ -37,3 +37,14 @@ def test_range_covers_every_feed_not_only_the_last_chunk(tmp_path: Path) -> None
     scale, zero = _input_scale(onnx.load(str(out)), "x")
     np.testing.assert_allclose(scale, (2.0 - -6.0) / 255, rtol=1e-5)
     assert zero == round(6.0 / scale)
+
+
+def test_calibration_runs_at_the_requested_size(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`calibration_size` sets the size of the fp32 runs whose UNet inputs become the calibration feeds."""
+    from quantize.calibration import run_pipeline
+
+    small = run_pipeline(tiny_model, ["a red circle"], 2, size=96)
+    assert {f["sample"].shape[2:] for f in small.feeds["unet"]} == {(12, 12)}
+    assert small.images[0].shape == (96, 96, 3)
+    default = run_pipeline(tiny_model, ["a red circle"], 2)
+    assert {f["sample"].shape[2:] for f in default.feeds["unet"]} == {(8, 8)}

@@ -44,6 +44,7 @@ def test_hash_tracks_plan_and_quantize_settings() -> None:
     int8 = CompileConfig(name="x", precision="int8")
     assert int8.hash() != fp32.hash()
     assert int8.hash() != CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(int8_activations="s8")).hash()
+    assert int8.hash() != CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(calibration_size=256)).hash()
     # the gate's thresholds decide whether a bundle is published, not what is in it
     assert int8.hash() == CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(min_psnr=40)).hash()
 
@@ -54,6 +55,7 @@ def test_hash_tracks_plan_and_quantize_settings() -> None:
     ({"int8_activations": "u4"}, "int8_activations='u4' is not one of: u8, s8"),
     ({"min_psnr": 0}, "min_psnr=0 must be between 0 and 99 dB"),
     ({"fidelity_prompts": 100}, "fidelity_prompts=100 must be between 1 and 64"),
+    ({"calibration_size": 100}, "calibration_size=100 must be a multiple of 8 between 8 and 4096"),
 ])
 def test_quantize_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
