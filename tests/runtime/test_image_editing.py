@@ -220,3 +220,17 @@ def test_seeded_img2img_is_deterministic_and_seed_dependent(tiny_model) -> None:
     c = Pipeline(tiny_model).run(request(tiny_model, init_image=image, steps=5, seed=2))[0][0]
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(np.int16) - c).max() > 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_image_k_of_a_request_is_the_image_of_seed_plus_k(tiny_model, masked) -> None:  # type: ignore[no-untyped-def]
+    """Each image of an img2img or inpainting request draws its noise and its posterior sample from its own seed,
+    so image k of a two-image request equals a one-image request with seed + k."""
+    fields = {"init_image": png(init_image()), "steps": 4}
+    if masked:
+        fields["mask_image"] = png(left_half_mask())
+    pair = Pipeline(tiny_model).run(request(tiny_model, num_images=2, seed=20, **fields))[0]
+    for k in range(2):
+        alone = Pipeline(tiny_model).run(request(tiny_model, seed=20 + k, **fields))[0][0]
+        np.testing.assert_array_equal(pair[k], alone)
+    assert np.abs(pair[0].astype(np.int16) - pair[1]).max() > 0
