@@ -250,7 +250,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         if m.HasField("fidelity"):
             fidelity = f"\tvs fp32 {m.fidelity.psnr_db:.1f} dB" + (" LOW FIDELITY" if m.fidelity.low_fidelity else "")
         print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
-              f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}")
+              f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}"
+              + ("\tinpainting model" if m.inpainting_model else ""))
     return 0
 
 
