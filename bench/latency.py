@@ -48,15 +48,14 @@ COLD_VARIANTS = {
     # name: (bundle suffix, compile flags, engine, OpenVINO precision)
     "kiln-fp32": ("", (), "onnxruntime", ""),
     "kiln-int8": ("-int8", ("--precision", "int8"), "onnxruntime", ""),
-    # calibrated at 256x256: ONNX Runtime's calibrator on the token-merged SD v1 UNet at 512x512 passed 24 GiB
-    "kiln-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5", "--calibration-size", "256"),
-                          "onnxruntime", ""),
+    # on SD v1 these do not compile in 24 GiB: ONNX Runtime's static quantizer is OOM-killed on the token-merged UNet
+    # (calibrating at 256x256 too, so not by activation size); they run on the tiny model
+    "kiln-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5"), "onnxruntime", ""),
     "kiln-fp32-tome0.5": ("-tome0.5", ("--tome", "0.5"), "onnxruntime", ""),
     "kiln-openvino": ("", (), "openvino", ""),
     "kiln-openvino-tome0.5": ("-tome0.5", ("--tome", "0.5"), "openvino", ""),
     "kiln-openvino-int8": ("-int8", ("--precision", "int8"), "openvino", ""),
-    "kiln-openvino-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5", "--calibration-size",
-                                                     "256"), "openvino", ""),
+    "kiln-openvino-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5"), "openvino", ""),
     "diffusers": None, "optimum": None, "openvino": None,
 }
 """Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers

@@ -19,9 +19,8 @@ class QuantizeConfig:
     """Denoising steps per calibration prompt. None: the bundle's default steps."""
     calibration_size: int | None = None
     """Width and height (pixels, a multiple of 8) of the calibration runs. None: the bundle's default size.
-    A smaller size bounds the calibrator's memory on large UNets (ONNX Runtime's calibrator keeps every
-    quantized tensor of a UNet call alive at once: an SD v1 UNet with token merging at 512x512 went past 24 GiB);
-    activation ranges of convolutions and linear layers change little with image size."""
+    A smaller size makes calibration faster and its activations smaller (a quarter at half the side); the ranges
+    then come from that size's activations, which may differ from those at the serving size."""
     int8_activations: str = "u8"
     """int8 activation type: `u8` (uint8 asymmetric, U8S8: VNNI's native operand order) or `s8` (S8S8)."""
     nf4_block_size: int = 64
