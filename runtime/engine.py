@@ -212,28 +212,30 @@ class Engine:
     async def _turn(self) -> None:
         for job in [j for j in self._jobs if j.cancelled]:
             self._finish(job, "cancelled")
-        arrived: dict[int, list[Job]] = {}
-        for job in [j for j in self._jobs if j.gen.embeddings is None and not j.cancelled]:
-            arrived.setdefault(id(job.gen.model) if self.config.batching else id(job), []).append(job)
-        for group in arrived.values():
+        arrived = [j for j in self._jobs if j.gen.embeddings is None and not j.cancelled]
+        for group in self._grouped(arrived, lambda j: id(j.gen.model)):
             await self._together(group, self._encode)
         denoising = [j for j in self._jobs if j.gen.embeddings is not None and not j.gen.denoised]
         for batch in self._batches(denoising):
             batch = [j for j in batch if not j.cancelled and j in self._jobs]
             if batch:
-                await self._step(batch)
+                await self._together(batch, self._denoise)
         for group in self._decode_groups([j for j in self._jobs if j.gen.denoised and not j.cancelled]):
             await self._together(group, self._decode)
 
-    def _batches(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs grouped by batch key in arrival order, each group cut into calls of at most max_batch_size rows."""
+    def _grouped(self, jobs: list[Job], key) -> list[list[Job]]:  # type: ignore[no-untyped-def]
+        """Jobs with equal `key(job)`, in arrival order; each job alone when batching is off."""
         if not self.config.batching:
             return [[j] for j in jobs]
-        groups: dict[tuple, list[Job]] = {}
+        groups: dict[object, list[Job]] = {}
         for job in jobs:
-            groups.setdefault(job.batch_key(), []).append(job)
+            groups.setdefault(key(job), []).append(job)
+        return list(groups.values())
+
+    def _batches(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs grouped by batch key in arrival order, each group cut into calls of at most max_batch_size rows."""
         out: list[list[Job]] = []
-        for group in groups.values():
+        for group in self._grouped(jobs, Job.batch_key):
             current: list[Job] = []
             rows = 0
             for job in group:
@@ -247,21 +249,16 @@ class Engine:
 
     def _decode_groups(self, jobs: list[Job]) -> list[list[Job]]:
         """Jobs whose next image can be decoded in one call: same model and size, within decode_batch_pixels."""
-        if not self.config.batching:
-            return [[j] for j in jobs]
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.batch_key(), []).append(job)
         out: list[list[Job]] = []
-        for group in groups.values():
+        for group in self._grouped(jobs, Job.batch_key):
             p = group[0].gen.params
             per_call = max(1, self.config.decode_batch_pixels // (p.width * p.height))
             out += [group[i : i + per_call] for i in range(0, len(group), per_call)]
         return out
 
     async def _together(self, jobs: list[Job], fn) -> None:  # type: ignore[no-untyped-def]
-        """`fn(jobs)` -> one (event, done) per job, on the model thread; if it fails for a group, each job runs
-        alone so that only the one that breaks fails."""
+        """`fn(jobs)` -> one (event, done) per job, on the model thread (a Failed event fails that job alone); if
+        the call itself fails for a group, each job runs alone so that only the one that breaks fails."""
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._pool, fn, jobs)
         except Exception as e:
@@ -273,29 +270,12 @@ class Engine:
                 await self._together([job], fn)
             return
         for job, (event, done) in zip(jobs, results, strict=True):
+            if isinstance(event, Failed):
+                self._fail(job, event.error)
+                continue
             job.queue.put_nowait(event)
             if done:
                 self._finish(job, "finished")
-
-    async def _step(self, batch: list[Job]) -> None:
-        """One denoising step for every job in `batch`, in one UNet call; alone, one by one, if that fails."""
-        loop = asyncio.get_running_loop()
-        try:
-            events = await loop.run_in_executor(self._pool, self._denoise, batch)
-        except Exception as e:
-            if len(batch) == 1:
-                self._fail(batch[0], e)
-                return
-            # find the request that breaks the call: the others must not fail with it
-            log.warning("batched UNet call over %d requests failed (%s); running them one by one", len(batch), e)
-            for job in batch:
-                await self._step([job])
-            return
-        for job, event in zip(batch, events, strict=True):
-            if isinstance(event, Failed):
-                self._fail(job, event.error)
-            else:
-                job.queue.put_nowait(event)
 
     # units of work, on the model thread -------------------------------------------------------------------------
     def _encode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
@@ -306,20 +286,20 @@ class Engine:
             job.pipeline.prepare(job.gen)
         return [(Progress("text_encode", 0, j.gen.total_steps, j.gen.elapsed), False) for j in jobs]
 
-    def _denoise(self, batch: list[Job]) -> list[Event]:
+    def _denoise(self, batch: list[Job]) -> list[tuple[Event, bool]]:
         """The UNet call (raises: nothing has changed yet, so the batch can be retried), then each job's
         sampler step (a failure there is that job's alone)."""
         outputs = unet_batch(batch[0].gen.model, [j.gen for j in batch])
         self.batches.append(BatchRecord(tuple(j.request_id for j in batch), sum(j.rows for j in batch)))
-        events: list[Event] = []
+        events: list[tuple[Event, bool]] = []
         for job, out in zip(batch, outputs, strict=True):
             try:
                 job.pipeline.apply_unet_output(job.gen, out)
                 gen = job.gen
-                events.append(Progress("denoise", gen.steps_done, gen.total_steps, gen.elapsed,
-                                       job.pipeline.preview(gen)))
+                events.append((Progress("denoise", gen.steps_done, gen.total_steps, gen.elapsed,
+                                        job.pipeline.preview(gen)), False))
             except Exception as e:
-                events.append(Failed(e))
+                events.append((Failed(e), False))
         return events
 
     def _decode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:

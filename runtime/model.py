@@ -35,6 +35,11 @@ class LoadedModel:
     def version(self) -> str:
         return self.manifest.version
 
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting checkpoints."""
+        return int(self.manifest.model.get("unet_in_channels", 4)) == 9
+
 
 def load_bundle(ref: BundleRef, providers: list[str] | None = None, threads: int = 0, engine: str = "onnxruntime",
                 openvino: OpenVinoConfig | None = None) -> LoadedModel:

@@ -99,11 +99,6 @@ class Pipeline:
         self.model = model
         self.m = model.manifest.model
 
-    @property
-    def inpainting_model(self) -> bool:
-        """A 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting checkpoints."""
-        return int(self.m.get("unet_in_channels", 4)) == 9
-
     # 2. tokenize
     def tokenize(self, gen: Generation) -> list[Truncation]:
         p = gen.params
@@ -135,7 +130,7 @@ class Pipeline:
             gen.noise_fn = noise_fn = noise_fn or _seeded_noise(p, stream=0)
             noise = latents if latents is not None else np.concatenate([noise_fn(k, shape) for k in range(p.num_images)])
             noise = noise.astype(np.float32)
-            if p.init_image is None and not self.inpainting_model:
+            if p.init_image is None and not self.model.inpainting:
                 gen.latents = (noise * np.float32(gen.sampler.init_noise_sigma)).astype(np.float32)
                 return
         with gen.timed("vae_encode"):
@@ -150,9 +145,9 @@ class Pipeline:
         gen.first_step = gen.step = p.steps - p.denoising_steps
         height, width = p.height, p.width
         image = to_vae_input(p.init_image) if p.init_image is not None else np.zeros((1, 3, height, width), np.float32)
-        inpainting = p.mode == "inpaint" or self.inpainting_model
+        inpainting = p.mode == "inpaint" or self.model.inpainting
         # the init image's own latents: to noise (strength < 1), or to blend back in (any ordinary UNet)
-        x0 = self.vae_encode(image, encode_noise, n) if not self.inpainting_model or p.strength < 1.0 else None
+        x0 = self.vae_encode(image, encode_noise, n) if not self.model.inpainting or p.strength < 1.0 else None
         if not inpainting or p.strength < 1.0:
             assert x0 is not None
             gen.latents = sampler.add_noise(x0, noise, gen.first_step)
@@ -162,7 +157,7 @@ class Pipeline:
             return
         mask = p.mask if p.mask is not None else np.ones((height, width), np.uint8)
         f = self.m["vae_scale_factor"]
-        if self.inpainting_model:
+        if self.model.inpainting:
             masked = image * (mask < 0.5)[None, None].astype(np.float32)
             masked_latents = self.vae_encode(masked, encode_noise, n)
             small = np.broadcast_to(mask[None, None, ::f, ::f].astype(np.float32), (n, 1, *masked_latents.shape[2:]))
@@ -230,9 +225,7 @@ class Pipeline:
     def decode(self, gen: Generation, index: int) -> np.ndarray:
         """uint8 [H, W, 3]; inpainting pastes it over the init image through the (blurred) mask, so kept pixels
         stay the init image's exactly (the VAE round trip would change them)."""
-        assert gen.latents is not None
-        with gen.timed("decode"):
-            return self.finish_image(gen, self.vae_decode(gen.latents[index : index + 1])[0])
+        return decode_batch(self.model, [(gen, index)])[0]
 
     def finish_image(self, gen: Generation, image: np.ndarray) -> np.ndarray:
         """A decoded image as the request wants it: inpainting pastes it over the init image through the mask."""

@@ -148,7 +148,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
             max_prompt_chars=MAX_PROMPT_CHARS,
         ),
         samplers=list(SAMPLERS),
-        inpainting_model=int(m.model.get("unet_in_channels", 4)) == 9,
+        inpainting_model=model.inpainting,
         fidelity=pb.Fidelity(
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,
