@@ -262,3 +262,26 @@ def test_requests_finishing_together_share_the_decoder(tiny_store, tiny_model) -
     assert sorted(decodes[0]) == ["s0", "s1", "s2"] and decodes[1] == ("s2",), decodes  # s2's second image next turn
     one_by_one, decodes = asyncio.run(run(decode_batch_pixels=64 * 64))
     assert one_by_one == solo and all(len(d) == 1 for d in decodes), decodes
+
+
+def test_a_request_that_breaks_a_batched_call_fails_alone(tiny_store, tiny_model, alone, monkeypatch) -> None:
+    """A UNet call that fails for one request is rerun request by request: only that one fails."""
+    from runtime import engine as engine_module
+
+    real = engine_module.unet_batch
+
+    def breaks_on_bad(model, gens):  # type: ignore[no-untyped-def]
+        if any(g.params.request_id == "bad" for g in gens):
+            raise RuntimeError("this request breaks the UNet")
+        return real(model, gens)
+
+    monkeypatch.setattr(engine_module, "unet_batch", breaks_on_bad)
+    bad = pb.GenerateRequest(model="tiny", prompt="bad", seed=9, steps=4, request_id="bad")
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, max_batch_size=16, max_wait_s=0.5) as server:
+            return await asyncio.gather(generate(server.port, REQUESTS[0]), generate(server.port, bad))
+
+    good, failed = asyncio.run(run())
+    assert good[0] == grpc.StatusCode.OK and pngs(good[1]) == alone["r0"]
+    assert failed[0] == grpc.StatusCode.INTERNAL
