@@ -278,8 +278,11 @@ def parser() -> argparse.ArgumentParser:
                                                                                              required=True)
     init = models.add_parser("init", help="write a diffusers folder with deterministic random weights")
     init.add_argument("dir")
-    init.add_argument("--arch", required=True, choices=["shapes", "tiny", "sd-v1"],
-                      help="shapes: the model Kiln trained (default demo); tiny, sd-v1: random weights")
+    from compiler.source.init import ARCHS  # the arch table only: no torch
+
+    init.add_argument("--arch", required=True, choices=sorted(ARCHS),
+                      help="shapes: the model Kiln trained (default demo); tiny, sd-v1 and their -inpainting "
+                           "(9-channel UNet) variants: random weights")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_models_init)
     ls = models.add_parser("list", help="list the models a server serves")

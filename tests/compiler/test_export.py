@@ -78,3 +78,14 @@ def test_external_data_on_request_and_back_to_one_file(tiny_bundle: Path, tmp_pa
     model = onnx.load(str(tiny_bundle / "vae_decoder.onnx"))  # saving with external data moved the weights out
     assert [p.name for p in save_model(model, tmp_path / "vae_decoder.onnx")] == ["vae_decoder.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_decoder.onnx"]
+
+
+def test_cli_init_writes_an_inpainting_model(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import kiln
+
+    out = kiln("models", "init", str(tmp_path / "m"), "--arch", "tiny-inpainting")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "m/unet/config.json").read_text())["in_channels"] == 9
+    assert json.loads((tmp_path / "m/model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
