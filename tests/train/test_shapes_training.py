@@ -13,7 +13,7 @@ from train.shapes.spec import Scene, caption
 from train.shapes.trainer import TrainConfig, Trainer, train
 
 SMALL = TrainConfig(dataset_size=48, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4, decoder_steps=4, checkpoint_every=2,
-                    warmup_steps=2)
+                    warmup_steps=2, detail_steps=4)
 
 
 def test_data_is_seeded_and_captions_say_everything() -> None:
@@ -58,6 +58,48 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     assert all(v.dtype == torch.float16 for v in a.values())
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert ck["state"]["phase"] == "done" and ck["opt_unet"]["state"]  # optimizer state is in the checkpoint
+    assert ck["opt_detail"]["state"] and set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet", "detail"}
+
+
+def test_resume_inside_the_detail_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = train(tmp_path / "straight", SMALL, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    save = Trainer.save_checkpoint
+
+    def save_then_die(self: Trainer) -> None:  # the process dies right after the detail phase's step-2 checkpoint
+        save(self)
+        if self.state["phase"] == "detail" and self.state["step"] == 2:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(tmp_path / "resumed", SMALL, progress=False)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    resumed = train(tmp_path / "resumed", SMALL, resume=True, progress=False)
+    a, b = _weights(straight), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_detail_phase_weighs_the_shape_pixels() -> None:
+    trainer = Trainer(Path("unused"), SMALL, progress=False)
+    trainer.cache_latents()
+    w = trainer.object_weights()
+    assert w.shape == (48, 1, 16, 16)  # 4x VAE: one weight per latent pixel
+    assert set(w.unique().tolist()) == {1.0, 1.0 + SMALL.detail_object_weight}
+    for k, scene in enumerate(trainer.scenes):
+        on = (w[k, 0] > 1).nonzero()
+        ys, xs = on[:, 0], on[:, 1]
+        # the shape's box in latent pixels (nominal size + 2 px jitter, anti-aliasing), plus the one-pixel border
+        half = ({"small": 16, "large": 30}[scene.size] / 2 + 3) / 4 + 1
+        cx = {"left": 17, "centre": 32, "right": 47}[scene.position] / 4
+        assert (xs.float() + 0.5 - cx).abs().max() <= half + 0.5 and (ys.float() + 0.5 - 8).abs().max() <= half + 0.5
+    small = [k for k, s in enumerate(trainer.scenes) if s.size == "small"]
+    large = [k for k, s in enumerate(trainer.scenes) if s.size == "large"]
+    assert (w[small] > 1).sum() / len(small) < (w[large] > 1).sum() / len(large)
 
 
 def test_resume_refuses_another_config(tmp_path: Path) -> None:
