@@ -45,13 +45,13 @@ def versions(*packages: str) -> str:
 
 
 def git_rev() -> str:
-    """The short commit, with " + uncommitted changes" when tracked files differ from it (a result measured on
-    a tree no commit holds says so)."""
+    """The short commit, with " + uncommitted changes" when tracked files other than results differ from it (a
+    result measured on a tree no commit holds says so)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench/results"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + (" + uncommitted changes" if dirty else "")
