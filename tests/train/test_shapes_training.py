@@ -40,8 +40,13 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
-    straight = train(tmp_path / "straight", SMALL, progress=False)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted SMALL run's model folder (shared: every resume test compares against it)."""
+    return train(tmp_path_factory.mktemp("straight") / "run", SMALL, progress=False)
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, straight: Path) -> None:
 
     interrupted = Trainer(tmp_path / "resumed", SMALL, progress=False)
     interrupted.out.mkdir()
@@ -61,8 +66,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     assert ck["opt_detail"]["state"] and set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet", "detail"}
 
 
-def test_resume_inside_the_detail_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = train(tmp_path / "straight", SMALL, progress=False)
+def test_resume_inside_the_detail_phase(tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     class Killed(Exception):
         pass
@@ -102,8 +106,7 @@ def test_detail_phase_weighs_the_shape_pixels() -> None:
     assert (w[small] > 1).sum() / len(small) < (w[large] > 1).sum() / len(large)
 
 
-def test_resume_refuses_another_config(tmp_path: Path) -> None:
-    train(tmp_path / "run", SMALL, progress=False)
+def test_resume_refuses_another_config(straight: Path) -> None:
     other = TrainConfig(**{**SMALL.__dict__, "unet_lr": 1e-3})
     with pytest.raises(ValueError, match="made with another config"):
-        train(tmp_path / "run", other, resume=True, progress=False)
+        train(straight.parent, other, resume=True, progress=False)  # refused before anything is written
