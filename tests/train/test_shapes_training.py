@@ -40,6 +40,14 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _assert_same_weights(a: Path, b: Path) -> dict[str, torch.Tensor]:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    return wa
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted SMALL run's model folder (shared: every resume test compares against it)."""
@@ -56,11 +64,8 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, straight: Pat
         train(tmp_path / "resumed", SMALL, progress=False)
     resumed = train(tmp_path / "resumed", SMALL, resume=True, progress=False)
 
-    a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys() and len(a) > 50
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert all(v.dtype == torch.float16 for v in a.values())
+    a = _assert_same_weights(straight, resumed)
+    assert len(a) > 50 and all(v.dtype == torch.float16 for v in a.values())
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert ck["state"]["phase"] == "done" and ck["opt_unet"]["state"]  # optimizer state is in the checkpoint
     assert ck["opt_detail"]["state"] and set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet", "detail"}
@@ -83,9 +88,7 @@ def test_resume_inside_the_detail_phase(tmp_path: Path, straight: Path, monkeypa
         train(tmp_path / "resumed", SMALL, progress=False)
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
     resumed = train(tmp_path / "resumed", SMALL, resume=True, progress=False)
-    a, b = _weights(straight), _weights(resumed)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_weights(straight, resumed)
 
 
 def test_detail_phase_weighs_the_shape_pixels() -> None:

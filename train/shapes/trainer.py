@@ -103,7 +103,8 @@ class Trainer:
         self.ema: dict[str, dict] = {}
         self.state = {"phase": "vae", "step": 0, "losses": {}}
         self.opt_vae = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = self.denoiser_params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        """What phases 3 and 4 train (and clip): the UNet's and the text encoder's parameters."""
         self.opt_unet = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
         decoder = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
         self.opt_decoder = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
@@ -116,7 +117,7 @@ class Trainer:
         self.alphas_cumprod = torch.from_numpy(np.asarray(ac, dtype=np.float32))
         self.rng = np.random.default_rng(config.seed + 1)
         self.decoder_rng = np.random.default_rng(config.seed + 2)
-        self.detail_rng = np.random.default_rng(config.seed + 99)
+        self.detail_rng = self._detail_stream()
         self.images, self.scenes = dataset(config.dataset_size, config.seed)
         self.latents: torch.Tensor | None = None
         self.scaling_factor = 1.0
@@ -313,12 +314,11 @@ class Trainer:
     def train_unet(self) -> None:
         c = self.config
         self._start_ema()
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
 
         def loss_fn():  # type: ignore[no-untyped-def]
             return self._diffusion_loss(self.rng.integers(0, len(self.scenes), c.unet_batch), self.rng)
 
-        self._run_phase("unet", c.unet_steps, self.opt_unet, loss_fn, smoothing=0.98, clip=params,
+        self._run_phase("unet", c.unet_steps, self.opt_unet, loss_fn, smoothing=0.98, clip=self.denoiser_params,
                         before_step=self._cosine(self.opt_unet, c.unet_lr, c.warmup_steps, c.unet_steps),
                         after_step=self._update_ema)
 
@@ -335,6 +335,10 @@ class Trainer:
         mask = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1)
         return 1 + self.config.detail_object_weight * mask
 
+    def _detail_stream(self) -> np.random.Generator:
+        """Phase 4's random stream as each cycle starts it."""
+        return np.random.default_rng(self.config.seed + 99)
+
     def train_detail(self) -> None:
         """Phase 4: sharper shapes. The phase 3 loss with shape pixels weighted up and small shapes oversampled,
         in `detail_cycles` warm restarts of `detail_steps` steps."""
@@ -343,7 +347,6 @@ class Trainer:
         if total == 0:
             return
         self._start_ema()
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         weights = self.object_weights()
         small = np.array([i for i, s in enumerate(self.scenes) if s.size == "small"])
         cosine = self._cosine(self.opt_detail, c.detail_lr, 50, c.detail_steps)
@@ -351,7 +354,7 @@ class Trainer:
         def before_step(step: int) -> dict[str, str]:
             if step % c.detail_steps == 0:  # a cycle starts: fresh optimizer state and the same batches again
                 self.opt_detail.state.clear()
-                self.detail_rng = np.random.default_rng(c.seed + 99)
+                self.detail_rng = self._detail_stream()
             return {**cosine(step % c.detail_steps), "cycle": f"{step // c.detail_steps + 1}/{c.detail_cycles}"}
 
         def loss_fn():  # type: ignore[no-untyped-def]
@@ -360,7 +363,7 @@ class Trainer:
             idx = np.concatenate([rng.choice(small, n_small), rng.integers(0, len(self.scenes), c.unet_batch - n_small)])
             return self._diffusion_loss(idx, rng, weights[self.torch.from_numpy(idx)])
 
-        self._run_phase("detail", total, self.opt_detail, loss_fn, smoothing=0.98, clip=params,
+        self._run_phase("detail", total, self.opt_detail, loss_fn, smoothing=0.98, clip=self.denoiser_params,
                         before_step=before_step, after_step=lambda step: self._update_ema(step % c.detail_steps))
 
     def _update_ema(self, step: int) -> None:
