@@ -129,7 +129,7 @@ def test_4bit_bundles(precision: str, op: str, tiny_source: Path, tmp_path: Path
     assert m.components["unet"].quantization["conv"]["method"] == "static QDQ"
     assert m.components["unet"].op_counts["DequantizeLinear"] > 0
     assert m.fidelity["passed"]
-    _generates(bundle)
+    _generates(bundle, tmp_path)
 
 
 def test_fp16_bundle_runs_on_cpu(tiny_source: Path, tmp_path: Path) -> None:
@@ -142,21 +142,27 @@ def test_fp16_bundle_runs_on_cpu(tiny_source: Path, tmp_path: Path) -> None:
     assert {i.type.tensor_type.elem_type for i in unet.graph.input} == {onnx.TensorProto.FLOAT}  # io stays fp32
     assert "InstanceNormalization" not in m.components["unet"].quantization["op_block_list"]
     assert m.fidelity["psnr"] > 30
-    _generates(bundle)
+    _generates(bundle, tmp_path)
 
 
-def _generates(bundle: Path) -> None:
-    from model_store import BundleRef
+def _generates(bundle: Path, tmp_path: Path) -> None:
+    """The bundle serves over gRPC: `kiln serve` on its store lists it with its precision and generates a PNG."""
+    from PIL import Image
+
     from proto.kiln.v1 import kiln_pb2 as pb
-    from runtime.model import load_bundle
-    from runtime.pipeline import Pipeline
-    from runtime.validate import validate
+    from runtime.client import generate, list_models
 
-    model = load_bundle(BundleRef(bundle, Manifest.read(bundle)))
-    params = validate(pb.GenerateRequest(prompt="a blue square", seed=1), model.manifest.defaults,
-                      model.manifest.limits)
-    images, _ = Pipeline(model).run(params)
-    assert images[0].shape == (64, 64, 3) and images[0].std() > 0
+    m = Manifest.read(bundle)
+    server = start_server(bundle.parent.parent, tmp_path / "serve.log")
+    try:
+        info = list_models(server.target).models[0]
+        assert info.name == m.name and dict(info.precision) == m.precision
+        result = generate(server.target, pb.GenerateRequest(model=m.name, prompt="a blue square", seed=1),
+                          tmp_path / "out", timeout=60, progress=False)
+        image = np.asarray(Image.open(result.paths[0]).convert("RGB"))
+        assert image.shape == (64, 64, 3) and image.std() > 0
+    finally:
+        assert server.stop() == 0
 
 
 def _absurd_scales(path: Path) -> None:
