@@ -13,7 +13,7 @@ from train.shapes.spec import Scene, caption
 from train.shapes.trainer import TrainConfig, Trainer, train
 
 SMALL = TrainConfig(dataset_size=48, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4, decoder_steps=4, checkpoint_every=2,
-                    warmup_steps=2)
+                    warmup_steps=2, detail_steps=4)
 
 
 def test_data_is_seeded_and_captions_say_everything() -> None:
@@ -68,19 +68,19 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, straight: Pat
     assert len(a) > 50 and all(v.dtype == torch.float16 for v in a.values())
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert ck["state"]["phase"] == "done" and ck["opt_unet"]["state"]  # optimizer state is in the checkpoint
-    assert set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet"}
+    assert ck["opt_detail"]["state"] and set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet", "detail"}
 
 
-def test_resume_inside_the_unet_phase(tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_inside_the_detail_phase(tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     class Killed(Exception):
         pass
 
     save = Trainer.save_checkpoint
 
-    def save_then_die(self: Trainer) -> None:  # the process dies right after the UNet phase's step-2 checkpoint
+    def save_then_die(self: Trainer) -> None:  # the process dies right after the detail phase's step-2 checkpoint
         save(self)
-        if self.state["phase"] == "unet" and self.state["step"] == 2:
+        if self.state["phase"] == "detail" and self.state["step"] == 2:
             raise Killed
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
@@ -91,12 +91,12 @@ def test_resume_inside_the_unet_phase(tmp_path: Path, straight: Path, monkeypatc
     _assert_same_weights(straight, resumed)
 
 
-def test_unet_phase_weighs_the_shape_pixels() -> None:
+def test_detail_phase_weighs_the_shape_pixels() -> None:
     trainer = Trainer(Path("unused"), SMALL, progress=False)
     trainer.cache_latents()
     w = trainer.object_weights()
     assert w.shape == (48, 1, 16, 16)  # 4x VAE: one weight per latent pixel
-    assert set(w.unique().tolist()) == {1.0, 1.0 + SMALL.object_weight}
+    assert set(w.unique().tolist()) == {1.0, 1.0 + SMALL.detail_object_weight}
     for k, scene in enumerate(trainer.scenes):
         on = (w[k, 0] > 1).nonzero()
         ys, xs = on[:, 0], on[:, 1]

@@ -1,6 +1,7 @@
-"""`kiln train shapes OUT [--resume]`: VAE first, then the VAE decoder alone, then UNet + text encoder
-(v-prediction, caption dropout, EMA, SNR-capped weighting, offset noise, an object-weighted loss with small
-shapes oversampled); checkpoints hold optimizer state; a diffusers folder at the end."""
+"""`kiln train shapes OUT [--resume]`: VAE first, then UNet + text encoder (v-prediction, caption dropout,
+EMA, SNR-capped weighting, offset noise) after fine-tuning the VAE decoder alone, then a shape-detail phase
+(object-weighted loss, small shapes oversampled); checkpoints hold optimizer state; a diffusers folder at the
+end."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     """KL term weight: small, so latents keep detail; the latent scale is normalised afterwards."""
-    unet_steps: int = 5000
+    unet_steps: int = 5500
     """UNet + text encoder optimizer steps (phase 3)."""
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -58,13 +59,20 @@ class TrainConfig:
     image-space (x0) MSE weighted min(SNR, gamma) + 1. Like Min-SNR (Hang et al. 2023) it stops nearly clean
     steps from dominating; unlike Min-SNR's min(SNR, gamma) it keeps weight 1 on nearly pure noise, where the
     layout is decided."""
-    object_weight: float = 8.0
-    """Phase 3: latent pixels on or next to the shape weigh 1 + this in the loss, the background 1 (0 gives the
-    plain mean). With the plain loss a small square and a small circle differ in a few corner pixels of a 64x64
-    image, a tiny share of the loss, and the model drew both as the same blob."""
-    small_share: float = 0.5
-    """Phase 3: expected share of each batch drawn from small-shape scenes (half the data are small anyway, but
-    they are the hard half; the draw is binomial per batch)."""
+    detail_steps: int = 800
+    """Phase 4: UNet + text encoder steps per cycle with the shape-detail loss, after phase 3 (0 skips the
+    phase)."""
+    detail_cycles: int = 2
+    """Phase 4 cycles (warm restarts): each starts a fresh AdamW, a fresh learning-rate schedule and the EMA's
+    warm-up, and draws the same batches (its random stream is seeded afresh)."""
+    detail_lr: float = 1.5e-4
+    """Phase 4 peak learning rate of each cycle (50 warm-up steps, cosine decay to 0)."""
+    detail_object_weight: float = 8.0
+    """Phase 4: latent pixels on or next to the shape weigh 1 + this in the loss, the background 1. With the
+    plain loss a small square and a small circle differ in a few corner pixels of a 64x64 image, a tiny share
+    of the loss, and the model drew both as the same blob."""
+    detail_small_share: float = 0.5
+    """Phase 4: expected share of each batch drawn from small-shape scenes (a third of the data otherwise)."""
     checkpoint_every: int = 200
     """Optimizer steps between checkpoints (each phase)."""
 
@@ -73,10 +81,11 @@ class TrainConfig:
                      "decoder_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.object_weight < 0:
-            raise ValueError(f"object_weight={self.object_weight} must be at least 0")
-        if not 0 <= self.small_share <= 1:
-            raise ValueError(f"small_share={self.small_share} must be in [0, 1]")
+        if self.detail_steps < 0 or self.detail_cycles < 0:
+            raise ValueError(f"detail_steps={self.detail_steps} and detail_cycles={self.detail_cycles} must be at "
+                             "least 0")
+        if not 0 <= self.detail_small_share <= 1:
+            raise ValueError(f"detail_small_share={self.detail_small_share} must be in [0, 1]")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
 
@@ -93,13 +102,13 @@ class Trainer:
         self.text_encoder, self.vae, self.unet = shapes_model.build()
         self.ema: dict[str, dict] = {}
         self.state = {"phase": "vae", "step": 0, "losses": {}}
-        # fused AdamW: one kernel over all parameters (the same update as the default foreach one)
-        self.opt_vae = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0, fused=True)
+        self.opt_vae = torch.optim.AdamW(self.vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
         params = self.denoiser_params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        """What phase 3 trains (and clips): the UNet's and the text encoder's parameters."""
-        self.opt_unet = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2, fused=True)
+        """What phases 3 and 4 train (and clip): the UNet's and the text encoder's parameters."""
+        self.opt_unet = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
         decoder = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
-        self.opt_decoder = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0, fused=True)
+        self.opt_decoder = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
+        self.opt_detail = torch.optim.AdamW(params, lr=config.detail_lr, weight_decay=1e-2)
         from transformers import CLIPTokenizerFast
 
         self.tokenizer = CLIPTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
@@ -108,6 +117,7 @@ class Trainer:
         self.alphas_cumprod = torch.from_numpy(np.asarray(ac, dtype=np.float32))
         self.rng = np.random.default_rng(config.seed + 1)
         self.decoder_rng = np.random.default_rng(config.seed + 2)
+        self.detail_rng = self._detail_stream()
         self.images, self.scenes = dataset(config.dataset_size, config.seed)
         self.latents: torch.Tensor | None = None
         self.scaling_factor = 1.0
@@ -122,6 +132,7 @@ class Trainer:
         self.torch.save({
             "config": asdict(self.config), "scheduler": shapes_model.SCHEDULER_CONFIG, "state": self.state, "rng": self.rng.bit_generator.state,
             "decoder_rng": self.decoder_rng.bit_generator.state, "opt_decoder": self.opt_decoder.state_dict(),
+            "detail_rng": self.detail_rng.bit_generator.state, "opt_detail": self.opt_detail.state_dict(),
             "torch_rng": self.torch.get_rng_state(),
             "text_encoder": self.text_encoder.state_dict(), "vae": self.vae.state_dict(), "unet": self.unet.state_dict(),
             "ema": self.ema, "opt_vae": self.opt_vae.state_dict(), "opt_unet": self.opt_unet.state_dict(),
@@ -139,6 +150,8 @@ class Trainer:
         self.rng.bit_generator.state = ck["rng"]
         self.decoder_rng.bit_generator.state = ck["decoder_rng"]
         self.opt_decoder.load_state_dict(ck["opt_decoder"])
+        self.detail_rng.bit_generator.state = ck["detail_rng"]
+        self.opt_detail.load_state_dict(ck["opt_detail"])
         self.torch.set_rng_state(ck["torch_rng"])
         for name in ("text_encoder", "vae", "unet"):
             getattr(self, name).load_state_dict(ck[name])
@@ -160,6 +173,10 @@ class Trainer:
             self.save_checkpoint()
         if self.state["phase"] == "unet":
             self.train_unet()
+            self.state.update(phase="detail", step=0)
+            self.save_checkpoint()
+        if self.state["phase"] == "detail":
+            self.train_detail()
             self.state.update(phase="done", step=0)
             self.save_checkpoint()
         return self.export(self.out / "model")
@@ -185,7 +202,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
-                self.torch.nn.utils.clip_grad_norm_(clip, 1.0, foreach=True)
+                self.torch.nn.utils.clip_grad_norm_(clip, 1.0)
             optimizer.step()
             if after_step:
                 after_step(step)
@@ -254,7 +271,7 @@ class Trainer:
         return out
 
     def _diffusion_loss(self, idx: np.ndarray, rng: np.random.Generator, pixel_weight=None):  # type: ignore[no-untyped-def]
-        """The phase 3 loss on scenes `idx`: v-prediction MSE, weighted per image by (min(SNR, gamma) + 1) /
+        """The phase 3/4 loss on scenes `idx`: v-prediction MSE, weighted per image by (min(SNR, gamma) + 1) /
         (SNR + 1) and, with `pixel_weight` ([B, 1, h, w]), per latent pixel (a weighted mean over the latent)."""
         torch, c = self.torch, self.config
         assert self.latents is not None
@@ -295,25 +312,18 @@ class Trainer:
         return schedule
 
     def train_unet(self) -> None:
-        """Phase 3: the UNet and text encoder from scratch, with shape pixels weighted up and small shapes
-        oversampled."""
         c = self.config
         self._start_ema()
-        weights = self.object_weights()
-        small = np.array([i for i, s in enumerate(self.scenes) if s.size == "small"])
 
         def loss_fn():  # type: ignore[no-untyped-def]
-            n_small = int(self.rng.binomial(c.unet_batch, c.small_share)) if len(small) else 0
-            idx = np.concatenate([self.rng.choice(small, n_small),
-                                  self.rng.integers(0, len(self.scenes), c.unet_batch - n_small)])
-            return self._diffusion_loss(idx, self.rng, weights[self.torch.from_numpy(idx)])
+            return self._diffusion_loss(self.rng.integers(0, len(self.scenes), c.unet_batch), self.rng)
 
         self._run_phase("unet", c.unet_steps, self.opt_unet, loss_fn, smoothing=0.98, clip=self.denoiser_params,
                         before_step=self._cosine(self.opt_unet, c.unet_lr, c.warmup_steps, c.unet_steps),
                         after_step=self._update_ema)
 
     def object_weights(self):  # type: ignore[no-untyped-def]
-        """[N, 1, h, w] latent-pixel loss weights: 1 + object_weight on latent pixels that hold part of the
+        """[N, 1, h, w] latent-pixel loss weights: 1 + detail_object_weight on latent pixels that hold part of the
         shape or touch one that does, 1 elsewhere. The shape's pixels are those away from the scene's background
         colour (anti-aliased edges included)."""
         torch = self.torch
@@ -323,7 +333,38 @@ class Trainer:
         factor = self.images.shape[1] // self.latents.shape[-1]
         mask = torch.nn.functional.max_pool2d(torch.from_numpy(shape_px)[:, None], factor)
         mask = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1)
-        return 1 + self.config.object_weight * mask
+        return 1 + self.config.detail_object_weight * mask
+
+    def _detail_stream(self) -> np.random.Generator:
+        """Phase 4's random stream as each cycle starts it."""
+        return np.random.default_rng(self.config.seed + 99)
+
+    def train_detail(self) -> None:
+        """Phase 4: sharper shapes. The phase 3 loss with shape pixels weighted up and small shapes oversampled,
+        in `detail_cycles` warm restarts of `detail_steps` steps."""
+        c = self.config
+        total = c.detail_steps * c.detail_cycles
+        if total == 0:
+            return
+        self._start_ema()
+        weights = self.object_weights()
+        small = np.array([i for i, s in enumerate(self.scenes) if s.size == "small"])
+        cosine = self._cosine(self.opt_detail, c.detail_lr, 50, c.detail_steps)
+
+        def before_step(step: int) -> dict[str, str]:
+            if step % c.detail_steps == 0:  # a cycle starts: fresh optimizer state and the same batches again
+                self.opt_detail.state.clear()
+                self.detail_rng = self._detail_stream()
+            return {**cosine(step % c.detail_steps), "cycle": f"{step // c.detail_steps + 1}/{c.detail_cycles}"}
+
+        def loss_fn():  # type: ignore[no-untyped-def]
+            rng = self.detail_rng
+            n_small = int(rng.binomial(c.unet_batch, c.detail_small_share)) if len(small) else 0
+            idx = np.concatenate([rng.choice(small, n_small), rng.integers(0, len(self.scenes), c.unet_batch - n_small)])
+            return self._diffusion_loss(idx, rng, weights[self.torch.from_numpy(idx)])
+
+        self._run_phase("detail", total, self.opt_detail, loss_fn, smoothing=0.98, clip=self.denoiser_params,
+                        before_step=before_step, after_step=lambda step: self._update_ema(step % c.detail_steps))
 
     def _update_ema(self, step: int) -> None:
         decay = min(self.config.ema_decay, (1 + step) / (10 + step))
