@@ -334,8 +334,8 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
 
     t = sub.add_parser("train", help="train a model Kiln ships").add_subparsers(dest="train_command", required=True)
-    ts = t.add_parser("shapes", help="the shapes demo model: VAE, decoder, UNet + text encoder, shape detail "
-                      "(about 2 h on 2 cores)")
+    ts = t.add_parser("shapes", help="the shapes demo model: VAE, VAE decoder, UNet + text encoder "
+                      "(about 85 min on 2 cores)")
     ts.add_argument("out", help="folder for checkpoints, the loss log and the final diffusers model (OUT/model)")
     ts.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ts.add_argument("--seed", type=int, default=0)

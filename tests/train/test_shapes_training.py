@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from train.shapes.spec import Scene, caption
 from train.shapes.trainer import TrainConfig, Trainer, train
 
 SMALL = TrainConfig(dataset_size=48, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4, decoder_steps=4, checkpoint_every=2,
-                    warmup_steps=2, detail_steps=4)
+                    warmup_steps=2)
 
 
 def test_data_is_seeded_and_captions_say_everything() -> None:
@@ -66,21 +68,23 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path, straight: Pat
 
     a = _assert_same_weights(straight, resumed)
     assert len(a) > 50 and all(v.dtype == torch.float16 for v in a.values())
+    shipped = Path(__file__).parents[2] / "compiler/source/pretrained/shapes/kiln.json"
+    assert json.loads((straight / "kiln.json").read_text()) == json.loads(shipped.read_text())
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert ck["state"]["phase"] == "done" and ck["opt_unet"]["state"]  # optimizer state is in the checkpoint
-    assert ck["opt_detail"]["state"] and set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet", "detail"}
+    assert set(ck["state"]["losses"]) == {"vae", "vae_decoder", "unet"}
 
 
-def test_resume_inside_the_detail_phase(tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_inside_the_unet_phase(tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     class Killed(Exception):
         pass
 
     save = Trainer.save_checkpoint
 
-    def save_then_die(self: Trainer) -> None:  # the process dies right after the detail phase's step-2 checkpoint
+    def save_then_die(self: Trainer) -> None:  # the process dies right after the UNet phase's step-2 checkpoint
         save(self)
-        if self.state["phase"] == "detail" and self.state["step"] == 2:
+        if self.state["phase"] == "unet" and self.state["step"] == 2:
             raise Killed
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
@@ -91,12 +95,12 @@ def test_resume_inside_the_detail_phase(tmp_path: Path, straight: Path, monkeypa
     _assert_same_weights(straight, resumed)
 
 
-def test_detail_phase_weighs_the_shape_pixels() -> None:
+def test_unet_phase_weighs_the_shape_pixels() -> None:
     trainer = Trainer(Path("unused"), SMALL, progress=False)
     trainer.cache_latents()
     w = trainer.object_weights()
     assert w.shape == (48, 1, 16, 16)  # 4x VAE: one weight per latent pixel
-    assert set(w.unique().tolist()) == {1.0, 1.0 + SMALL.detail_object_weight}
+    assert set(w.unique().tolist()) == {1.0, 1.0 + SMALL.object_weight}
     for k, scene in enumerate(trainer.scenes):
         on = (w[k, 0] > 1).nonzero()
         ys, xs = on[:, 0], on[:, 1]
@@ -113,3 +117,17 @@ def test_resume_refuses_another_config(straight: Path) -> None:
     other = TrainConfig(**{**SMALL.__dict__, "unet_lr": 1e-3})
     with pytest.raises(ValueError, match="made with another config"):
         train(straight.parent, other, resume=True, progress=False)  # refused before anything is written
+
+
+def test_phase_3_runs_under_bf16_autocast_close_to_fp32() -> None:
+    """TrainConfig.bf16: the loss is computed in bf16 (so it differs from fp32) but stays within bf16's error."""
+    trainer = Trainer(Path("unused"), dataclasses.replace(SMALL), progress=False)  # a copy: the test flips bf16
+    trainer.cache_latents()
+    idx = np.arange(8)
+    losses = {}
+    for bf16 in (True, False):
+        trainer.config.bf16 = bf16
+        with torch.no_grad():
+            losses[bf16] = trainer._diffusion_loss(idx, np.random.default_rng(3)).item()
+    assert losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=3e-2)
