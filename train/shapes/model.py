@@ -19,11 +19,6 @@ SCHEDULER_CONFIG = {
     "prediction_type": "v_prediction",
 }
 
-REQUEST_DEFAULTS = {"sampler": "euler", "steps": 4, "guidance_scale": 2.0}
-"""The request defaults of the trained model: Euler reads best at 4 steps of the samplers there
-(`bench/results/quality-samplers.md`); written to the model's `kiln.json`, which `kiln compile` turns into the
-bundle's request defaults."""
-
 TEXT_ENCODER = {
     "vocab_size": 49408, "hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 4,
     "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,

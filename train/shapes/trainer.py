@@ -354,7 +354,7 @@ class Trainer:
     def export(self, folder: Path, dtype: str = "float16") -> Path:
         """A diffusers folder with EMA weights (fp16 by default), the CLIP tokenizer, the scheduler and `kiln.json`
         (the request defaults the model reads best with)."""
-        from compiler.source.init import MODEL_INDEX
+        from compiler.source.init import MODEL_INDEX, PRETRAINED
 
         torch = self.torch
         if folder.exists():
@@ -370,7 +370,7 @@ class Trainer:
         (folder / "scheduler").mkdir()
         (folder / "scheduler/scheduler_config.json").write_text(json.dumps(shapes_model.SCHEDULER_CONFIG, indent=2))
         (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-        (folder / "kiln.json").write_text(json.dumps({"defaults": shapes_model.REQUEST_DEFAULTS}) + "\n")
+        shutil.copy(PRETRAINED / "shapes/kiln.json", folder / "kiln.json")  # the recipe's request defaults
         (folder / "training.json").write_text(json.dumps(
             {"config": asdict(self.config), "final_losses": self.state["losses"]}, indent=2) + "\n")
         return folder
