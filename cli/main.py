@@ -262,6 +262,22 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Archs:
+    """`--arch` choices, read from the compiler's arch table only when `models init` is parsed or its help is
+    shown: building the parser for `kiln serve` or `kiln generate` must import nothing from compiler/."""
+
+    def _names(self) -> list[str]:
+        from compiler.source.init import ARCHS  # the arch table only: no torch
+
+        return sorted(ARCHS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._names())
+
+
 def _api_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY", ""),
                    help="API key for servers with accounts (default: $KILN_API_KEY)")
@@ -278,11 +294,9 @@ def parser() -> argparse.ArgumentParser:
                                                                                              required=True)
     init = models.add_parser("init", help="write a diffusers folder with deterministic random weights")
     init.add_argument("dir")
-    from compiler.source.init import ARCHS  # the arch table only: no torch
-
-    init.add_argument("--arch", required=True, choices=sorted(ARCHS),
-                      help="shapes: the model Kiln trained (default demo); tiny, sd-v1 and their -inpainting "
-                           "(9-channel UNet) variants: random weights")
+    init.add_argument("--arch", required=True, choices=_Archs(), metavar="ARCH",
+                      help="%(choices)s. shapes: the model Kiln trained (default demo); tiny, sd-v1 and their "
+                           "-inpainting (9-channel UNet) variants: random weights")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_models_init)
     ls = models.add_parser("list", help="list the models a server serves")
