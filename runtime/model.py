@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store import BundleRef, Manifest, ManifestError, Store
+from model_store import BundleRef, HashCache, Manifest, ManifestError, Store
+from runtime.device import GPU_PROVIDERS, ProviderSpec, provider_names
 from runtime.samplers.schedule import NoiseSchedule
 from runtime.sessions import ModelSession, OrtSession
 from runtime.sessions_openvino import OpenVinoConfig, OpenVinoSession, UnreadableGraph, require_openvino
@@ -41,14 +42,15 @@ class LoadedModel:
         return int(self.manifest.model.get("unet_in_channels", 4)) == 9
 
 
-def load_bundle(ref: BundleRef, providers: list[str] | None = None, threads: int = 0, engine: str = "onnxruntime",
-                openvino: OpenVinoConfig | None = None) -> LoadedModel:
-    """Open every component of a bundle; raises ManifestError if files are missing or resized."""
-    ref.check_files()
+def load_bundle(ref: BundleRef, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",
+                openvino: OpenVinoConfig | None = None, hashes: HashCache | None = None) -> LoadedModel:
+    """Verify every file of a bundle against its manifest (size and sha256; `hashes` remembers the sha256 of files
+    already verified), then open its components; raises ManifestError naming the first file that differs."""
+    ref.check_files(hashes=True, cache=hashes if hashes is not None else HashCache(persist=False))
     return open_bundle_dir(ref.path, ref.manifest, providers, threads, engine, openvino)
 
 
-def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None, threads: int = 0,
+def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = None, threads: int = 0,
                     engine: str = "onnxruntime", openvino: OpenVinoConfig | None = None) -> LoadedModel:
     """Sessions over a bundle folder's files as `m` describes them (the compiler uses it before publishing).
 
@@ -62,10 +64,11 @@ def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None,
         raise ManifestError(f"bundle {path} lacks components {missing}")
     providers = providers or ["CPUExecutionProvider"]
     gpu_only = [n for n, c in m.components.items() if c.gpu_only]
-    if gpu_only and providers == ["CPUExecutionProvider"]:
+    if gpu_only and (engine == "openvino" or not GPU_PROVIDERS & set(provider_names(providers))):
         raise ManifestError(
             f"bundle {m.name} {m.version}: {', '.join(gpu_only)} ({m.components[gpu_only[0]].precision}) cannot run on "
-            "ONNX Runtime's CPU provider; serve it with onnxruntime-gpu, or compile --precision fp32/int8 for CPU"
+            "the CPU; serve it with `kiln serve --device cuda` (onnxruntime-gpu), or compile --precision fp32/int8 "
+            "for CPU"
         )
     if engine == "openvino":
         config = openvino or OpenVinoConfig(threads=threads)
@@ -79,24 +82,38 @@ def open_bundle_dir(path: Path, m: Manifest, providers: list[str] | None = None,
     return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
 
 
-def load_store(root: str | Path, providers: list[str] | None = None, threads: int = 0, engine: str = "onnxruntime",
-               openvino: OpenVinoConfig | None = None) -> dict[str, LoadedModel]:
-    """The latest version of every bundle in the store; a broken bundle (or one `engine` cannot read) is logged and
-    skipped. A missing engine is not per bundle: OpenVinoMissing is raised at once."""
+def load_store(root: str | Path, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",
+               openvino: OpenVinoConfig | None = None, hashes: HashCache | None = None) -> dict[str, LoadedModel]:
+    """The newest version of every bundle in the store that verifies and loads (newest by its manifest's creation
+    time). A version whose files differ from its manifest, or that fails to open (or that `engine` cannot read), is
+    logged and the next older one is tried, so a broken publish never takes a model offline. A missing engine is
+    not per bundle: OpenVinoMissing is raised at once."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} must be one of {', '.join(ENGINES)}")
     if engine == "openvino":
         require_openvino()
     store = Store(root)
+    hashes = hashes if hashes is not None else HashCache(persist=False)
     models: dict[str, LoadedModel] = {}
     for name in store.names():
-        try:
-            models[name] = load_bundle(store.latest(name), providers, threads, engine, openvino)
-        except (ManifestError, UnreadableGraph) as e:
-            log.error("skipping bundle %s: %s", name, e)
-            continue
-        except Exception:  # a bundle the runtime cannot open must not stop the others from serving
-            log.exception("skipping bundle %s: its sessions failed to load", name)
-            continue
-        log.info("loaded %s version %s from %s", name, models[name].version, models[name].path)
+        refs = store.refs(name)
+        for i, ref in enumerate(refs):
+            fallback = f"; trying version {refs[i + 1].manifest.version}" if i + 1 < len(refs) else ""
+            try:
+                models[name] = load_bundle(ref, providers, threads, engine, openvino, hashes)
+            except (ManifestError, UnreadableGraph) as e:
+                log.error("skipping bundle %s version %s: %s%s", name, ref.manifest.version, e, fallback)
+                continue
+            except Exception:  # a bundle the runtime cannot open must not stop the others from serving
+                log.exception("skipping bundle %s version %s: its sessions failed to load%s", name,
+                              ref.manifest.version, fallback)
+                continue
+            log.info("loaded %s version %s from %s", name, ref.manifest.version, ref.path)
+            break
+        if name not in models:
+            log.error("bundle %s: no version verified and loaded; it is not served", name)
+    hashes.save()
+    if hashes.hashed:
+        log.info("verified %d file(s), %.1f MB, against their manifests' sha256", hashes.hashed,
+                 hashes.hashed_bytes / 1e6)
     return models
