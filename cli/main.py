@@ -93,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from runtime.accounts.accounts import AccountsConfig
     from runtime.accounts.tiers import DEFAULT_TIERS
+    from runtime.device import DeviceConfig
     from runtime.engine import EngineConfig
     from runtime.server.app import ServeConfig, serve
 
@@ -103,9 +104,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--tiers needs --auth-db (the ledger the tiers' credits are kept in)")
     engine = EngineConfig(batching=not args.no_batching, max_batch_size=args.max_batch,
                           max_wait_s=args.max_wait_ms / 1000, max_queue=args.max_queue)
+    device = DeviceConfig(args.device, tuple(filter(None, args.providers.split(","))),
+                          Path(args.trt_cache) if args.trt_cache else None)
+    extra = {}
+    if args.cache_dir:
+        extra["cache_dir"] = None if args.cache_dir == "none" else Path(args.cache_dir)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
-                         engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision)
+                         engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
+                         device=device, **extra)
     return asyncio.run(serve(config))
 
 
@@ -365,6 +372,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where ONNX Runtime runs the graphs: cpu (default), or an NVIDIA GPU (needs onnxruntime-gpu; "
+                        "fp16 bundles need one)")
+    s.add_argument("--providers", default="", metavar="P[,P...]",
+                   help="execution providers in order of preference, from cpu, cuda, tensorrt (default: cuda,cpu on "
+                        "a GPU, cpu on the CPU); tensorrt needs --trt-cache")
+    s.add_argument("--trt-cache", metavar="DIR", help="TensorRT engine and timing cache folder (kept across starts)")
+    s.add_argument("--cache-dir", metavar="DIR",
+                   help="where the sha256 of verified bundle files are remembered so restarts do not hash them again "
+                        "(default: $KILN_CACHE_DIR, else ~/.cache/kiln; none: hash at every start)")
     s.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
                    help="who runs the graphs (openvino: CPU, bf16 on AMX; reads fp32/int8/int4 bundles, not nf4 or fp16; pip extra kiln[openvino])")
     s.add_argument("--openvino-precision", default="default", choices=["default", "bf16", "f32"],

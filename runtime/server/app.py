@@ -13,8 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from model_store import HashCache
+from model_store.integrity import default_cache_dir
 from proto.kiln.v1 import kiln_pb2, kiln_pb2_grpc
 from runtime.accounts.accounts import Accounts, AccountsConfig
+from runtime.device import DeviceConfig, available_providers, provider_names
 from runtime.engine import Engine, EngineConfig
 from runtime.model import LoadedModel, load_store
 from runtime.server.interceptors import ErrorInterceptor
@@ -57,12 +60,20 @@ class ServeConfig:
     """With the OpenVINO engine: `default` (OpenVINO's choice: bf16 on AMX CPUs), `bf16` or `f32`."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Step-level batching and the queue limit (`--max-batch`, `--max-wait-ms`, `--max-queue`, `--no-batching`)."""
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    """Where the ONNX Runtime engine runs the graphs (`--device cpu|cuda[:N]`, `--providers`, `--trt-cache`)."""
+    cache_dir: Path | None = field(default_factory=default_cache_dir)
+    """Where verified files' sha256 are remembered (`--cache-dir`; default $KILN_CACHE_DIR, else ~/.cache/kiln),
+    so a restart does not hash the store again; None: hash every file at every start."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be between 0 and 65535")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be 0 (one per core) or more")
+        if self.device.gpu and self.inference_engine != "onnxruntime":
+            raise ValueError(f"device={self.device.device} needs the onnxruntime engine; engine="
+                             f"{self.inference_engine!r} runs on the CPU only")
         if self.accounts is None and not self.insecure_open and not _is_loopback(self.host):
             raise ValueError(f"host={self.host!r} is not a loopback address and no --auth-db is given: anyone who "
                              "can reach it could generate for free. Give --auth-db (and --tiers), or --insecure-open "
@@ -85,7 +96,13 @@ class KilnServer:
             from runtime.sessions_openvino import OpenVinoConfig
 
             ov = OpenVinoConfig(precision=config.openvino_precision, threads=config.threads)
-            models = load_store(config.store, threads=config.threads, engine=config.inference_engine, openvino=ov)
+            providers = config.device.resolve(available_providers()) if config.inference_engine == "onnxruntime" \
+                else None
+            if providers:
+                log.info("device %s: execution providers %s", config.device.device,
+                         ", ".join(provider_names(providers)))
+            models = load_store(config.store, providers, threads=config.threads, engine=config.inference_engine,
+                                openvino=ov, hashes=HashCache(config.cache_dir, persist=config.cache_dir is not None))
         self.models = models
         self.engine = Engine(config.engine)
         self.health = health.aio.HealthServicer()

@@ -222,6 +222,6 @@ def test_gpu_only_bundle_is_refused_on_cpu_with_a_clear_error(tiny_bundle: Path)
     m = Manifest.read(tiny_bundle)
     m.components["unet"].gpu_only = True
     m.components["unet"].precision = "fp16"
-    with pytest.raises(ManifestError, match=r"unet \(fp16\) cannot run on ONNX Runtime's CPU provider; serve it "
-                                            r"with onnxruntime-gpu"):
+    with pytest.raises(ManifestError, match=r"unet \(fp16\) cannot run on the CPU; serve it with `kiln serve "
+                                            r"--device cuda` \(onnxruntime-gpu\)"):
         open_bundle_dir(tiny_bundle, m)
