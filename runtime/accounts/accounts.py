@@ -24,7 +24,9 @@ class AccountsConfig:
     result_cache_bytes: int = 256 << 20
     """Responses of finished requests kept for idempotent retries (per server process); the oldest go first."""
     clock: Callable[[], float] = field(default=time.time, repr=False)
-    """Unix time; tests move it."""
+    """This server's Unix time, the `now` it passes to the ledger (tests move it). The SQLite ledger decides hold
+    expiry, rates and days with it; the Redis ledger ignores it for the Redis server's clock, which replicas on
+    several hosts share."""
 
     def __post_init__(self) -> None:
         if not self.hold_ttl_s > 0:

@@ -8,6 +8,11 @@ concurrent requests on any number of servers sharing the ledger can never spend 
 
 Backends: `SqliteLedger` (`sqlite:///PATH`, WAL mode) and `RedisLedger` (`redis://HOST:PORT/DB`);
 `open_ledger(url)` picks one. Both implement `Ledger` and pass the same test suite.
+
+Time: hold expiry, the rate limit, the UTC day and the idempotency window are decided on one clock per ledger.
+SQLite's is the `now` each caller passes: the servers sharing its file run on one host and read one clock.
+Redis' is the Redis server's own, read inside every script; the `now` passed in is ignored, since replicas on
+several hosts may disagree, and one running ahead by more than the hold TTL would expire the others' live holds.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class Hold:
     day: str
     """The UTC day (YYYY-MM-DD) whose credits it holds."""
     expires: float
+    """Unix time on the ledger's clock (see the module docstring) when it expires unless extended."""
     remaining: int = 0
     """Credits left today once this hold is counted."""
 
@@ -97,7 +103,7 @@ class Balance:
     granted: int
     daily: int
     reset: float
-    """Unix time of the next UTC midnight, when the day's credits start again."""
+    """Unix time of the next UTC midnight on the ledger's clock, when the day's credits start again."""
 
 
 def utc_day(now: float) -> str:
@@ -111,8 +117,9 @@ def next_reset(now: float) -> float:
 
 
 class Ledger(abc.ABC):
-    """What the interceptors and `kiln keys` need. Times are Unix seconds passed in by the caller (a clock
-    the tests can move), never read inside."""
+    """What the interceptors and `kiln keys` need. Every `now` is the calling server's clock in Unix seconds
+    (`Accounts.now`, which tests can move); whether the ledger decides with it or with a clock of its own is the
+    backend's (module docstring)."""
 
     # keys
     @abc.abstractmethod

@@ -4,7 +4,10 @@ servers sharing the file (on one host) serialize on its write lock and never ove
 A transaction first runs right on the event loop with a lock wait of zero: uncontended, it takes about 0.1 ms,
 less than handing it to a thread and back. If another process holds the write lock, it is retried on the
 ledger's worker thread, which waits for the lock, so the event loop never blocks on another server. Reads
-(WAL readers never wait) always run on the loop."""
+(WAL readers never wait) always run on the loop.
+
+Times are the callers' `now` (their process clock): every server sharing the file runs on its host, so they
+read one clock. Replicas on several hosts use the Redis ledger, which keeps time on the Redis server."""
 
 from __future__ import annotations
 
