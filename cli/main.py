@@ -8,6 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+COMPILER_MODULES = frozenset({"compiler", "quantize", "train", "torch", "diffusers", "transformers", "onnx",
+                              "safetensors", "accelerate"})
+"""What `kiln compile`, `models init` and `train` need beyond the runtime (pip extra `compiler`)."""
+
 
 def _key_values(text: str, flag: str) -> dict[str, float]:
     out = {}
@@ -40,7 +44,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     quantize = QuantizeConfig(
         calibration_prompts=args.calibration_prompts, calibration_file=args.calibration_file,
         calibration_steps=args.calibration_steps, calibration_size=args.calibration_size,
-        int8_activations=args.int8_activations,
+        int8_activations=args.int8_activations, int8_weight_bits=args.int8_weight_bits,
         nf4_block_size=args.nf4_block_size, int4_block_size=args.int4_block_size,
         int4_accuracy_level=args.int4_accuracy_level, weight_min_elements=args.weight_min_elements,
         fidelity_prompts=args.fidelity_prompts,
@@ -326,6 +330,10 @@ def parser() -> argparse.ArgumentParser:
                    help="width and height of the calibration images (default: the bundle's default size); "
                         "smaller bounds the calibrator's memory on large UNets")
     q.add_argument("--int8-activations", default="u8", choices=["u8", "s8"])
+    q.add_argument("--int8-weight-bits", type=int, default=7, choices=[7, 8],
+                   help="7 (default): int8 weights in [-64, 64], the same integers on every x86 CPU; 8: the full "
+                        "[-127, 127], for CPUs with VNNI or AMX (elsewhere served slower by ONNX Runtime's exact "
+                        "kernels, refused by OpenVINO)")
     q.add_argument("--nf4-block-size", type=int, default=64)
     q.add_argument("--int4-block-size", type=int, default=32)
     q.add_argument("--int4-accuracy-level", type=int, default=4)
@@ -472,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in COMPILER_MODULES:
+            raise
+        print(f"kiln: error: `kiln {args.command}` needs the compiler ({e.name} is not installed here; a serving "
+              "install such as the Docker image has only the runtime). Install it with: pip install 'kiln[compiler]'",
+              file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
