@@ -19,6 +19,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Servers the tests start remember verified bundle hashes here, not in the user's ~/.cache/kiln."""
+    path = tmp_path_factory.mktemp("kiln-cache")
+    os.environ["KILN_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from compiler.source import init_model
