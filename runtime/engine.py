@@ -7,6 +7,10 @@ and (4) decodes the next image of each request that has finished denoising, imag
 up to a pixel budget. Requests join a batch at the turn after they arrive
 and leave it when done or cancelled, so batches change between steps. All model work runs on one thread;
 events go to a per-request queue.
+
+A request that breaks fails alone: each unit of work is one call its requests share, which changes none of
+them (when it raises, they run again one by one), then each request's own update from its share, where a
+failure is that request's only.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from runtime.errors import ResourceExhausted
 from runtime.pipeline import Generation, Pipeline, decode_batch, encode_text_batch, unet_batch
@@ -257,8 +263,9 @@ class Engine:
         return out
 
     async def _together(self, jobs: list[Job], fn) -> None:  # type: ignore[no-untyped-def]
-        """`fn(jobs)` -> one (event, done) per job, on the model thread (a Failed event fails that job alone); if
-        the call itself fails for a group, each job runs alone so that only the one that breaks fails."""
+        """`fn(jobs)` -> one (event, done) per job, on the model thread. A unit of work's shared call changes no
+        job's state, so when `fn` raises, each job runs again alone and only the one that breaks fails; a failure
+        after the shared call is a Failed event for that job alone (see `_each`)."""
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._pool, fn, jobs)
         except Exception as e:
@@ -277,42 +284,45 @@ class Engine:
             if done:
                 self._finish(job, "finished")
 
-    # units of work, on the model thread -------------------------------------------------------------------------
+    # units of work, on the model thread: each is one call shared by its jobs (it may raise: no job has changed
+    # yet), then each job's own update from its share of the result (`_each`: a failure is that job's alone) ----
     def _encode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
-        """One text-encoder call for the jobs (same model), then each one's starting latents (img2img and
-        inpainting: the VAE encoder runs here)."""
-        encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
-        for job in jobs:
+        """One text-encoder call for the jobs (same model), then each one's sampler and starting latents
+        (img2img and inpainting: its own VAE-encoder call)."""
+        embeddings = encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
+
+        def prepare(job: Job, embedding: np.ndarray) -> tuple[Event, bool]:
+            job.gen.embeddings = embedding
             job.pipeline.prepare(job.gen)
-        return [(Progress("text_encode", 0, j.gen.total_steps, j.gen.elapsed), False) for j in jobs]
+            return Progress("text_encode", 0, job.gen.total_steps, job.gen.elapsed), False
+
+        return _each(jobs, embeddings, prepare)
 
     def _denoise(self, batch: list[Job]) -> list[tuple[Event, bool]]:
-        """The UNet call (raises: nothing has changed yet, so the batch can be retried), then each job's
-        sampler step (a failure there is that job's alone)."""
+        """The UNet call, then each job's sampler step (and preview)."""
         outputs = unet_batch(batch[0].gen.model, [j.gen for j in batch])
         self.batches.append(BatchRecord(tuple(j.request_id for j in batch), sum(j.rows for j in batch)))
-        events: list[tuple[Event, bool]] = []
-        for job, out in zip(batch, outputs, strict=True):
-            try:
-                job.pipeline.apply_unet_output(job.gen, out)
-                gen = job.gen
-                events.append((Progress("denoise", gen.steps_done, gen.total_steps, gen.elapsed,
-                                        job.pipeline.preview(gen)), False))
-            except Exception as e:
-                events.append((Failed(e), False))
-        return events
+
+        def step(job: Job, out: np.ndarray) -> tuple[Event, bool]:
+            gen = job.gen
+            job.pipeline.apply_unet_output(gen, out)
+            return Progress("denoise", gen.steps_done, gen.total_steps, gen.elapsed, job.pipeline.preview(gen)), False
+
+        return _each(batch, outputs, step)
 
     def _decode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
-        """The next image of each job (same model and size) in one VAE-decoder call, then each one's PNG."""
+        """The next image of each job (same model and size) in one VAE-decoder call, then each one's finished
+        image (inpainting: pasted over the init image) and PNG."""
         images = decode_batch(jobs[0].gen.model, [(j.gen, j.decoded) for j in jobs])
         self.decodes.append(tuple(j.request_id for j in jobs))
-        out: list[tuple[Event, bool]] = []
-        for job, image in zip(jobs, images, strict=True):
+
+        def finish(job: Job, image: np.ndarray) -> tuple[Event, bool]:
             gen, k = job.gen, job.decoded
-            png = job.pipeline.encode_png(gen, k, image)
+            png = job.pipeline.encode_png(gen, k, job.pipeline.finish_image(gen, image))
             job.decoded += 1
-            out.append((Artifact(k, png, gen.params.image_seed(k), dict(gen.timings)), job.decoded == gen.params.num_images))
-        return out
+            return Artifact(k, png, gen.params.image_seed(k), dict(gen.timings)), job.decoded == gen.params.num_images
+
+        return _each(jobs, images, finish)
 
     # bookkeeping ---------------------------------------------------------------------------------------------------
     def _fail(self, job: Job, error: BaseException) -> None:
@@ -328,6 +338,20 @@ class Engine:
         self.history.append(outcome)
         log.info("request %s %s after %d/%d steps (%.2fs)", outcome.request_id, status,
                  outcome.steps_done, outcome.total_steps, job.gen.elapsed)
+
+
+def _each(jobs: list[Job], shares: list, update) -> list[tuple[Event, bool]]:  # type: ignore[no-untyped-def]
+    """`update(job, share)` -> (event, done) for each job and its share of a shared call's result; when it raises,
+    a Failed event for that job, and the others still get theirs."""
+    if len(shares) != len(jobs):  # before any update: a job must not change in a call that is then rerun
+        raise RuntimeError(f"a shared call returned {len(shares)} results for {len(jobs)} requests")
+    out: list[tuple[Event, bool]] = []
+    for job, share in zip(jobs, shares, strict=True):
+        try:
+            out.append(update(job, share))
+        except Exception as e:
+            out.append((Failed(e), False))
+    return out
 
 
 __all__ = ["Artifact", "BatchRecord", "Engine", "EngineConfig", "Event", "Failed", "Job", "Outcome", "Progress"]

@@ -114,7 +114,7 @@ class Pipeline:
 
     # 3. text encode: negative and positive prompt in one batch
     def encode_text(self, gen: Generation) -> None:
-        encode_text_batch(self.model, [gen])
+        gen.embeddings = encode_text_batch(self.model, [gen])[0]
 
     # 4. prepare timesteps and initial latents
     def prepare(self, gen: Generation, latents: np.ndarray | None = None, noise_fn: NoiseFn | None = None,
@@ -225,7 +225,7 @@ class Pipeline:
     def decode(self, gen: Generation, index: int) -> np.ndarray:
         """uint8 [H, W, 3]; inpainting pastes it over the init image through the (blurred) mask, so kept pixels
         stay the init image's exactly (the VAE round trip would change them)."""
-        return decode_batch(self.model, [(gen, index)])[0]
+        return self.finish_image(gen, decode_batch(self.model, [(gen, index)])[0])
 
     def finish_image(self, gen: Generation, image: np.ndarray) -> np.ndarray:
         """A decoded image as the request wants it: inpainting pastes it over the init image through the mask."""
@@ -264,32 +264,34 @@ class Pipeline:
         return [self.decode(gen, k) for k in range(params.num_images)], gen
 
 
-def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> None:
-    """One text-encoder call over several requests' prompts (each request's negative and positive rows); sets
+# The calls several requests share (the engine batches them). Each changes no request's state but its timings,
+# and those only once the call has gone well: when one raises, the engine can rerun its requests one by one.
+def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
+    """One text-encoder call over several requests' prompts (each request's negative and positive rows); returns
     each one's embeddings, [uncond x n, cond x n] (the UNet batch layout, images in order within each half)."""
     ids = np.stack([t.ids for g in gens for t in g.tokens])
     t0 = time.perf_counter()
     hidden = model.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
     took = time.perf_counter() - t0
     rows = np.cumsum([len(g.tokens) for g in gens])[:-1]
-    for g, h in zip(gens, np.split(hidden, rows), strict=True):
-        g.embeddings = np.repeat(h, g.params.num_images, axis=0).astype(np.float32)
+    embeddings = [np.repeat(h, g.params.num_images, axis=0).astype(np.float32)
+                  for g, h in zip(gens, np.split(hidden, rows), strict=True)]
+    for g in gens:
         g.timings["text_encode"] = g.timings.get("text_encode", 0.0) + took
+    return embeddings
 
 
 def decode_batch(model: LoadedModel, items: list[tuple[Generation, int]]) -> list[np.ndarray]:
     """One VAE-decoder call over images of several requests with the same latent size ((request, image index)
-    pairs); each comes back as `Pipeline.decode` gives it (inpainting pasted over its init image)."""
-    pipe = Pipeline(model)
+    pairs); returns each as uint8 [H, W, 3] straight from the decoder (`Pipeline.finish_image` then makes it
+    what the request asked for)."""
     t0 = time.perf_counter()
     z = np.concatenate([g.latents[k : k + 1] for g, k in items])  # type: ignore[index]
-    images = pipe.vae_decode(z)
+    images = Pipeline(model).vae_decode(z)
     took = time.perf_counter() - t0
-    out = []
-    for (g, _), image in zip(items, images, strict=True):
+    for g, _ in items:
         g.timings["decode"] = g.timings.get("decode", 0.0) + took
-        out.append(pipe.finish_image(g, image))
-    return out
+    return list(images)
 
 
 def unet_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
