@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store import BundleRef, HashCache, Manifest, ManifestError, Store
+from runtime.cpu import int8_session_configs
 from runtime.device import GPU_PROVIDERS, ProviderSpec, provider_names
 from runtime.samplers.schedule import NoiseSchedule
 from runtime.sessions import ModelSession, OrtSession
@@ -71,12 +72,15 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
             "for CPU"
         )
     if engine == "openvino":
+        int8_session_configs(m, engine)  # refuses full-range int8 where OpenVINO's int8 kernels saturate
         config = openvino or OpenVinoConfig(threads=threads)
         sessions: dict[str, ModelSession] = {
             name: OpenVinoSession(name, path / c.file, config) for name, c in m.components.items()
         }
     else:
-        sessions = {name: OrtSession(name, path / c.file, providers, threads) for name, c in m.components.items()}
+        exact = int8_session_configs(m)  # full-range int8 on a CPU whose int8 kernels saturate: runtime/cpu.py
+        sessions = {name: OrtSession(name, path / c.file, providers, threads, config=exact.get(name))
+                    for name, c in m.components.items()}
     tok = m.tokenizer
     tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
     return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))

@@ -62,7 +62,9 @@ class OrtSession:
     """
 
     def __init__(self, name: str, path: Path, providers: ProviderSpec | None = None, threads: int = 0,
-                 io_binding: bool | None = None, resident: Sequence[str] = RESIDENT_INPUTS):
+                 io_binding: bool | None = None, resident: Sequence[str] = RESIDENT_INPUTS,
+                 config: Mapping[str, str] | None = None):
+        """`config`: further session config entries (runtime/cpu.py's exact int8 kernels)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -75,6 +77,8 @@ class OrtSession:
         # on SD-sized ops the wake-up cost is noise.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         _use_shared_cpu_arena(options)
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         self.name = name
         self._session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         wanted = provider_names(providers)[0]
