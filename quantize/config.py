@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from quantize.fidelity import DEFAULT_MAX_REL_ERROR, DEFAULT_MIN_PSNR
-from quantize.int8 import ACTIVATIONS
+from quantize.int8 import ACTIVATIONS, WEIGHT_BITS
 
 
 @dataclass
@@ -23,6 +23,10 @@ class QuantizeConfig:
     then come from that size's activations, which may differ from those at the serving size."""
     int8_activations: str = "u8"
     """int8 activation type: `u8` (uint8 asymmetric, U8S8: VNNI's native operand order) or `s8` (S8S8)."""
+    int8_weight_bits: int = 7
+    """Range of the int8 weights that int8 arithmetic multiplies: 7 (codes in [-64, 64]: the same integers on
+    every x86 CPU) or 8 (the full [-127, 127]: for CPUs with VNNI or AMX only; on a CPU without them ONNX Runtime
+    serves such a bundle through slower exact kernels and OpenVINO refuses it, see `runtime/cpu.py`)."""
     nf4_block_size: int = 64
     """Weights per NF4 absmax block (16, 32, 64, 128 or 256: ONNX Runtime's MatMulBnb4 kernels)."""
     int4_block_size: int = 32
@@ -53,6 +57,9 @@ class QuantizeConfig:
             raise ValueError(f"calibration_size={self.calibration_size} must be a multiple of 8 between 8 and 4096")
         if self.int8_activations not in ACTIVATIONS:
             raise ValueError(f"int8_activations={self.int8_activations!r} is not one of: {', '.join(ACTIVATIONS)}")
+        if self.int8_weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"int8_weight_bits={self.int8_weight_bits!r} is not one of: "
+                             f"{', '.join(map(str, WEIGHT_BITS))}")
         if self.nf4_block_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"nf4_block_size={self.nf4_block_size} must be one of 16, 32, 64, 128, 256")
         if self.int4_block_size not in (16, 32, 64, 128, 256):
@@ -72,5 +79,5 @@ class QuantizeConfig:
         """The settings that change quantized weights or scales (the gate's thresholds do not)."""
         d = asdict(self)
         return {k: d[k] for k in ("calibration_prompts", "calibration_file", "calibration_steps", "calibration_size",
-                                  "int8_activations",
+                                  "int8_activations", "int8_weight_bits",
                                   "nf4_block_size", "int4_block_size", "int4_accuracy_level", "weight_min_elements")}

@@ -5,6 +5,15 @@ Formats (measured in `python -m bench precision`): QDQ, int8 per-channel symmetr
 uint8 asymmetric by default (U8S8: the operand order AVX-512 VNNI's `vpdpbusd` and AMX take natively) or int8
 (S8S8) with `activations="s8"`. ONNX Runtime's CPU provider fuses DQ -> Conv/MatMul -> Q into QLinearConv /
 QLinearMatMul, so the served graph holds int8 weights only.
+
+Weights are 7-bit by default (`weight_bits=7`: codes in [-64, 64], ONNX Runtime's `reduce_range`). On x86 CPUs
+without VNNI (AVX2, AVX-512 without VNNI) ONNX Runtime's and OpenVINO's U8S8 kernels add each pair of
+neighbouring uint8 x int8 products into a saturating int16 (`vpmaddubsw`): 255 x 127 x 2 = 64,770 is clamped to
+32,767, and the tiny UNet's int8 output drifted 0.31 from fp32 instead of 0.055. 255 x 64 x 2 = 32,640 cannot
+saturate, so 7-bit weights compute the same integers on every x86 CPU. S8S8 is no way out: ONNX Runtime turns
+S8S8 QDQ into U8S8 on x86. `weight_bits=8` (full range) is for VNNI/AMX CPUs; on others the runtime serves it
+through slower exact kernels or refuses it (`runtime/cpu.py`). The report records `weight_bits` and
+`saturation_safe`, which the runtime reads from the manifest.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from model_store.onnx_files import save_model
 from quantize import weight_int8
 
 ACTIVATIONS = ("u8", "s8")
+WEIGHT_BITS = (7, 8)
+"""7: codes in [-64, 64], exact on every x86 CPU (default); 8: [-127, 127], exact only with VNNI or AMX."""
 
 KEEP_FP32: tuple[tuple[str, str], ...] = (
     (r"(^|/)conv_in(/|$)",
@@ -115,8 +126,10 @@ class _Reader:
 def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict[str, np.ndarray]],
                     op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), activations: str = "u8",
                     external_data: bool = False, int8_kept_weights: bool = True,
-                    min_elements: int = weight_int8.MIN_ELEMENTS) -> dict[str, Any]:
+                    min_elements: int = weight_int8.MIN_ELEMENTS, weight_bits: int = 7) -> dict[str, Any]:
     """Static QDQ int8 of `op_types`, calibrated (min/max) on `calibration` feeds; writes `out_path`.
+
+    `weight_bits`: 7 (codes in [-64, 64], saturation-safe) or 8 (see the module docstring).
 
     With `int8_kept_weights`, the MatMul/Gemm nodes KEEP_FP32 keeps in fp32 get weight-only int8 storage
     (weights of `min_elements` or more).
@@ -126,6 +139,7 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
 
     if activations not in ACTIVATIONS:
         raise ValueError(f"int8 activations={activations!r} is not one of: {', '.join(ACTIVATIONS)}")
+    _check_weight_bits(weight_bits)
     if not calibration:
         raise ValueError("static int8 needs at least one calibration feed")
     model = onnx.load(str(model_path), load_external_data=False)
@@ -138,6 +152,7 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
             op_types_to_quantize=list(op_types), per_channel=True,
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=list(kept), use_external_data_format=external_data,
+            reduce_range=weight_bits == 7,  # weights only: the calibrated activations keep their 8 bits
             calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
             # CalibStridedMinMax=1: the min/max of each feed's activations are merged before the next feed runs,
             # so calibration holds one feed's activations at a time (all of them at once are tens of GB for SD v1
@@ -147,7 +162,7 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
                            "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
                            "CalibStridedMinMax": 1},
         )
-    report = {"method": "static QDQ", "weights": "int8 per-channel symmetric",
+    report = {"method": "static QDQ", "weights": "int8 per-channel symmetric", **_weight_range(weight_bits),
               "activations": "uint8 asymmetric" if activations == "u8" else "int8 symmetric",
               "calibration": "min/max", "calibration_feeds": len(calibration), "op_types": list(op_types),
               "kept_fp32": kept}
@@ -158,14 +173,31 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
     return report
 
 
-def quantize_dynamic(model_path: Path, out_path: Path, external_data: bool = False) -> dict[str, Any]:
-    """Dynamic int8 (weights per-channel, activations quantized per call) of every MatMul with a constant weight."""
+def quantize_dynamic(model_path: Path, out_path: Path, external_data: bool = False,
+                     weight_bits: int = 7) -> dict[str, Any]:
+    """Dynamic int8 (weights per-channel, activations quantized per call) of every MatMul with a constant weight.
+
+    `weight_bits` as in `quantize_static`: the activations are uint8 over their full range here too."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
+    _check_weight_bits(weight_bits)
     with _typed_copy(model_path, external_data) as typed, _quiet():
         ort_quantize_dynamic(str(typed), str(out_path), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                              weight_type=QuantType.QInt8, use_external_data_format=external_data,
+                             reduce_range=weight_bits == 7,
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-    return {"method": "dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per call",
-            "op_types": ["MatMul", "Gemm"], "kept_fp32": {}}
+    return {"method": "dynamic", "weights": "int8 per-channel symmetric", **_weight_range(weight_bits),
+            "activations": "uint8 per call", "op_types": ["MatMul", "Gemm"], "kept_fp32": {}}
+
+
+def _check_weight_bits(weight_bits: int) -> None:
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"int8 weight_bits={weight_bits!r} is not one of: {', '.join(map(str, WEIGHT_BITS))}")
+
+
+def _weight_range(weight_bits: int) -> dict[str, Any]:
+    """The manifest's record of the weight codes: what `runtime/cpu.py` checks before serving on a CPU without
+    VNNI (a report without `saturation_safe`, from before Kiln recorded it, counts as full range)."""
+    return {"weight_bits": weight_bits, "weight_range": [-64, 64] if weight_bits == 7 else [-127, 127],
+            "saturation_safe": weight_bits == 7}

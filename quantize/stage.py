@@ -110,7 +110,7 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
                 _int8_embeddings(dst, result)  # SD's only lookup tables: token and position embeddings
             model.sessions[component] = final_sessions[component] = OrtSession(component, src)
         with stage(f"fidelity {component}"):
-            session = OrtSession(component, dst)
+            session = _gate_session(component, dst, result.quantization)
             result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps)
             problem = _problem(result.fidelity, config)
         if problem and want.endswith("?"):
@@ -162,10 +162,11 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
     external = src.with_name(src.name + ".data").exists()
     if precision == "int8":
         if component == "text_encoder":
-            return ComponentResult("int8", int8.quantize_dynamic(src, dst, external))
+            return ComponentResult("int8", int8.quantize_dynamic(src, dst, external, config.int8_weight_bits))
         return ComponentResult("int8", int8.quantize_static(src, dst, feeds, activations=config.int8_activations,
                                                             external_data=external,
-                                                            min_elements=config.weight_min_elements))
+                                                            min_elements=config.weight_min_elements,
+                                                            weight_bits=config.int8_weight_bits))
     if precision in ("nf4", "int4"):
         model = onnx.load(str(src), load_external_data=False)
         if precision == "nf4":
@@ -185,7 +186,7 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
             written = save_model(model, tmp)  # SD v1's fp32 convolutions alone pass 2 GB
             del model
             info["conv"] = int8.quantize_static(tmp, dst, feeds, op_types=("Conv",), activations=config.int8_activations,
-                                                external_data=len(written) > 1)
+                                                external_data=len(written) > 1, weight_bits=config.int8_weight_bits)
             _remove(tmp)
         else:
             save_model(model, dst)
@@ -237,6 +238,23 @@ def _component_fidelity(component: str, session: Any, model: Any, ref: Run, text
         return out
     out.update(ImageFidelity.compare(ref.images, images).as_dict())
     return out
+
+
+def _gate_session(component: str, path: Path, quantization: dict[str, Any]) -> Any:
+    """The gate's session over a quantized component. Full-range (8-bit) int8 is measured on ONNX Runtime's exact
+    kernels on every CPU: the integers a VNNI or AMX CPU computes, which is also what the runtime serves on a CPU
+    whose int8 kernels saturate (runtime/cpu.py); without them a compile there would gate saturated numbers."""
+    from runtime import cpu
+    from runtime.sessions import OrtSession
+
+    if not cpu.full_range_int8(quantization):
+        return OrtSession(component, path)
+    try:
+        return OrtSession(component, path, config=cpu.EXACT_KERNELS)
+    except Exception as e:  # ONNX Runtime 1.32 cannot move int8 weights shared by two products to those kernels
+        raise FidelityError(
+            f"{component} (int8, 8-bit weights): ONNX Runtime's exact int8 kernels cannot load it ({e}), so a CPU "
+            "without VNNI could not serve it exactly; compile with --int8-weight-bits 7 (the default)") from e
 
 
 def _decode(model: Any, decoder: Any, latents: np.ndarray) -> np.ndarray:

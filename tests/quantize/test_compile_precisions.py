@@ -80,6 +80,14 @@ def test_int8_graphs_and_manifest(int8_store: Path, tiny_bundle: Path, tmp_path:
         assert dq.op_type == "DequantizeLinear" and dq.input[0] in int8_inits
         assert made_by[node.input[0]].op_type != "DequantizeLinear"  # its activation stays fp32
     assert unet.quantization["activations"] == "uint8 asymmetric"
+    # int8 products multiply 7-bit weights by default: the same integers on CPUs with and without VNNI (issue 21);
+    # only the kept nodes' weights, multiplied in fp32 after a DequantizeLinear, use the full int8 range
+    for name in ("unet", "text_encoder"):
+        q = m.components[name].quantization
+        assert q["weight_bits"] == 7 and q["saturation_safe"] and q["weight_range"] == [-64, 64]
+    kept_inits = {made_by[n.input[1]].input[0] for n in graph.node if n.name in kept_gemms}
+    products = [numpy_helper.to_array(t) for t in graph.initializer if t.name in int8_inits - kept_inits]
+    assert products and max(int(np.abs(w).max()) for w in products) == 64
     assert m.components["text_encoder"].op_counts["DynamicQuantizeLinear"] > 0
     # the token embedding table (no MatMul reads it) is stored as int8 rows
     embeddings = m.components["text_encoder"].quantization["embeddings"]
@@ -127,6 +135,7 @@ def test_4bit_bundles(precision: str, op: str, tiny_source: Path, tmp_path: Path
         assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
     # the UNet's convolutions are int8 in a 4-bit bundle, and the manifest says so
     assert m.components["unet"].quantization["conv"]["method"] == "static QDQ"
+    assert m.components["unet"].quantization["conv"]["saturation_safe"]
     assert m.components["unet"].op_counts["DequantizeLinear"] > 0
     assert m.fidelity["passed"]
     _generates(bundle, tmp_path)

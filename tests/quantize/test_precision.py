@@ -45,6 +45,7 @@ def test_hash_tracks_plan_and_quantize_settings() -> None:
     assert int8.hash() != fp32.hash()
     assert int8.hash() != CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(int8_activations="s8")).hash()
     assert int8.hash() != CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(calibration_size=256)).hash()
+    assert int8.hash() != CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(int8_weight_bits=8)).hash()
     # the gate's thresholds decide whether a bundle is published, not what is in it
     assert int8.hash() == CompileConfig(name="x", precision="int8", quantize=QuantizeConfig(min_psnr=40)).hash()
 
@@ -53,6 +54,7 @@ def test_hash_tracks_plan_and_quantize_settings() -> None:
     ({"calibration_prompts": 0}, "calibration_prompts=0 must be between 1 and 256"),
     ({"nf4_block_size": 48}, "nf4_block_size=48 must be one of 16, 32, 64, 128, 256"),
     ({"int8_activations": "u4"}, "int8_activations='u4' is not one of: u8, s8"),
+    ({"int8_weight_bits": 4}, "int8_weight_bits=4 is not one of: 7, 8"),
     ({"min_psnr": 0}, "min_psnr=0 must be between 0 and 99 dB"),
     ({"fidelity_prompts": 100}, "fidelity_prompts=100 must be between 1 and 64"),
     ({"calibration_size": 100}, "calibration_size=100 must be a multiple of 8 between 8 and 4096"),
