@@ -22,6 +22,7 @@ VARIANTS = {
     "fp32": ("fp32",),
     "int8": ("int8",),
     "int8-s8": ("int8", "--int8-activations", "s8"),
+    "int8-w8": ("int8", "--int8-weight-bits", "8"),
     "nf4": ("nf4",),
     "int4": ("int4",),
     "fp16": ("fp16",),
@@ -32,7 +33,8 @@ VARIANTS = {
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="sd-v1", choices=["tiny", "sd-v1"])
     p.add_argument("--variants", default="fp32,int8,int8-s8,nf4,int4",
-                   help=f"comma-separated, from: {', '.join(VARIANTS)} (int8-s8: int8 with S8S8 activations)")
+                   help=f"comma-separated, from: {', '.join(VARIANTS)} (int8-s8: int8 with S8S8 activations; "
+                        "int8-w8: int8 with full-range 8-bit weights)")
     p.add_argument("--sizes", default="512,256", help="comma-separated square sizes")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="child processes per variant, interleaved")

@@ -185,8 +185,9 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
             tmp = dst.with_name(dst.stem + ".4bit.onnx")
             written = save_model(model, tmp)  # SD v1's fp32 convolutions alone pass 2 GB
             del model
-            info["conv"] = int8.quantize_static(tmp, dst, feeds, op_types=("Conv",), activations=config.int8_activations,
-                                                external_data=len(written) > 1, weight_bits=config.int8_weight_bits)
+            info["conv"] = int8.quantize_static(tmp, dst, feeds, op_types=("Conv",),
+                                                activations=config.int8_activations, external_data=len(written) > 1,
+                                                weight_bits=config.int8_weight_bits)
             _remove(tmp)
         else:
             save_model(model, dst)

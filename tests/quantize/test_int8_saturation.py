@@ -46,8 +46,8 @@ def _float_model() -> onnx.ModelProto:
 
 def _calibration() -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
-    return [{"x": rng.uniform(0, 1, (2, K)).astype(np.float32), "xc": rng.uniform(0, 1, (1, C, 5, 5)).astype(np.float32)}
-            for _ in range(2)]
+    return [{"x": rng.uniform(0, 1, (2, K)).astype(np.float32),
+             "xc": rng.uniform(0, 1, (1, C, 5, 5)).astype(np.float32)} for _ in range(2)]
 
 
 def _inputs(quantized: onnx.ModelProto | None = None) -> dict[str, np.ndarray]:
@@ -101,7 +101,8 @@ def _emulate(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
             x, w = a[0].astype(np.float64), a[1].astype(np.float64)
             kh, kw = w.shape[2:]
             oh, ow = x.shape[2] - kh + 1, x.shape[3] - kw + 1
-            cols = np.stack([x[:, :, i:i + kh, j:j + kw].reshape(x.shape[0], -1) for i in range(oh) for j in range(ow)], -1)
+            cols = np.stack([x[:, :, i:i + kh, j:j + kw].reshape(x.shape[0], -1)
+                             for i in range(oh) for j in range(ow)], -1)
             y = np.einsum("ok,nkp->nop", w.reshape(w.shape[0], -1), cols).reshape(x.shape[0], -1, oh, ow)
             out = [y + (a[2].astype(np.float64).reshape(1, -1, 1, 1) if len(a) > 2 else 0)]
         else:

@@ -181,10 +181,10 @@ def test_full_range_bundle_is_refused_by_openvino_on_a_saturating_cpu(
         int8_bundles: dict[int, BundleRef], monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("openvino")
     monkeypatch.setenv(cpu.SATURATION_ENV, "1")
-    with pytest.raises(ManifestError, match=r"bundle tiny-w8 .*: the int8 weights of unet span the full range \(8-bit\), "
-                                            r"and their uint8 x int8 products saturate on this CPU .* openvino has no exact "
-                                            r"kernels for them: recompile it with 7-bit int8 weights \(`kiln compile "
-                                            r"--int8-weight-bits 7`, the default\), or serve it with --engine onnxruntime"):
+    refusal = (r"bundle tiny-w8 .*: the int8 weights of unet span the full range \(8-bit\), and their uint8 x int8 "
+               r"products saturate on this CPU .* openvino has no exact kernels for them: recompile it with 7-bit int8 "
+               r"weights \(`kiln compile --int8-weight-bits 7`, the default\), or serve it with --engine onnxruntime")
+    with pytest.raises(ManifestError, match=refusal):
         load_bundle(int8_bundles[8], engine="openvino")
     load_bundle(int8_bundles[7], engine="openvino")  # 7-bit weights: nothing to refuse
 
