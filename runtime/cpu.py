@@ -122,9 +122,9 @@ def run_probe(engine: str = "onnxruntime", exact_kernels: bool = False) -> dict[
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, probe_inputs()), strict=True))
     if engine == "openvino":
-        import openvino as ov
+        from runtime.sessions_openvino import require_openvino
 
-        core = ov.Core()
+        core = require_openvino()  # the process's one Core; OpenVinoMissing without openvino
         compiled = core.compile_model(core.read_model(PROBE_ONNX, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(probe_inputs())
         return {out.get_any_name(): np.asarray(result[out]) for out in compiled.outputs}
