@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_store import BundleRef, ManifestError
+from quantize.fidelity import rel_error
 from runtime import cpu
 from runtime.model import LoadedModel, load_bundle
 from runtime.sessions import OrtSession
@@ -172,9 +173,11 @@ def test_full_range_bundle_on_a_saturating_cpu_runs_exact_kernels(
         options.add_session_config_entry(key, value)
     exact = ort.InferenceSession(str(ref.path / "unet.onnx"), options, providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(served, exact.run([out], feed)[0])
-    # ... which differs from the default kernels' output exactly where those saturate
+    # ... which is far from the default kernels' output exactly where those saturate (0.44 on an AVX2-only AMD
+    # EPYC), and within requantization roundings of it where they are exact
     default = ort.InferenceSession(str(ref.path / "unet.onnx"), providers=["CPUExecutionProvider"])
-    assert (not np.array_equal(served, default.run([out], feed)[0])) == cpu.int8_verdict().probed
+    apart = rel_error(served, default.run([out], feed)[0])
+    assert (apart > 0.05) == cpu.int8_verdict().probed and (apart > 0.05 or apart < 0.01), apart
 
 
 def test_full_range_bundle_is_refused_by_openvino_on_a_saturating_cpu(
