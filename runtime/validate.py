@@ -28,7 +28,8 @@ MAX_MASK_BLUR = 64
 """Largest mask_blur radius, pixels."""
 ASPECT_TOLERANCE = 0.01
 """How far width/height's aspect ratio may be from the init image's before it is refused instead of resized."""
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# \Z, not $: $ also matches before a final newline, and an id ending in "\n" is no valid gRPC metadata value
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,12 @@ def denoising_steps(steps: int, strength: float) -> int:
     return min(math.floor(steps * strength + 1e-6), steps)
 
 
+def _quoted(value: str, most: int = 40) -> str:
+    """A client's string for an error message, cut to `most` characters: the message travels in the response's
+    trailing metadata twice (text and BadRequest), and gRPC clients drop a call whose metadata passes 16 KiB."""
+    return repr(value) if len(value) <= most else f"{value[:most]!r}... ({len(value)} characters)"
+
+
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
              previews: bool = True, schedule: NoiseSchedule | None = None, encoder: bool = True,
              image_limits: ImageLimits | None = None) -> GenerationParams:
@@ -125,12 +132,15 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     lo, hi = limits["min_size"], limits["max_size"]
     width = request.width or defaults["width"]
     height = request.height or defaults["height"]
+    sizes_ok = True
     for name, value in (("width", width), ("height", height)):
-        check(value % 8 == 0 and lo <= value <= hi, name,
-              f"{name}={value} must be a multiple of 8 between {lo} and {hi}")
+        ok = value % 8 == 0 and lo <= value <= hi
+        check(ok, name, f"{name}={value} must be a multiple of 8 between {lo} and {hi}")
+        sizes_ok &= ok
     init_image, mask = None, None
     if request.init_image or request.mask_image:
-        init_image, mask, width, height = _image_inputs(request, width, height, lo, hi, bad, encoder, image_limits)
+        init_image, mask, width, height = _image_inputs(request, width, height, sizes_ok, lo, hi, bad, encoder,
+                                                        image_limits)
 
     steps = request.steps or defaults["steps"]
     check(1 <= steps <= limits["max_steps"], "steps", f"steps={steps} must be between 1 and {limits['max_steps']}")
@@ -141,19 +151,22 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
           f"guidance_scale={guidance} must be between 0 and {max_g:g}")
 
     sampler = request.sampler or defaults["sampler"]
-    check(sampler in SAMPLERS, "sampler", f"sampler={sampler!r} is not one of: {', '.join(SAMPLERS)}")
+    check(sampler in SAMPLERS, "sampler", f"sampler={_quoted(sampler)} is not one of: {', '.join(SAMPLERS)}")
     if sampler in SAMPLERS and schedule is not None and steps > (most := SAMPLERS[sampler].max_steps(schedule)):
         check(False, "steps", f"steps={steps} must be between 1 and {most} for sampler {sampler!r}")
 
     strength = request_strength(request)
+    strength_ok = math.isfinite(strength) and 0.0 < strength <= 1.0  # (int(steps x NaN) raises: never computed)
     if request.HasField("strength") and not request.init_image:
         check(False, "strength", "strength applies only with init_image (img2img or inpainting)")
-    elif not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+    elif not strength_ok:
         check(False, "strength", f"strength={strength:g} must be greater than 0 and at most 1")
     elif request.init_image and 1 <= steps <= limits["max_steps"] and denoising_steps(steps, strength) < 1:
         check(False, "strength", f"strength={strength:g} runs int(steps={steps} x {strength:g}) = 0 denoising steps; "
                                  f"raise strength to at least {1 / steps:.3g} or raise steps")
-    run_steps = denoising_steps(steps, strength) if request.init_image else steps
+    run_steps: int | None = steps  # the steps run; None from an init image whose strength is refused above
+    if request.init_image:
+        run_steps = denoising_steps(steps, strength) if strength_ok else None
     check(request.mask_blur <= MAX_MASK_BLUR, "mask_blur",
           f"mask_blur={request.mask_blur} must be between 0 and {MAX_MASK_BLUR} pixels")
     check(not request.mask_blur or bool(request.mask_image), "mask_blur", "mask_blur applies only with mask_image")
@@ -166,9 +179,10 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     if preview_every:
         check(previews, "preview_every", f"model {request.model!r} has no latent preview map (compiled before Kiln "
                                          "made one); recompile it, or leave preview_every at 0")
-        bound = f"steps={steps}" if not request.init_image else f"the steps run, int(steps x strength) = {run_steps}"
-        check(preview_every <= max(run_steps, 1), "preview_every",
-              f"preview_every={preview_every} must be between 0 (off) and {bound}")
+        if run_steps is not None:
+            bound = f"steps={steps}" if not request.init_image else f"the steps run, int(steps x strength) = {run_steps}"
+            check(preview_every <= max(run_steps, 1), "preview_every",
+                  f"preview_every={preview_every} must be between 0 (off) and {bound}")
 
     request_id = request.request_id or request_id or new_request_id()
     check(bool(REQUEST_ID_RE.match(request_id)), "request_id",
@@ -196,11 +210,12 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     )
 
 
-def _image_inputs(request, width: int, height: int, lo: int, hi: int,  # type: ignore[no-untyped-def]
+def _image_inputs(request, width: int, height: int, sizes_ok: bool, lo: int, hi: int,  # type: ignore[no-untyped-def]
                   bad: list[FieldViolation], encoder: bool, limits: ImageLimits | None
                   ) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
     """Decode init_image and mask_image and bring them to the output size; returns (image, mask, width, height),
-    appending to `bad` for every problem found."""
+    appending to `bad` for every problem found. `sizes_ok`: whether width and height are in range (else they are
+    refused already, and nothing is resized to them)."""
     limits = limits or ImageLimits()
     if not request.init_image:
         bad.append(FieldViolation("mask_image", "mask_image needs init_image (the image to inpaint)"))
@@ -223,6 +238,8 @@ def _image_inputs(request, width: int, height: int, lo: int, hi: int,  # type: i
                 f"multiples of 8 ({width}x{height}), which must be between {lo} and {hi} per side; resize it or "
                 "send width and height")))
             return None, None, width, height
+    elif not sizes_ok:  # refused above; resizing to, say, 2^32-8 x 2^32-8 would overflow Pillow or allocate GBs
+        return None, None, width, height
     elif abs((w0 / h0) / (width / height) - 1.0) > ASPECT_TOLERANCE:
         bad.append(FieldViolation("init_image", (
             f"init_image is {w0}x{h0} (aspect {w0 / h0:.3f}) but the request asks for {width}x{height} (aspect "
