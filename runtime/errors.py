@@ -54,6 +54,16 @@ class InvalidArgument(KilnError):
         ]
 
 
+QUOTED_CHARS = 40
+"""Most characters of a client's string that an error repeats."""
+
+
+def quoted(value: str, most: int = QUOTED_CHARS) -> str:
+    """A client's string for an error message, cut to `most` characters: the message travels in the response's
+    trailing metadata twice (text and details), and gRPC clients drop a call whose metadata passes 16 KiB."""
+    return repr(value) if len(value) <= most else f"{value[:most]!r}... ({len(value)} characters)"
+
+
 class NotFound(KilnError):
     """The requested model is not served here; carries google.rpc.ResourceInfo."""
 
@@ -62,10 +72,11 @@ class NotFound(KilnError):
     def __init__(self, kind: str, name: str, available: list[str]):
         self.kind, self.name = kind, name
         listing = ", ".join(available) if available else "none"
-        super().__init__(f"{kind} {name!r} is not served here; available: {listing}")
+        super().__init__(f"{kind} {quoted(name)} is not served here; available: {listing}")
 
     def details(self) -> list:  # type: ignore[override]
-        return [error_details_pb2.ResourceInfo(resource_type=self.kind, resource_name=self.name)]
+        shown = self.name if len(self.name) <= QUOTED_CHARS else self.name[:QUOTED_CHARS] + "..."
+        return [error_details_pb2.ResourceInfo(resource_type=self.kind, resource_name=shown)]
 
 
 class Unavailable(KilnError):

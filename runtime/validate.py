@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.errors import FieldViolation, InvalidArgument
+from runtime.errors import quoted as _quoted
 from runtime.images import ImageLimits, decode_image, decode_mask, resize
 from runtime.samplers import SAMPLERS, NoiseSchedule
 
@@ -98,12 +99,6 @@ def denoising_steps(steps: int, strength: float) -> int:
     """diffusers' img2img arithmetic, int(steps * strength) capped at steps, without float round-off
     (0.29 * 100 = 28.999999999999996 counts 29)."""
     return min(math.floor(steps * strength + 1e-6), steps)
-
-
-def _quoted(value: str, most: int = 40) -> str:
-    """A client's string for an error message, cut to `most` characters: the message travels in the response's
-    trailing metadata twice (text and BadRequest), and gRPC clients drop a call whose metadata passes 16 KiB."""
-    return repr(value) if len(value) <= most else f"{value[:most]!r}... ({len(value)} characters)"
 
 
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]

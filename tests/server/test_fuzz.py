@@ -275,9 +275,7 @@ def test_edge_values_the_fuzz_found(server: ServerProcess, fields, field, messag
     assert field in bad and message in bad[field], bad
 
 
-@pytest.mark.xfail(strict=True, reason="the servicer's NOT_FOUND (runtime/server/servicer.py, runtime/errors.py) "
-                   "repeats the model name in its message and ResourceInfo: the client drops a call whose trailing "
-                   "metadata passes 16 KiB, and reads RESOURCE_EXHAUSTED without details")
 def test_a_huge_model_name_gets_a_readable_not_found(server: ServerProcess) -> None:
     e = refusal(server.target, {"model": Long("x", 10_000)})
     assert e.code() == grpc.StatusCode.NOT_FOUND, (e.code(), e.details())
+    assert e.details().startswith("model 'xxxxxxxx") and "... (10000 characters) is not served here" in e.details()
