@@ -193,12 +193,13 @@ class Engine:
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            # only an idle engine waits for company: requests that arrive while turns run join the next turn
             if self.config.max_wait_s > 0 and self._rows_waiting() < self.config.max_batch_size:
                 await self._gather_arrivals()
-            await self._turn()
-            if not self._jobs:
-                self._wake.clear()
-                self._idle.set()
+            while self._jobs:
+                await self._turn()
+            self._wake.clear()
+            self._idle.set()
 
     async def _gather_arrivals(self) -> None:
         """From idle: wait up to max_wait_s for more requests, or until a full batch's worth has arrived."""

@@ -145,3 +145,29 @@ def test_a_request_failing_in_a_shared_call_fails_alone(tiny_model, alone, monke
         assert text_encoder.calls == 1, f"the text encoder ran {text_encoder.calls} times for one batch"
     if point in ("paste", "png"):
         assert list(engine.decodes) == [("h0", "bad", "h1")], engine.decodes
+
+
+def test_only_an_idle_engine_waits_for_more_requests(tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`max_wait_s` is spent once, when a request finds the engine idle; the turns that follow run at once (the
+    engine used to wait again before every turn of a partly filled batch)."""
+    waits: list[int] = []
+    real = Engine._gather_arrivals
+
+    async def counted(self: Engine) -> None:
+        waits.append(len(self._jobs))
+        await real(self)
+
+    monkeypatch.setattr(Engine, "_gather_arrivals", counted)
+
+    async def go() -> None:
+        engine = Engine(EngineConfig(max_wait_s=0.05))
+        engine.start()
+        m = tiny_model.manifest
+        gen = Generation(validate(HEALTHY[0], m.defaults, m.limits, schedule=tiny_model.schedule), tiny_model)
+        Pipeline(tiny_model).tokenize(gen)
+        events = [e async for e in engine.submit(gen).events()]
+        await engine.stop()
+        assert any(isinstance(e, Artifact) for e in events)
+
+    asyncio.run(go())
+    assert waits == [1]  # one wait for a request that ran 5 turns (encode, 3 steps, decode)
