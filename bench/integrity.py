@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> Path:
     from model_store import BundleRef, HashCache, Manifest
 
     source = workspace.source_model(args.arch, args.source)
-    path = workspace.bundle(source, f"{args.arch}-{args.precision}", "--precision", args.precision)
+    name = f"bench-{args.arch}" + ("" if args.precision == "fp32" else f"-{args.precision}")  # as precision's
+    path = workspace.bundle(source, name, "--precision", args.precision)
     ref = BundleRef(path, Manifest.read(path))
     size = sum(f.size for f in ref.manifest.files)
     ref.check_files(hashes=True, cache=HashCache(persist=False))  # warm the page cache
