@@ -20,9 +20,9 @@ from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
 from compiler.source import load_source
 from compiler.source.load import TOKENIZER_FILES
-from compiler.verify import check_parity
+from compiler.verify import Reference, check_parity, reference
 from model_store import ComponentEntry, Manifest, Store
-from model_store.onnx_files import save_model
+from model_store.onnx_files import load_graph, save_model
 from quantize import stage
 from quantize.precision import resolved
 from runtime.samplers import SAMPLERS, NoiseSchedule
@@ -51,7 +51,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     """Compile a local diffusers folder into a new bundle version; nothing is published on failure."""
     source = load_source(source_path)
     store = Store(store_root)
-    steps = Progress(total=3 + 3 * len(COMPONENTS) + 1 + stage.stage_count(config.plan), enabled=progress)
+    quantize_stages = 1 + stage.stage_count(config.plan) if config.quantized else 0
+    steps = Progress(total=3 + 3 * len(COMPONENTS) + quantize_stages, enabled=progress)
     with steps.stage("hash source model"):
         source_hash = source.content_hash()
     identity = reuse.exporter_identity(config.opset, config.fusions)
@@ -59,10 +60,12 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     staging = store.staging_dir(config.name)
     try:
         components: dict[str, ComponentEntry] = {}
+        refs: dict[str, Reference] = {}
         for name, spec in COMPONENTS.items():
             out = staging / f"{name}.onnx"
             given = donor.manifest.components.get(name) if donor else None
             unet_passes = name == "unet" and config.unet_passes
+            quantized = resolved(config.plan[name]) in ("int8", "nf4", "int4")
             if donor and reuse.donates(given, config.fusions) and not unet_passes:
                 assert given is not None
                 with steps.stage(f"export {name}: reuse {donor.manifest.name}/{donor.manifest.version}"):
@@ -71,44 +74,54 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             else:
                 given = None
                 with steps.stage(f"export {name}"), _merging(name, source, config):
-                    export_component(spec, source, out, config.opset)
+                    # weights in a data file even under 2 GB when passes follow: they then never load them
+                    export_component(spec, source, out, config.opset, external=config.fusions or unet_passes)
+                    # PyTorch's side of the parity check now, while the module is loaded anyway
+                    refs[name] = reference(spec, source)
                 passes = []
-            quantized = resolved(config.plan[name]) in ("int8", "nf4", "int4")
+            if name == "vae_encoder":
+                with steps.stage("fit the latent preview map"):
+                    latent_rgb = fit_latent_rgb(source.module("vae"), _vae_scaling(source), source.vae_scale_factor)
+            if name in LAST_USE:
+                source.release(LAST_USE[name])  # before its graph is optimized and loaded into ONNX Runtime
             with steps.stage(f"optimize {name}"):
                 if (config.fusions and (given is None or quantized)) or unet_passes:
-                    fused = onnx.load(str(out))
-                    if config.fusions and given is None:
-                        fused = fusions.apply(fused, name)
-                        passes.append("fusions")
-                    if unet_passes:
-                        fused = _unet_passes(fused, config, passes)
-                    unpacked = 0
-                    if quantized:
-                        # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
-                        fused, unpacked = unpack_attention.apply(fused)
-                        if unpacked:
-                            passes.append("unpack_attention")
+                    # the weights stay in the data file (only a donor's graph under 2 GB is inline and loads
+                    # whole); the passes read the few they rewrite from there, through the working directory
+                    graph = load_graph(out)
+                    with contextlib.chdir(out.parent):
+                        if config.fusions and given is None:
+                            graph = fusions.apply(graph, name)
+                            passes.append("fusions")
+                        if unet_passes:
+                            graph = _unet_passes(graph, config, passes)
+                        unpacked = 0
+                        if quantized:
+                            # quantizers rewrite MatMul; fused self-attention hides its Q/K/V weights
+                            graph, unpacked = unpack_attention.apply(graph)
+                            if unpacked:
+                                passes.append("unpack_attention")
                     if given is None or unpacked:
-                        save_model(fused, out)
-                    del fused
+                        save_model(graph, out, base_dir=out.parent)
+                    del graph
             with steps.stage(f"verify {name}"):
                 if given is not None and passes == given.passes and \
                         given.parity.get("max_abs_diff", float("inf")) <= config.parity_threshold[name]:
                     parity = {**given.parity, "threshold": config.parity_threshold[name]}  # the same graph
                 else:
-                    with _merging(name, source, config):  # token merging is part of the reference too
-                        parity = check_parity(spec, source, out, config.parity_threshold[name])
+                    ref = refs.pop(name, None)
+                    if ref is None:  # a donor's graph another pass changed: PyTorch's side afresh
+                        with _merging(name, source, config):  # token merging is part of the reference too
+                            ref = reference(spec, source)
+                        if name in LAST_USE:
+                            source.release(LAST_USE[name])
+                    parity = check_parity(spec, source, out, config.parity_threshold[name], ref)
             data = out.with_name(out.name + ".data")
             components[name] = ComponentEntry(
                 file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision="fp32",
                 external_data=data.name if data.exists() else None, passes=passes, parity=parity,
-                op_counts=fusions.op_counts(onnx.load(str(out), load_external_data=False)),
+                op_counts=fusions.op_counts(load_graph(out)),
             )
-            if name == "vae_encoder":
-                with steps.stage("fit the latent preview map"):
-                    latent_rgb = fit_latent_rgb(source.module("vae"), _vae_scaling(source), source.vae_scale_factor)
-            if name in LAST_USE:
-                source.release(LAST_USE[name])
         source.release_all()
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
@@ -119,6 +132,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                 manifest.source["reused_exports_from"] = f"{donor.manifest.name}/{donor.manifest.version}"
         if config.quantized:
             _quantize(staging, manifest, config, steps)
+        manifest.compile_stats = steps.stats()
         ref = store.publish(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -149,7 +163,8 @@ def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: P
     """The quantize stage over the fp32 components in `staging`; updates `manifest` in place."""
     from runtime.model import open_bundle_dir
 
-    model = open_bundle_dir(staging, manifest)
+    with steps.stage("load the fp32 components"):
+        model = open_bundle_dir(staging, manifest)
     result = stage.run(staging, {n: c.file for n, c in manifest.components.items()}, model, config.plan,
                        config.quantize, int(manifest.defaults["steps"]), steps.stage)
     del model

@@ -9,10 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-import onnx.numpy_helper
-
-from model_store.onnx_files import save_model
+from model_store.onnx_files import load_graph, save_model
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[An
     import torch
 
     g = torch.Generator().manual_seed(1234)
-    te = source.module("text_encoder").config if spec.name in ("text_encoder", "unet") else None
+    te = _text_config(source) if spec.name in ("text_encoder", "unet") else None
     if spec.name == "text_encoder":
         return (torch.randint(0, te.vocab_size, (batch, te.max_position_embeddings), generator=g, dtype=torch.int64),)
     latent_ch = source.vae_config["latent_channels"]
@@ -122,10 +119,24 @@ def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[An
     return (torch.rand(batch, 3, 5 * f, 7 * f, generator=g) * 2 - 1,)
 
 
+def _text_config(source: Any) -> Any:
+    """The text encoder's config (vocabulary, sequence length), read without loading its weights."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig.from_pretrained(source.path / "text_encoder")
+
+
 def export_component(
-    spec: ComponentSpec, source: Any, out_path: Path, opset: int, log: Callable[[str], None] = print
+    spec: ComponentSpec, source: Any, out_path: Path, opset: int, log: Callable[[str], None] = print,
+    external: bool = False,
 ) -> Path:
-    """Export one component to `out_path` (plus `<name>.onnx.data` when weights exceed 2 GB)."""
+    """Export one component to `out_path` (plus `<name>.onnx.data` when weights exceed 2 GB, or with
+    `external`: for a graph that passes will rewrite with its weights left on disk).
+
+    torch writes a graph past 2 GB as one file per weight; those are gathered into the one data file a tensor
+    at a time (`save_model` with `base_dir`), so the export never holds a second copy of the weights beside the
+    PyTorch module's.
+    """
     import torch
 
     model = wrap(spec, source.module(spec.source_module))
@@ -139,5 +150,6 @@ def export_component(
                 input_names=list(spec.inputs), output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic_axes, do_constant_folding=True,
             )
-        save_model(onnx.load(str(raw)), out_path)
+        del model
+        save_model(load_graph(raw), out_path, external=external, base_dir=raw.parent)
     return out_path

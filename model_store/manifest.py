@@ -78,6 +78,10 @@ class Manifest:
     fidelity: dict[str, Any] = field(default_factory=dict)
     """Quantized bundles: final images vs fp32 (psnr, psnr_min, ssim), prompts, seed, steps, thresholds,
     `passed` and `low_fidelity` (published with --allow-low-fidelity despite failures)."""
+    compile_stats: dict[str, Any] = field(default_factory=dict)
+    """How the compile ran: `stages`, in order, each `{"stage", "seconds", "peak_rss_bytes"}` (the compiling
+    process's highest resident memory during that stage; null where the platform cannot measure it), and
+    `peak_rss_bytes`, the largest of them. Empty in bundles compiled before Kiln recorded it."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -98,7 +102,7 @@ class Manifest:
                 f"manifest format_version={d.get('format_version')!r}; this Kiln reads {FORMAT_VERSION}: recompile"
             )
         names = {f.name for f in fields(cls)}
-        missing = names - d.keys() - {"tool_versions", "format_version", "fidelity"}
+        missing = names - d.keys() - {"tool_versions", "format_version", "fidelity", "compile_stats"}
         if missing:
             raise ManifestError(f"manifest lacks {', '.join(sorted(missing))}")
         kw = {k: v for k, v in d.items() if k in names}

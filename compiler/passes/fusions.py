@@ -51,7 +51,14 @@ def _patch_num_heads() -> None:
 
 
 def apply(model: onnx.ModelProto, component: str) -> onnx.ModelProto:
-    """Fuse `model` in memory; returns the fused model (inputs and outputs unchanged)."""
+    """Fuse `model`; returns the fused model (inputs and outputs unchanged).
+
+    `model` may keep its weights on disk (`model_store.onnx_files.load_graph`), with the working directory at
+    their folder: the fusions then read only the weights they rewrite (self-attention's Q/K/V, packed into one
+    new tensor) and leave every other tensor pointing at the data file. The optimizer copies the graph several
+    times over (symbolic shape inference among others), which for the SD v1 UNet with its weights loaded took
+    over 20 GB; without them, each copy is a few megabytes.
+    """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
