@@ -18,6 +18,7 @@ through slower exact kernels or refuses it (`runtime/cpu.py`). The report record
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import tempfile
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from model_store.onnx_files import save_model
+from model_store.onnx_files import load_graph, save_model
 from quantize import weight_int8
 
 ACTIVATIONS = ("u8", "s8")
@@ -69,24 +70,30 @@ def kept_nodes(model: onnx.ModelProto, op_types: Sequence[str]) -> dict[str, str
 
 
 @contextmanager
-def _typed_copy(model_path: Path, external_data: bool) -> Iterator[Path]:
+def _typed_copy(model_path: Path) -> Iterator[Path]:
     """The model with every tensor's type inferred, contrib ops included.
 
     ONNX's own shape inference (which ONNX Runtime's quantizer runs) stops at com.microsoft ops such as
     MultiHeadAttention or SkipLayerNormalization, and the quantizer then skips every MatMul downstream
     ("failed to infer the type"). ONNX Runtime's symbolic shape inference knows those ops.
+
+    Inference runs on the graph without its weights and the typed graph is written beside `model_path`, its
+    tensors pointing at the same data file: no copy of the weights is loaded or written (the SD v1 UNet's
+    typed copy alone held 7 GB when it was made with them).
     """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    model = onnx.load(str(model_path))
-    typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-    del model
-    with tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
-        path = Path(tmp) / model_path.name
-        onnx.save_model(typed, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+    graph = load_graph(model_path)
+    with contextlib.chdir(model_path.parent):  # the few values inference reads come from the data file there
+        typed = SymbolicShapeInference.infer_shapes(graph, auto_merge=True, guess_output_rank=True)
+    del graph
+    path = model_path.with_name(f".{model_path.name.removesuffix('.onnx')}.typed.onnx")
+    try:
+        onnx.save_model(typed, str(path))
         del typed
         yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -102,27 +109,6 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over a list of input feeds, with the `set_range` that its
-    `CalibStridedMinMax` option uses to calibrate chunk by chunk."""
-
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
-        self._feeds = list(feeds)
-        self._it = iter(self._feeds)
-
-    def __len__(self) -> int:
-        return len(self._feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._it = iter(self._feeds[start_index:end_index])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:  # the calibrator reads once
-        pass
-
-
 def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict[str, np.ndarray]],
                     op_types: Sequence[str] = ("Conv", "MatMul", "Gemm"), activations: str = "u8",
                     external_data: bool = False, int8_kept_weights: bool = True,
@@ -136,6 +122,9 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from quantize.calibration import activation_ranges
 
     if activations not in ACTIVATIONS:
         raise ValueError(f"int8 activations={activations!r} is not one of: {', '.join(ACTIVATIONS)}")
@@ -146,21 +135,19 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
     kept = kept_nodes(model, op_types)
     kept_products = kept_nodes(model, [t for t in op_types if t in ("MatMul", "Gemm")])
     del model
-    with _typed_copy(model_path, external_data) as typed, _quiet():
+    with _typed_copy(model_path) as typed, _quiet(), tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
+        # the ranges ONNX Runtime's MinMax calibrator would find, without the copies of the weights it loads
+        ranges = Path(tmp) / "ranges.json"
+        save_tensors_data(activation_ranges(typed, calibration, op_types), ranges)
         ort_quantize_static(
-            str(typed), str(out_path), _Reader(calibration), quant_format=QuantFormat.QDQ,
+            str(typed), str(out_path), None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(op_types), per_channel=True,
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=list(kept), use_external_data_format=external_data,
             reduce_range=weight_bits == 7,  # weights only: the calibrated activations keep their 8 bits
-            calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
-            # CalibStridedMinMax=1: the min/max of each feed's activations are merged before the next feed runs,
-            # so calibration holds one feed's activations at a time (all of them at once are tens of GB for SD v1
-            # at 512x512). Not CalibMaxIntermediateOutputs: in ONNX Runtime <= 1.31 it drops the data it flushes
-            # (microsoft/onnxruntime#18893).
+            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges),
             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": activations == "s8",
-                           "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT,
-                           "CalibStridedMinMax": 1},
+                           "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     report = {"method": "static QDQ", "weights": "int8 per-channel symmetric", **_weight_range(weight_bits),
               "activations": "uint8 asymmetric" if activations == "u8" else "int8 symmetric",
@@ -182,7 +169,7 @@ def quantize_dynamic(model_path: Path, out_path: Path, external_data: bool = Fal
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     _check_weight_bits(weight_bits)
-    with _typed_copy(model_path, external_data) as typed, _quiet():
+    with _typed_copy(model_path) as typed, _quiet():
         ort_quantize_dynamic(str(typed), str(out_path), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
                              weight_type=QuantType.QInt8, use_external_data_format=external_data,
                              reduce_range=weight_bits == 7,

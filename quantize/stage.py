@@ -102,14 +102,24 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
         _move(dst, src)
         precision = resolved(want)
         with stage(f"quantize {component} to {precision}"):
-            # the quantizer loads its own copy (and, for int8, a calibration session): let go of the fp32
-            # session meanwhile, so peak memory holds two copies of the weights rather than three
-            del model.sessions[component], final_sessions[component]
+            # the quantizer loads this component's weights (and, for static int8, a calibration session over
+            # them): let go of every fp32 session meanwhile (the SD v1 UNet's alone is 3.4 GB) and open them again
+            # for the fidelity check, so the quantizer's copy and the sessions are never in memory together
+            # an fp32 graph is in .fp32/ once its component was quantized (and back in staging if it fell back)
+            fp32 = {c: fp32_dir / files[c] if (fp32_dir / files[c]).exists() else staging / files[c]
+                    for c in model.sessions}
+            shared = {c for c, s in model.sessions.items() if final_sessions.get(c) is s}
+            model.sessions.clear()
+            for c in shared:
+                del final_sessions[c]
             result = _quantize(component, precision, src, dst, feeds.get(component, []), config)
             if component == "text_encoder" and result.precision in ("int8", "nf4", "int4"):
                 _int8_embeddings(dst, result)  # SD's only lookup tables: token and position embeddings
-            model.sessions[component] = final_sessions[component] = OrtSession(component, src)
         with stage(f"fidelity {component}"):
+            for c, path in fp32.items():
+                model.sessions[c] = OrtSession(c, path)
+                if c in shared or c == component:
+                    final_sessions[c] = model.sessions[c]
             session = _gate_session(component, dst, result.quantization)
             result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps)
             problem = _problem(result.fidelity, config)

@@ -1,5 +1,6 @@
 """What keeps a compile's memory down, on the tiny model: graphs rewritten with their weights left on disk (the
-same result as in memory), and each stage's peak RSS recorded in the manifest."""
+same result as in memory), activation ranges calibrated without ONNX Runtime's copies of the weights (the same
+ranges as its calibrator), and each stage's peak RSS recorded in the manifest."""
 
 from __future__ import annotations
 
@@ -95,6 +96,42 @@ def test_save_model_copies_weights_from_disk_into_either_layout(tiny_bundle: Pat
         save_model(graph, tmp_path / "bad.onnx", base_dir=src.parent)
 
 
+def test_activation_ranges_are_onnx_runtime_calibrators(tiny_source: Path, tmp_path: Path) -> None:
+    """The ranges handed to ONNX Runtime's static quantizer are the ones its own MinMax calibrator finds, feed by
+    feed, over the same typed graph: every tensor, bit for bit, the shape and dtype included."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from quantize import int8
+    from quantize.calibration import activation_ranges
+
+    path = export_component(COMPONENTS["unet"], load_source(tiny_source), tmp_path / "unet.onnx", 17, external=True)
+    rng = np.random.default_rng(1)
+    feeds = [{**_feed("unet"), "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32) * (i + 1)}
+             for i in range(3)]
+    op_types = ["Conv", "MatMul", "Gemm"]
+    with int8._typed_copy(path) as typed:
+        ours = activation_ranges(typed, feeds, op_types)
+        calibrator = create_calibrator(typed, op_types, augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+
+        class One:
+            def __init__(self, feed: dict[str, np.ndarray]) -> None:
+                self.feeds = iter([feed])
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.feeds, None)
+
+        for feed in feeds:
+            calibrator.collect_data(One(feed))
+        theirs = calibrator.compute_data()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # helpers removed
+    assert len(theirs.data) > 50 and set(ours.keys()) == set(theirs.keys())
+    for name in theirs:
+        for got, want in zip(ours[name].range_value, theirs[name].range_value, strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
 def test_compile_records_each_stage_and_never_loads_the_weights_it_fuses(tiny_source: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Every stage's seconds and peak RSS are in the manifest; the graphs the optimize stage writes hold none of
@@ -134,3 +171,33 @@ def test_compile_records_each_stage_and_never_loads_the_weights_it_fuses(tiny_so
     old = {k: v for k, v in json.loads(m.to_json()).items() if k != "compile_stats"}
     assert Manifest.from_dict(old).compile_stats == {}
 
+
+def test_quantizing_a_component_holds_no_fp32_session(tiny_source: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a component is quantized (its weights loaded by the quantizer, and a calibration session over them for
+    static int8), no session over an fp32 graph is open: only the gate sessions of components quantized before."""
+    import gc
+
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+    from quantize import stage
+    from quantize.config import QuantizeConfig
+    from runtime.sessions import OrtSession
+
+    real = stage._quantize
+    live: dict[str, list[str]] = {}
+
+    def quantize_checked(component, *args, **kwargs):  # type: ignore[no-untyped-def]
+        gc.collect()
+        live[component] = sorted(o.name for o in gc.get_objects() if isinstance(o, OrtSession))
+        return real(component, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "_quantize", quantize_checked)
+    config = CompileConfig(name="q", precision="int8", quantize=QuantizeConfig(
+        calibration_prompts=1, fidelity_prompts=1, allow_low_fidelity=True))
+    m = compile_model(tiny_source, tmp_path, config, progress=False).manifest
+    assert live == {"text_encoder": [], "unet": ["text_encoder"], "vae_decoder": ["text_encoder", "unet"],
+                    "vae_encoder": sorted(c for c in ("text_encoder", "unet", "vae_decoder")
+                                          if m.components[c].precision == "int8")}
+    stages = [s["stage"] for s in m.compile_stats["stages"]]
+    assert stages.index("quantize unet to int8") < stages.index("fidelity unet") < stages.index("fidelity of the bundle")
