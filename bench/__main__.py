@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import integrity, latency, memory, precision, quality, quota, throughput, tome
+from bench import compile_memory, integrity, latency, memory, precision, quality, quota, throughput, tome
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
-             "tome": tome, "memory": memory, "integrity": integrity}
+             "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory}
 
 
 def main(argv: list[str] | None = None) -> int:
