@@ -28,7 +28,7 @@ def prompts(path: str | Path | None = None) -> list[str]:
 
 
 class RecordingSession:
-    """A ModelSession that keeps a copy of every feed it runs and of what it returned (up to `limit`)."""
+    """A ModelSession that keeps a copy of every feed it runs (up to `limit`)."""
 
     def __init__(self, inner, limit: int | None = None):  # type: ignore[no-untyped-def]
         self.inner = inner
@@ -37,16 +37,11 @@ class RecordingSession:
         self.output_names = inner.output_names
         self.limit = limit
         self.feeds: list[dict[str, np.ndarray]] = []
-        self.outputs: list[dict[str, np.ndarray]] = []
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = self.limit is None or len(self.feeds) < self.limit
-        if keep:
+        if self.limit is None or len(self.feeds) < self.limit:
             self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
-        out = self.inner.run(inputs)
-        if keep:
-            self.outputs.append({k: np.array(v, copy=True) for k, v in out.items()})
-        return out
+        return self.inner.run(inputs)
 
 
 @dataclass
@@ -55,8 +50,6 @@ class Run:
 
     feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
     """Inputs each component was fed, in call order (the VAE encoder's: the decoded images, in [-1, 1])."""
-    outputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
-    """What each component returned for those feeds (none for the VAE encoder, which text-to-image never runs)."""
     images: list[np.ndarray] = field(default_factory=list)
     """uint8 [H, W, 3] per prompt."""
     latents: list[np.ndarray] = field(default_factory=list)
@@ -90,7 +83,6 @@ def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: boo
         model.sessions.clear()
         model.sessions.update(sessions)
     result.feeds = {n: r.feeds for n, r in recorders.items()}
-    result.outputs = {n: r.outputs for n, r in recorders.items()}
     if record:
         result.feeds["vae_encoder"] = [{"sample": to_vae_input(im)} for im in result.images]
     return result

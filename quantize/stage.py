@@ -35,12 +35,6 @@ REL_ERROR_FEEDS = 8
 """Recorded feeds per component the relative error is averaged over."""
 STATIC_INT8 = ("unet", "vae_decoder", "vae_encoder")
 """Components quantized statically (calibrated); the text encoder's int8 is dynamic."""
-FIDELITY_USES = {"text_encoder": ("unet", "vae_decoder"), "unet": ("text_encoder", "vae_decoder"),
-                 "vae_decoder": (), "vae_encoder": ("vae_decoder", "vae_encoder")}
-"""The fp32 sessions each component's fidelity check opens: the rest of the pipeline its images go through (the
-relative error of its own output is measured against the fp32 outputs the reference run recorded; the VAE
-encoder, which text-to-image never runs, is run in fp32 for it). The SD v1 UNet's 3.4 GB fp32 session is thus
-only open for the text encoder's check, never beside its own quantized graph."""
 
 
 @dataclasses.dataclass
@@ -102,50 +96,52 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
     fp32_dir = staging / ".fp32"
     fp32_dir.mkdir()
     results: dict[str, ComponentResult] = {}
-    kept: dict[str, Any] = {}  # the gate sessions of the components that stay quantized
-    fp32 = {c: staging / files[c] for c in files}  # where each fp32 graph is
+    final_sessions = dict(model.sessions)
     for component, want in wanted.items():
         src, dst = fp32_dir / files[component], staging / files[component]
         _move(dst, src)
-        fp32[component] = src
         precision = resolved(want)
-        # no fp32 session is open while a component is quantized: the quantizer loads its weights (and, for static
-        # int8, a calibration session over them), and the stage boundary first hands the sessions' memory back
-        # (ONNX Runtime's shared arena included: compiler.memory.release)
-        model.sessions.clear()
         with stage(f"quantize {component} to {precision}"):
+            # the quantizer loads this component's weights (and, for static int8, a calibration session over
+            # them): let go of every fp32 session meanwhile (the SD v1 UNet's alone is 3.4 GB) and open them again
+            # for the fidelity check, so the quantizer's copy and the sessions are never in memory together
+            # an fp32 graph is in .fp32/ once its component was quantized (and back in staging if it fell back)
+            fp32 = {c: fp32_dir / files[c] if (fp32_dir / files[c]).exists() else staging / files[c]
+                    for c in model.sessions}
+            shared = {c for c, s in model.sessions.items() if final_sessions.get(c) is s}
+            model.sessions.clear()
+            for c in shared:
+                del final_sessions[c]
             result = _quantize(component, precision, src, dst, feeds.get(component, []), config)
             if component == "text_encoder" and result.precision in ("int8", "nf4", "int4"):
                 _int8_embeddings(dst, result)  # SD's only lookup tables: token and position embeddings
         with stage(f"fidelity {component}"):
-            model.sessions.update({c: OrtSession(c, fp32[c]) for c in FIDELITY_USES[component] if c in files})
+            for c, path in fp32.items():
+                model.sessions[c] = OrtSession(c, path)
+                if c in shared or c == component:
+                    final_sessions[c] = model.sessions[c]
             session = _gate_session(component, dst, result.quantization)
             result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps)
             problem = _problem(result.fidelity, config)
         if problem and want.endswith("?"):
-            del session
             _remove(dst)
             _move(src, dst)
-            fp32[component] = dst
             result = ComponentResult("fp32", {"fallback": f"{precision} failed the fidelity gate: {problem}",
                                               "tried": result.quantization}, result.fidelity)
         else:
-            kept[component] = session
+            final_sessions[component] = session
             result.fidelity["passed"] = problem is None
             if problem:
                 result.fidelity["problem"] = problem
         data = staging / (files[component] + ".data")
         result.external_data = data.name if data.exists() else None
         results[component] = result
-    model.sessions.clear()
     shutil.rmtree(fp32_dir)
 
     with stage("fidelity of the bundle"):
-        final = dataclasses.replace(model, sessions={
-            **{c: OrtSession(c, staging / files[c]) for c in files if c not in kept}, **kept})
+        final = dataclasses.replace(model, sessions=final_sessions)
         got = run_pipeline(final, fidelity_texts, steps, seed=FIDELITY_SEED, record=False)
         overall = ImageFidelity.compare(ref.images, got.images).as_dict()
-        del final
     failures = [f"{c} ({r.precision}): {r.fidelity['problem']}" for c, r in results.items() if "problem" in r.fidelity]
     if overall["psnr"] < config.min_psnr:
         failures.append(f"bundle: final-image PSNR {overall['psnr']:.1f} dB vs fp32 is below min_psnr="
@@ -229,13 +225,12 @@ def _int8_embeddings(path: Path, result: ComponentResult) -> None:
 
 def _component_fidelity(component: str, session: Any, model: Any, ref: Run, texts: list[str],
                         steps: int) -> dict[str, Any]:
-    """Relative error on recorded inputs (against the recorded fp32 outputs, or the fp32 session's where none were
-    recorded), and final images with only this component quantized."""
-    feeds, outputs = ref.feeds[component], ref.outputs.get(component)
+    """Relative error on recorded inputs, and final images with only this component quantized."""
+    fp32 = model.sessions[component]
     errors = []
-    for i in range(0, len(feeds), max(1, len(feeds) // REL_ERROR_FEEDS))[:REL_ERROR_FEEDS]:
-        want = next(iter((outputs[i] if outputs else model.sessions[component].run(feeds[i])).values()))
-        got = next(iter(session.run(feeds[i]).values()))
+    for feed in ref.feeds[component][:: max(1, len(ref.feeds[component]) // REL_ERROR_FEEDS)][:REL_ERROR_FEEDS]:
+        want = next(iter(fp32.run(feed).values()))
+        got = next(iter(session.run(feed).values()))
         errors.append(rel_error(want, got))
     out: dict[str, Any] = {"rel_error": round(float(np.mean(errors)), 6)}
     if component in ("text_encoder", "unet"):
@@ -244,7 +239,6 @@ def _component_fidelity(component: str, session: Any, model: Any, ref: Run, text
     elif component == "vae_decoder":
         images = [_decode(model, session, z) for z in ref.latents]
     else:  # vae_encoder: round trip through the fp32 decoder, against the fp32 encoder's round trip
-        fp32 = model.sessions[component]
         c, s = model.manifest.model["latent_channels"], model.manifest.model["vae_scaling_factor"]
         refs, images = [], []
         for im in ref.images:
