@@ -15,7 +15,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_SUCCESS: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class GenerateRequest(_message.Message):
     MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    DECODER_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -48,7 +50,17 @@ class GenerateRequest(_message.Message):
     mask_image: bytes
     strength: float
     mask_blur: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraSelection]
+    decoder: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ...) -> None: ...
+
+class LoraSelection(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "started", "progress", "artifact")
@@ -159,7 +171,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "precision", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_sampler", "limits", "samplers", "fidelity", "inpainting_model")
+    __slots__ = ("name", "version", "precision", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_sampler", "limits", "samplers", "fidelity", "inpainting_model", "source_family", "fused_loras", "embedding_tokens", "adapters", "decoders")
     class PrecisionEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +191,11 @@ class ModelInfo(_message.Message):
     SAMPLERS_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
     INPAINTING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FAMILY_FIELD_NUMBER: _ClassVar[int]
+    FUSED_LORAS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DECODERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     precision: _containers.ScalarMap[str, str]
@@ -191,7 +208,24 @@ class ModelInfo(_message.Message):
     samplers: _containers.RepeatedScalarFieldContainer[str]
     fidelity: Fidelity
     inpainting_model: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[_Mapping[str, str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., samplers: _Optional[_Iterable[str]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., inpainting_model: _Optional[bool] = ...) -> None: ...
+    source_family: str
+    fused_loras: _containers.RepeatedCompositeFieldContainer[LoraInfo]
+    embedding_tokens: _containers.RepeatedScalarFieldContainer[str]
+    adapters: _containers.RepeatedCompositeFieldContainer[LoraInfo]
+    decoders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[_Mapping[str, str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., samplers: _Optional[_Iterable[str]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., inpainting_model: _Optional[bool] = ..., source_family: _Optional[str] = ..., fused_loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., embedding_tokens: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., decoders: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LoraInfo(_message.Message):
+    __slots__ = ("name", "sha256", "scale", "rank")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    scale: float
+    rank: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., scale: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class Fidelity(_message.Message):
     __slots__ = ("psnr_db", "ssim", "low_fidelity", "failures")
@@ -206,20 +240,22 @@ class Fidelity(_message.Message):
     def __init__(self, psnr_db: _Optional[float] = ..., ssim: _Optional[float] = ..., low_fidelity: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelLimits(_message.Message):
-    __slots__ = ("min_size", "max_size", "max_steps", "max_images", "max_guidance_scale", "max_prompt_chars")
+    __slots__ = ("min_size", "max_size", "max_steps", "max_images", "max_guidance_scale", "max_prompt_chars", "max_loras")
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     min_size: int
     max_size: int
     max_steps: int
     max_images: int
     max_guidance_scale: float
     max_prompt_chars: int
-    def __init__(self, min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
+    max_loras: int
+    def __init__(self, min_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., max_prompt_chars: _Optional[int] = ..., max_loras: _Optional[int] = ...) -> None: ...
 
 class GetBalanceRequest(_message.Message):
     __slots__ = ()
