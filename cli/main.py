@@ -37,6 +37,8 @@ def cmd_models_init(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from compiler.compile import compile_model
     from compiler.config import CompileConfig
+    from compiler.source.errors import SourceError
+    from compiler.source.options import EmbeddingSpec, LoraSpec, SourceOptions
     from compiler.verify import ParityError
     from quantize.config import QuantizeConfig
     from quantize.fidelity import FidelityError
@@ -58,7 +60,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
         config.__post_init__()
     try:
-        result = compile_model(args.source, args.store, config, progress=not args.quiet)
+        options = SourceOptions(loras=[LoraSpec.parse(t) for t in args.lora],
+                                embeddings=[EmbeddingSpec.parse(t) for t in args.embedding], vae=args.vae,
+                                prediction_type=args.prediction_type, model_config=args.model_config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = compile_model(args.source, args.store, config, progress=not args.quiet, options=options)
+    except SourceError as e:
+        print(f"kiln: compile failed, nothing was published: {e}", file=sys.stderr)
+        return 5
     except ParityError as e:
         print(f"kiln: compile failed, nothing was published: {e}", file=sys.stderr)
         return 3
@@ -315,13 +327,26 @@ def parser() -> argparse.ArgumentParser:
     _api_key(ls)
     ls.set_defaults(func=cmd_models_list)
 
-    c = sub.add_parser("compile", help="compile a local diffusers folder into a bundle")
-    c.add_argument("source", help="local diffusers folder (model_index.json, unet/, vae/, ...)")
+    c = sub.add_parser("compile", help="compile a local diffusers folder or single-file checkpoint into a bundle")
+    c.add_argument("source", help="local diffusers folder (model_index.json, unet/, vae/, ...) or a single-file "
+                   "checkpoint in the original layout (.safetensors, or .ckpt read with PyTorch's weights_only)")
     c.add_argument("--name", required=True)
     c.add_argument("--store", required=True)
     c.add_argument("--precision", default="fp32", metavar="SPEC",
                    help="fp32 | int8 | nf4 | int4 | fp16, optionally with per-component overrides, e.g. "
                         "int8,vae_decoder=fp32 or unet=int8,text_encoder=int8 (see quantize/precision.py)")
+    b = c.add_argument_group("bring your own model (see README)")
+    b.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (kohya/AUTOMATIC1111 or diffusers/PEFT) at SCALE (default 1); repeatable")
+    b.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="add a textual-inversion embedding as TOKEN (default: its own token); repeatable")
+    b.add_argument("--vae", metavar="PATH", help="replace the VAE: a diffusers folder (AutoencoderKL or "
+                   "AutoencoderTiny) or a single-file VAE")
+    b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="single-file checkpoints: what the UNet predicts, when neither the tensors nor NAME.yaml "
+                   "beside the file tell (SD 2.x 768 models: v_prediction)")
+    b.add_argument("--model-config", metavar="DIR", help="single-file checkpoints: a diffusers folder whose "
+                   "configs describe the checkpoint, instead of the family detected from its tensors")
     q = c.add_argument_group("quantization (precisions other than fp32)")
     q.add_argument("--calibration-prompts", type=int, default=8, help="prompts run through fp32 to calibrate int8")
     q.add_argument("--calibration-file", help="prompt file instead of quantize/prompts/calibration.txt")

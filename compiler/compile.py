@@ -18,7 +18,8 @@ from compiler.export import COMPONENTS, export_component
 from compiler.passes import attention_slicing, fusions, tome, unpack_attention
 from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
-from compiler.source import load_source
+from compiler.source import load_source, prepare
+from compiler.source.options import SourceOptions
 from compiler.source.load import TOKENIZER_FILES
 from compiler.verify import Reference, check_parity, reference
 from model_store import ComponentEntry, Manifest, Store
@@ -47,18 +48,23 @@ def kiln_version() -> str:
 
 
 def compile_model(source_path: str | Path, store_root: str | Path, config: CompileConfig,
-                  progress: bool = True) -> CompileResult:
-    """Compile a local diffusers folder into a new bundle version; nothing is published on failure."""
-    source = load_source(source_path)
+                  progress: bool = True, options: SourceOptions | None = None) -> CompileResult:
+    """Compile a local diffusers folder or single-file checkpoint, with `options` (LoRAs, embeddings, a VAE)
+    applied, into a new bundle version; nothing is published on failure."""
+    options = options or SourceOptions()
     store = Store(store_root)
     quantize_stages = 1 + stage.stage_count(config.plan) if config.quantized else 0
-    steps = Progress(total=3 + 3 * len(COMPONENTS) + quantize_stages, enabled=progress)
-    with steps.stage("hash source model"):
-        source_hash = source.content_hash()
-    identity = reuse.exporter_identity(config.opset, config.fusions)
-    donor = reuse.find_donor(store, source_hash, identity, config.fusions) if config.reuse_exports else None
+    steps = Progress(total=3 + 3 * len(COMPONENTS) + quantize_stages + prepare.stage_count(source_path, options),
+                     enabled=progress)
     staging = store.staging_dir(config.name)
+    work = staging.with_name(staging.name + "-source")
     try:
+        prepared = prepare.prepare(source_path, options, work, steps.stage)
+        source = load_source(prepared.path)
+        with steps.stage("hash source model"):
+            source_hash = source.content_hash()
+        identity = reuse.exporter_identity(config.opset, config.fusions)
+        donor = reuse.find_donor(store, source_hash, identity, config.fusions) if config.reuse_exports else None
         components: dict[str, ComponentEntry] = {}
         refs: dict[str, Reference] = {}
         for name, spec in COMPONENTS.items():
@@ -126,6 +132,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
             manifest = _manifest(config, source, source_hash, components, tokenizer)
+            manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}
             manifest.model["latent_rgb"] = latent_rgb
             manifest.tool_versions = reuse.recorded_versions(identity, config.quantized)
             if donor:
@@ -137,6 +144,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return CompileResult(ref.path, ref.manifest)
 
 

@@ -33,6 +33,14 @@ class Prepared:
 Stage = Callable[[str], AbstractContextManager[object]]
 
 
+def stage_count(source: str | Path, options: SourceOptions) -> int:
+    """Progress stages `prepare` shows for these arguments."""
+    path = Path(source)
+    if path.is_dir() and not options.changes_weights:
+        return 0
+    return 2 + bool(options.vae) + bool(options.embeddings) + bool(options.loras)
+
+
 def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage) -> Prepared:
     """The folder to compile from `source` with `options` applied; `work` receives a rebuilt folder."""
     path = Path(source)
