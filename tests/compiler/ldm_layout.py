@@ -1,0 +1,107 @@
+"""Test helper: write a diffusers SD model as a single-file checkpoint in the original (LDM) key layout.
+
+Product code never maps keys by hand (diffusers' converters do it); tests need the opposite direction to build
+real-format files from tiny models, and a round trip through diffusers' converter checks this map.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def unet_map(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """(ldm prefix, diffusers prefix) pairs for a UNet2DConditionModel config."""
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+             ("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
+             ("middle_block.2.", "mid_block.resnets.1.")]
+    for i in range(n):
+        down_attn = cfg["down_block_types"][i].startswith("CrossAttn")
+        up_attn = cfg["up_block_types"][i].startswith("CrossAttn")
+        for j in range(per):
+            k = (per + 1) * i + j + 1
+            pairs.append((f"input_blocks.{k}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if down_attn:
+                pairs.append((f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(per + 1):
+            k = (per + 1) * i + j
+            pairs.append((f"output_blocks.{k}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if up_attn:
+                pairs.append((f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < n - 1:
+            pairs.append((f"input_blocks.{(per + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+            k = (per + 1) * i + per
+            pairs.append((f"output_blocks.{k}.{2 if up_attn else 1}.", f"up_blocks.{i}.upsamplers.0."))
+    return pairs
+
+
+RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.0.", "norm2."),
+          ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]
+VAE_RESNET = [("nin_shortcut.", "conv_shortcut.")]
+VAE_ATTN = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+
+
+def vae_map(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    pairs = [("encoder.norm_out.", "encoder.conv_norm_out."), ("decoder.norm_out.", "decoder.conv_norm_out."),
+             ("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."),
+             ("decoder.mid.attn_1.", "decoder.mid_block.attentions.0.")]
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            pairs.append((f"{part}.mid.block_{j + 1}.", f"{part}.mid_block.resnets.{j}."))
+    for i in range(n):
+        for j in range(per):
+            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        for j in range(per + 1):
+            pairs.append((f"decoder.up.{n - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
+        if i < n - 1:
+            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            pairs.append((f"decoder.up.{n - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
+    return pairs
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
+    for ldm, hf in sorted(pairs, key=lambda p: -len(p[1])):
+        if key.startswith(hf):
+            return ldm + key[len(hf):]
+    return None
+
+
+def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
+    """The diffusers folder's UNet, VAE and CLIP text encoder as one original-layout state dict."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out: dict[str, Any] = {}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    pairs = unet_map(json.loads((folder / "unet/config.json").read_text()))
+    for key, t in unet.state_dict().items():
+        new = _rename(key, pairs)
+        if new is None:
+            new = key
+        if ".resnets." in key or "mid_block.resnets" in key:
+            for ldm, hf in RESNET:
+                new = new.replace(f".{hf}", f".{ldm}")
+        out["model.diffusion_model." + new] = t
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    pairs = vae_map(json.loads((folder / "vae/config.json").read_text()))
+    for key, t in vae.state_dict().items():
+        new = _rename(key, pairs) or key
+        for ldm, hf in VAE_RESNET:
+            new = new.replace(f".{hf}", f".{ldm}")
+        if ".attn_1." in new:
+            for ldm, hf in VAE_ATTN:
+                new = new.replace(f".attn_1.{hf}", f".attn_1.{ldm}")
+            if t.ndim == 2:
+                t = t[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
+        out["first_stage_model." + new] = t
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    for key, t in text.state_dict().items():
+        out["cond_stage_model.transformer." + key] = t
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}
