@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compiler.source.errors import SourceError
 from compiler.source.options import SourceOptions
 from model_store import sha256_file
 
@@ -45,10 +46,10 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
     """The folder to compile from `source` with `options` applied; `work` receives a rebuilt folder."""
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"source model {path}: no such file or folder")
+        raise SourceError(f"source model {path}: no such file or folder")
     if path.is_dir():
         if options.prediction_type or options.model_config:
-            raise ValueError("--prediction-type and --model-config apply to single-file checkpoints only; "
+            raise SourceError("--prediction-type and --model-config apply to single-file checkpoints only; "
                              f"{path} is a folder (its scheduler/ and unet/ configs say what they would)")
         if not options.changes_weights:
             return Prepared(path, {"family": FOLDER_FAMILY})
@@ -57,11 +58,12 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
         from compiler.source import single_file
 
         with stage(f"load single-file checkpoint {path.name}"):
-            pipe, info = single_file.load_pipeline(path, options)
+            pipe, info, scheduler_config = single_file.load_pipeline(path, options)
     else:
         with stage(f"load {path.name}"):
             pipe = _load_folder(path)
         info = {"family": FOLDER_FAMILY}
+        scheduler_config = json.loads((path / "scheduler/scheduler_config.json").read_text())
     if options.vae:
         from compiler.source import vae
 
@@ -80,6 +82,9 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
     with stage("write the prepared diffusers folder"):
         shutil.rmtree(work, ignore_errors=True)
         pipe.save_pretrained(work, safe_serialization=True)
+        # the source's own scheduler config: diffusers writes its scheduler's defaults out (PNDM's "leading"
+        # spacing, say), which would then hold for every sampler built from it
+        (work / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
         if path.is_dir() and (path / "kiln.json").exists():
             shutil.copy(path / "kiln.json", work / "kiln.json")
         (work / "kiln_source.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

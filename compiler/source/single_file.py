@@ -125,8 +125,10 @@ def detect(path: Path, ckpt: dict[str, Any], options: SourceOptions) -> tuple[Fa
     return family, prediction, origin
 
 
-def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, Any]]:
-    """The checkpoint as an fp32 diffusers pipeline (EMA weights when present), and provenance for the manifest."""
+def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The checkpoint as an fp32 diffusers pipeline (EMA weights when present), provenance for the manifest,
+    and the scheduler config as the family's file has it (diffusers would write out its scheduler's defaults,
+    which other schedulers built from the config must not inherit)."""
     import torch
     from diffusers.loaders import single_file_utils as sfu
 
@@ -162,10 +164,13 @@ def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, An
         else:
             text_sd = sfu.convert_open_clip_checkpoint(text_encoder, ckpt)
         text_sd.pop("text_model.embeddings.position_ids", None)
+        if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):  # transformers >= 5
+            text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
         del ckpt
         for module, sd, name in ((unet, unet_sd, "unet"), (vae, vae_sd, "vae"), (text_encoder, text_sd, "text_encoder")):
             _load_checked(path, family, name, module, sd)
-        scheduler = PNDMScheduler.from_config(_read(configs / "scheduler/scheduler_config.json"))
+        scheduler_config = _read(configs / "scheduler/scheduler_config.json")
+        scheduler = PNDMScheduler.from_config(scheduler_config)
         tokenizer = CLIPTokenizer.from_pretrained(str(configs / "tokenizer"))
     cls = StableDiffusionInpaintPipeline if int(unet_cfg["in_channels"]) == 9 else StableDiffusionPipeline
     pipe = cls(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
@@ -174,7 +179,7 @@ def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, An
             "ema": ema, "prediction_type": prediction, "prediction_type_from": origin}
     if options.model_config:
         info["model_config"] = str(Path(options.model_config).resolve())
-    return pipe, info
+    return pipe, info, scheduler_config
 
 
 def _load_checked(path: Path, family: Family, name: str, module: Any, sd: dict[str, Any]) -> None:

@@ -152,4 +152,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         fidelity=pb.Fidelity(
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,
+        source_family=str(m.source.get("family", "diffusers-folder")),
+        fused_loras=[pb.LoraInfo(name=str(lo["name"]), sha256=str(lo["sha256"]), scale=float(lo["scale"]),
+                                 rank=int(lo["rank"])) for lo in m.source.get("loras", [])],
     )

@@ -100,8 +100,8 @@ def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
                 t = t[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
         out["first_stage_model." + new] = t
     text = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    for key, t in text.state_dict().items():
-        out["cond_stage_model.transformer." + key] = t
+    for key, t in text.state_dict().items():  # transformers 5 names them without the `text_model.` level
+        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = t
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return {k: v.contiguous() for k, v in out.items()}
