@@ -129,7 +129,6 @@ def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, An
     """The checkpoint as an fp32 diffusers pipeline (EMA weights when present), provenance for the manifest,
     and the scheduler config as the family's file has it (diffusers would write out its scheduler's defaults,
     which other schedulers built from the config must not inherit)."""
-    import torch
     from diffusers.loaders import single_file_utils as sfu
 
     ckpt = read_checkpoint(path)
@@ -149,8 +148,12 @@ def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, An
             raise SourceError(f"{path}: does not convert as a {family.name} checkpoint: "
                               f"{type(e).__name__}: {_first_line(e)}") from None
         from accelerate import init_empty_weights
-        from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                               UNet2DConditionModel)
+        from diffusers import (
+            AutoencoderKL,
+            StableDiffusionInpaintPipeline,
+            StableDiffusionPipeline,
+            UNet2DConditionModel,
+        )
         from diffusers.schedulers import PNDMScheduler
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -72,7 +72,6 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
 
 def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
     """The diffusers folder's UNet, VAE and CLIP text encoder as one original-layout state dict."""
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
