@@ -35,6 +35,9 @@ def pairs(path: Path, state_dict: dict[str, Any], pipe: Any) -> dict[str, dict[s
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     found: dict[str, dict[str, tuple[int, ...]]] = {}
+    if not any("lora" in k.lower() for k in state_dict):
+        first = sorted(state_dict)[0] if state_dict else "none"
+        raise SourceError(f"{path}: holds no LoRA weights (no key names a lora pair; first key: {first})")
     other = sorted(k for k in state_dict if k.split(".", 1)[0] not in PARTS)
     if other:
         raise SourceError(f"{path}: LoRA key {other[0]} is for a model part this model does not have "
@@ -52,8 +55,8 @@ def pairs(path: Path, state_dict: dict[str, Any], pipe: Any) -> dict[str, dict[s
                 if side not in key:
                     continue
                 name = key.split(side)[0]
-                try:
-                    layer = model.get_submodule(name)
+                try:  # transformers 5 dropped CLIPTextModel's `text_model` level; loaders map both
+                    layer = model.get_submodule(name if _has(model, name) else name.removeprefix("text_model."))
                 except AttributeError:
                     raise SourceError(f"{path}: LoRA key {part}.{key} names no layer of this model's {part} "
                                       f"({name}): a LoRA for another architecture?") from None
@@ -104,3 +107,11 @@ def fuse(pipe: Any, specs: list[LoraSpec]) -> list[dict[str, Any]]:
         pipe.fuse_lora(components=[p for p in PARTS if hasattr(pipe, p)], lora_scale=1.0, adapter_names=names)
         pipe.unload_lora_weights()
     return infos
+
+
+def _has(model: Any, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

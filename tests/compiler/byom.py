@@ -47,7 +47,10 @@ def write_kohya(folder: Path, out: Path, seed: int, rank: int = 4, alpha: float 
 
     unet, text = lora_layers(folder, seed, rank, alpha)
     full = {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in text.items()}}
-    kohya = convert_state_dict_to_kohya(full)
+    # SD 1.x kohya files name the text encoder `lora_te_text_model_*` (the converter writes SDXL's `lora_te1_`,
+    # and transformers 5 dropped the `text_model` level from the module names)
+    kohya = {k.replace("lora_te1_encoder_", "lora_te_text_model_encoder_"): v
+             for k, v in convert_state_dict_to_kohya(full).items()}
     assert any(k.startswith("lora_unet_") for k in kohya) and any(k.startswith("lora_te_") for k in kohya)
     save_file({k: v.contiguous() for k, v in kohya.items()}, str(out))
     return out
