@@ -17,6 +17,8 @@ RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     # inpainting UNets: 9 input channels (latents, mask, masked-image latents), otherwise the same model
     "tiny-inpainting": ("tiny-inpainting", "tiny"),
     "sd-v1-inpainting": ("sd-v1-inpainting", "sd-v1"),
+    # the SD 2.x design at tiny size (OpenCLIP-style text encoder, linear attention projections, "!" padding)
+    "tiny-v2": ("tiny-v2", "tiny-v2"),
 }
 TRAINED_ARCHS = ("shapes",)
 """Models Kiln trained itself and ships (fp16 safetensors in `pretrained/NAME/`, tokenizer added on init)."""
@@ -77,6 +79,8 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
         del model
 
     shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
+    if (rest_dir / "tokenizer").is_dir():  # the family's own settings over CLIP's shared vocabulary
+        shutil.copytree(rest_dir / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
     (tmp / "scheduler").mkdir()
     shutil.copy(rest_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
     import diffusers

@@ -53,6 +53,7 @@ FAMILIES = (
     Family("sd-v2", "sd-v2", "sd-v2", "open_clip", None),
     Family("tiny", "tiny", "tiny", "clip", "epsilon"),
     Family("tiny-inpainting", "tiny-inpainting", "tiny", "clip", "epsilon"),
+    Family("tiny-v2", "tiny-v2", "tiny-v2", "open_clip", None),
 )
 V_FAMILY_UNET = {"sd-v2": "sd-v2-768"}
 """v-prediction variants with their own default size (SD 2.x 768-v)."""

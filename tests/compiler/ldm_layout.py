@@ -70,6 +70,34 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
     return None
 
 
+OPEN_CLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
+             ("embeddings.position_embedding.weight", "positional_embedding"),
+             ("final_layer_norm.", "ln_final."), ("encoder.layers.", "transformer.resblocks."),
+             (".self_attn.out_proj.", ".attn.out_proj."), (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
+             (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj.")]
+
+
+def open_clip(text: dict[str, Any]) -> dict[str, Any]:
+    """A CLIP text encoder's tensors in SD 2.x's OpenCLIP layout (q, k, v packed as `in_proj`)."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, t in text.items():
+        key = key.removeprefix("text_model.")
+        if "_proj." in key and ".self_attn." in key and "out_proj" not in key:
+            if ".q_proj." not in key:
+                continue
+            parts = [text.get(key.replace(".q_proj.", f".{x}_proj."), text.get("text_model." + key.replace(
+                ".q_proj.", f".{x}_proj."))) for x in "qkv"]
+            kind = key.rsplit(".", 1)[1]
+            key = key.replace(".self_attn.q_proj." + kind, f".attn.in_proj_{kind}")
+            t = torch.cat(parts)
+        for hf, ldm in OPEN_CLIP:
+            key = key.replace(hf, ldm)
+        out["cond_stage_model.model." + key] = t
+    return out
+
+
 def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
     """The diffusers folder's UNet, VAE and CLIP text encoder as one original-layout state dict."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -99,8 +127,11 @@ def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
                 t = t[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
         out["first_stage_model." + new] = t
     text = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    for key, t in text.state_dict().items():  # transformers 5 names them without the `text_model.` level
-        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = t
+    if json.loads((folder / "text_encoder/config.json").read_text())["hidden_act"] == "gelu":
+        out.update(open_clip(text.state_dict()))  # SD 2.x
+    else:
+        for key, t in text.state_dict().items():  # transformers 5 names them without the `text_model.` level
+            out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = t
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return {k: v.contiguous() for k, v in out.items()}

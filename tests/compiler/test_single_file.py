@@ -197,3 +197,31 @@ def test_cli_names_the_bad_file_and_exits_5(tmp_path: Path) -> None:
     assert "nothing was published" in r.stderr and str(bad) in r.stderr
     r = kiln("compile", str(tmp_path), "--name", "x", "--store", str(tmp_path / "s"), "--prediction-type", "epsilon")
     assert r.returncode != 0 and "single-file checkpoints only" in r.stderr
+
+
+def test_sd2_design_v_prediction_file_matches_diffusers(tmp_path: Path) -> None:
+    """SD 2.x's layout (OpenCLIP text encoder with packed q/k/v, linear projections, "!" padding) at tiny size,
+    with AUTOMATIC1111's NAME.yaml saying v-prediction: the image matches diffusers' pipeline on that model."""
+    import json
+
+    from compiler.source import init_model
+    from tests.compiler.byom import diffusers_pipe
+
+    folder = init_model(tmp_path / "v2", "tiny-v2", seed=3, progress=False)
+    path = tmp_path / "my-v2-model.safetensors"
+    save_file(to_ldm(folder), str(path))
+    assert any(k.endswith("attn.in_proj_weight") for k in to_ldm(folder))
+    path.with_suffix(".yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n"
+                                         "  params:\n    parameterization: \"v\"\n")
+    bundle = compile_model(path, tmp_path / "store", CompileConfig(name="v2"), progress=False).path
+    m = Manifest.read(bundle)
+    assert (m.source["family"], m.source["prediction_type"], m.source["prediction_type_from"]) == \
+        ("tiny-v2", "v_prediction", "my-v2-model.yaml")
+    assert m.scheduler_config["prediction_type"] == "v_prediction"
+    assert m.tokenizer["pad_id"] == 0  # "!", as SD 2.x pads
+
+    sched = folder / "scheduler/scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"}))
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    prompt = "a blue triangle"
+    assert_images_match(kiln_image(bundle, latents, prompt), diffusers_image(diffusers_pipe(folder), latents, prompt))
