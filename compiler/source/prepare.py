@@ -57,10 +57,10 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
     if path.is_file():
         from compiler.source import single_file
 
-        with stage(f"load single-file checkpoint {path.name}"):
+        with stage("load the single-file checkpoint"):
             pipe, info, scheduler_config = single_file.load_pipeline(path, options)
     else:
-        with stage(f"load {path.name}"):
+        with stage("load the source folder"):
             pipe = _load_folder(path)
         info = {"family": FOLDER_FAMILY}
         scheduler_config = json.loads((path / "scheduler/scheduler_config.json").read_text())
