@@ -78,6 +78,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"kiln: compile failed, nothing was published: {e}", file=sys.stderr)
         return 4
     m = result.manifest
+    src = m.source
+    if "file_sha256" in src:
+        print(f"source: {src['file']} (sha256 {src['file_sha256'][:16]}...), family {src['family']}, "
+              f"{src['prediction_type']} (from {src['prediction_type_from']}), "
+              f"{'EMA' if src['ema'] else 'non-EMA'} weights from {'/'.join(src['file_dtypes'])}")
+    for lo in src.get("loras", []):
+        print(f"lora: {lo['name']} at {lo['scale']:g} (rank {lo['rank']}, sha256 {lo['sha256'][:16]}...)")
     for name, c in m.components.items():
         fid = ""
         if c.fidelity:

@@ -189,6 +189,12 @@ def test_bad_checkpoints_are_refused_by_name_and_nothing_is_published(ldm: dict[
     assert "this ran while loading" not in capsys.readouterr().out
 
 
+def test_cli_compiles_a_single_file_and_prints_its_family(ckpt: Path, tmp_path: Path) -> None:
+    r = kiln("compile", str(ckpt), "--name", "cli-file", "--store", str(tmp_path / "store"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert f"source: {ckpt.name} (sha256 {sha256_file(ckpt)[:16]}...), family tiny, epsilon" in r.stdout
+
+
 def test_cli_names_the_bad_file_and_exits_5(tmp_path: Path) -> None:
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00" * 100)
