@@ -99,7 +99,8 @@ def load_source(path: str | Path) -> SourceModel:
             "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     missing = [p for p in REQUIRED if not (root / p).exists()]
-    missing += [f"tokenizer/{f}" for f in TOKENIZER_FILES[:2] if not (root / "tokenizer" / f).exists()]
+    if not (root / "tokenizer/tokenizer.json").exists():  # transformers 5 saves only tokenizer.json
+        missing += [f"tokenizer/{f}" for f in TOKENIZER_FILES[:2] if not (root / "tokenizer" / f).exists()]
     if missing:
         raise FileNotFoundError(f"source model {root} lacks {', '.join(missing)}")
     unet_config = json.loads((root / "unet/config.json").read_text())

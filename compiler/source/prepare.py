@@ -82,6 +82,10 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
         pipe.save_pretrained(work, safe_serialization=True)
         if path.is_dir() and (path / "kiln.json").exists():
             shutil.copy(path / "kiln.json", work / "kiln.json")
+        if path.is_dir():
+            # save_pretrained writes the scheduler's defaults out (e.g. timestep_spacing="leading"), which the
+            # source left unset: the runtime's samplers would then space timesteps unlike the folder's own bundle
+            shutil.copy(path / "scheduler/scheduler_config.json", work / "scheduler/scheduler_config.json")
         (work / "kiln_source.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     del pipe
     return Prepared(work, info)
