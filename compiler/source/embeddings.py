@@ -128,7 +128,7 @@ def _load(path: Path) -> Any:
             raise SourceError(f"embedding {path}: not a readable PyTorch file (truncated or not a torch.save "
                               f"file): {reason}") from None
         except Exception as e:  # torch raises RuntimeError/EOFError/... for truncated or foreign bytes
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
             raise SourceError(f"embedding {path}: not a readable PyTorch file (truncated or not a "
                               f"torch.save file): {text}") from None
     raise SourceError(f"embedding {path}: unknown file type {path.suffix!r}; textual-inversion embeddings are "

@@ -179,6 +179,8 @@ def test_list_models_lists_the_tokens(ti_store: Path, tmp_path: Path) -> None:
         (info,) = list_models(server.target).models
         assert info.name == "ti"
         assert list(info.embedding_tokens) == ["charturner", "neg-style", "<cat-toy>"]
+        listed = kiln("models", "list", "--target", server.target)
+        assert listed.returncode == 0 and "\tembeddings charturner neg-style <cat-toy>" in listed.stdout, listed
     finally:
         assert server.stop() == 0
 
@@ -211,6 +213,8 @@ def _bad_files(d: Path) -> dict[str, tuple[str, str]]:
     save_file({"masterpiece": _vectors(5, 1)[0]}, d / "learned_embeds.safetensors")
     save_file({"emb_params": _vectors(6, 4)}, d / "whole.safetensors")
     (d / "truncated.safetensors").write_bytes((d / "whole.safetensors").read_bytes()[:-40])
+    torch.save({"string_to_param": {"*": _vectors(11, 2)}, "name": "cut"}, d / "whole.pt")
+    (d / "cut.pt").write_bytes((d / "whole.pt").read_bytes()[:600])
     (d / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
 
     class Payload:
@@ -228,6 +232,7 @@ def _bad_files(d: Path) -> dict[str, tuple[str, str]]:
         "special token": (f"{d / 'twin.safetensors'}:<|endoftext|>", r"twin\.safetensors: token '<\|endoftext\|>' is "
                           "already in the tokenizer's vocabulary"),
         "truncated": (str(d / "truncated.safetensors"), r"truncated\.safetensors: not a readable safetensors file"),
+        "truncated .pt": (str(d / "cut.pt"), r"cut\.pt: not a readable PyTorch file"),
         "random bytes": (str(d / "noise.pt"), r"noise\.pt: not a readable PyTorch file"),
         "pickle that is not weights": (str(d / "pickle.pt"), r"pickle\.pt: a pickle that is not plain weights; "
                                        r"PyTorch's weights_only loader refused it .*getcwd"),
@@ -237,7 +242,7 @@ def _bad_files(d: Path) -> dict[str, tuple[str, str]]:
     }
 
 
-BAD = ["another width", "token in the vocabulary", "special token", "truncated", "random bytes",
+BAD = ["another width", "token in the vocabulary", "special token", "truncated", "truncated .pt", "random bytes",
        "pickle that is not weights", "sdxl", "same token twice"]
 
 
