@@ -74,7 +74,8 @@ def add(pipe: Any, specs: list[EmbeddingSpec]) -> list[dict[str, Any]]:
 
 def tokenizer_section(tokenizer_json: Path, embeddings: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The manifest's `tokenizer.embeddings`, in the order they were added: each token prompts write and the
-    tokens it stands for (`{"token": "tok", "tokens": ["tok", "tok_1"]}`), after checking that the bundle's `tokenizer.json` encodes every added token as the id its row was written at."""
+    tokens it stands for (`{"token": "tok", "tokens": ["tok", "tok_1"]}`), after checking that the bundle's
+    `tokenizer.json` encodes every added token as the id its row was written at."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -96,9 +97,9 @@ def _read(spec: EmbeddingSpec, width: int, vocab: set[str]) -> Embedding:
     _check_token(path, token, vocab)
     n = 1 if vectors.dim() == 1 else int(vectors.shape[0])
     tokens = [token] + [f"{token}_{i}" for i in range(1, n)]
-    for t in tokens[1:]:
-        if t in vocab:
-            raise SourceError(f"embedding {path}: token {t!r} (vector 2 of {n} for {token!r}) is already in the "
+    for i, t in enumerate(tokens[1:], start=2):
+        if t.lower() in vocab:
+            raise SourceError(f"embedding {path}: token {t!r} (vector {i} of {n} for {token!r}) is already in the "
                               f"tokenizer's vocabulary; give another token ({path}:TOKEN)")
     return Embedding(spec, state, fmt, token, tokens)
 

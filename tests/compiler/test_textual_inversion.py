@@ -278,3 +278,13 @@ def test_tokenizer_without_a_listed_token_is_refused(ti_store: Path) -> None:
     with pytest.raises(ValueError, match="'<dog-toy>' expands to"):
         PromptTokenizer(bundle / tok["file"], 77, tok["bos_id"], tok["eos_id"], tok["pad_id"],
                         {"<dog-toy>": ["<dog-toy>", "<dog-toy>_1"]})
+
+
+def test_compile_refuses_a_tokenizer_that_lost_a_token(tiny_bundle: Path) -> None:
+    """The compile's last check: the bundle's tokenizer.json must encode each added token as its row's id."""
+    from compiler.source.embeddings import tokenizer_section
+
+    lost = [{"file": "charturner.pt", "token": "charturner", "tokens": ["charturner"], "token_ids": [VOCAB]}]
+    with pytest.raises(SourceError, match=r"charturner\.pt: .* encodes token 'charturner' as \[\d+(, \d+)+\], not as "
+                       r"the id its embedding row was written at \(49408\)"):
+        tokenizer_section(tiny_bundle / "tokenizer/tokenizer.json", lost)
