@@ -281,7 +281,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             fidelity = f"\tvs fp32 {m.fidelity.psnr_db:.1f} dB" + (" LOW FIDELITY" if m.fidelity.low_fidelity else "")
         print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
               f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}"
-              + ("\tinpainting model" if m.inpainting_model else ""))
+              + ("\tinpainting model" if m.inpainting_model else "")
+              + (f"\tembeddings {' '.join(m.embedding_tokens)}" if m.embedding_tokens else ""))
     return 0
 
 
@@ -346,7 +347,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA (kohya/AUTOMATIC1111 or diffusers/PEFT) at SCALE (default 1); repeatable")
     b.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
-                   help="add a textual-inversion embedding as TOKEN (default: its own token); repeatable")
+                   help="add a textual-inversion embedding as TOKEN (default: a diffusers file's own token, "
+                   "else the file name without extension, as AUTOMATIC1111 does); repeatable")
     b.add_argument("--vae", metavar="PATH", help="replace the VAE: a diffusers folder (AutoencoderKL or "
                    "AutoencoderTiny) or a single-file VAE")
     b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],

@@ -18,7 +18,7 @@ from compiler.export import COMPONENTS, export_component
 from compiler.passes import attention_slicing, fusions, tome, unpack_attention
 from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
-from compiler.source import load_source, prepare
+from compiler.source import embeddings, load_source, prepare
 from compiler.source.load import TOKENIZER_FILES
 from compiler.source.options import SourceOptions
 from compiler.verify import Reference, check_parity, reference
@@ -131,6 +131,9 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         source.release_all()
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
+            if prepared.info.get("embeddings"):  # textual inversion: the tokens prompts write and what they expand to
+                tokenizer["embeddings"] = embeddings.tokenizer_section(staging / tokenizer["file"],
+                                                                       prepared.info["embeddings"])
             manifest = _manifest(config, source, source_hash, components, tokenizer)
             manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}
             manifest.model["latent_rgb"] = latent_rgb

@@ -66,7 +66,9 @@ class Manifest:
     files: list[FileEntry]
     scheduler_config: dict[str, Any]
     tokenizer: dict[str, Any]
-    """{"file": "tokenizer/tokenizer.json", "files": [...], "max_length": 77, "pad_id", "bos_id", "eos_id"}."""
+    """{"file": "tokenizer/tokenizer.json", "files": [...], "max_length": 77, "pad_id", "bos_id", "eos_id"}, and
+    `embeddings` when textual-inversion tokens were added: [{"token": as prompts write it, "tokens": [what it
+    expands to, one per vector]}] in the order they were added."""
     model: dict[str, Any]
     """Shapes the runtime needs: latent_channels, vae_scale_factor, vae_scaling_factor, unet_in_channels,
     text_hidden_size."""

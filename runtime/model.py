@@ -82,7 +82,11 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
         sessions = {name: OrtSession(name, path / c.file, providers, threads, config=exact.get(name))
                     for name, c in m.components.items()}
     tok = m.tokenizer
-    tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
+    try:
+        tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"],
+                                    {e["token"]: e["tokens"] for e in tok.get("embeddings", [])})
+    except ValueError as e:
+        raise ManifestError(f"bundle {path}: {e}") from None
     return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
 
 

@@ -39,7 +39,8 @@ class EmbeddingSpec:
     """A textual-inversion embedding: AUTOMATIC1111 `.pt` / `.safetensors` (`string_to_param` or `emb_params`)
     or diffusers `learned_embeds.safetensors`."""
     token: str | None = None
-    """The token prompts use (`FILE:TOKEN`); None: the file's own token, else the file name's stem."""
+    """The token prompts use (`FILE:TOKEN`); None: a diffusers file's own token (its one key), else the file
+    name's stem, as AUTOMATIC1111 names its embeddings (an AUTOMATIC1111 file's `name` field is not used)."""
 
     @classmethod
     def parse(cls, text: str) -> EmbeddingSpec:

@@ -149,6 +149,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         ),
         samplers=list(SAMPLERS),
         inpainting_model=model.inpainting,
+        embedding_tokens=model.tokenizer.embedding_tokens,
         fidelity=pb.Fidelity(
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,
