@@ -231,3 +231,10 @@ def test_sd2_design_v_prediction_file_matches_diffusers(tmp_path: Path) -> None:
     latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8), dtype=np.float32)
     prompt = "a blue triangle"
     assert_images_match(kiln_image(bundle, latents, prompt), diffusers_image(diffusers_pipe(folder), latents, prompt))
+
+
+def test_recompiling_the_same_file_reuses_the_exports(file_bundle: Path, ckpt: Path) -> None:
+    """The prepared folder is byte-for-byte the same each time, so its hash finds the earlier bundle's graphs."""
+    again = compile_model(ckpt, file_bundle.parent.parent, CompileConfig(name="again"), progress=False)
+    assert again.manifest.source["reused_exports_from"] == f"from-file/{file_bundle.name}"
+    assert again.manifest.source["sha256"] == Manifest.read(file_bundle).source["sha256"]
