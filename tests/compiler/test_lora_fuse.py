@@ -25,7 +25,7 @@ from tests.compiler.byom import (
     write_kohya,
     write_peft,
 )
-from tests.conftest import start_server
+from tests.conftest import kiln, start_server
 
 PROMPT = "a small green square, on the left"
 
@@ -121,6 +121,8 @@ def test_list_models_reports_family_and_fused_loras(tiny_source: Path, loras: di
     try:
         with grpc.insecure_channel(server.target) as ch:
             (info,) = pb_grpc.KilnStub(ch).ListModels(pb.ListModelsRequest(), timeout=30).models
+        listed = kiln("models", "list", "--target", server.target)
+        assert listed.returncode == 0 and "\tfrom tiny\tloras pytorch_lora_weights:0.6" in listed.stdout, listed
     finally:
         server.stop()
     assert info.source_family == "tiny"
