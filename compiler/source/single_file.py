@@ -204,8 +204,14 @@ def _load_checked(path: Path, family: Family, name: str, module: Any, sd: dict[s
     if extra:
         raise SourceError(f"{path}: {name} tensor {extra[0]} is not part of a {family.name} model "
                           f"({len(extra)} such tensors)")
-    module.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()},
-                           strict=True, assign=True)
+    # one tensor at a time, dropping each fp16/bf16 original as its fp32 copy is made: the file's tensors and
+    # their upcast copies are never all in memory together
+    state = {}
+    for key in list(sd):
+        v = sd.pop(key)
+        state[key] = v.to(torch.float32) if v.is_floating_point() else v
+        del v
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def _prediction_type(path: Path, family: Family, options: SourceOptions) -> tuple[str, str]:
