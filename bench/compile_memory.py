@@ -118,9 +118,10 @@ def _measure(source: Path, store: Path, flags: list[str], cap_gb: float) -> dict
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    highest = 0
+    highest = highest_anon = 0
     while proc.poll() is None:
         highest = max(highest, _tree_rss(proc.pid))
+        highest_anon = max(highest_anon, _tree_rss(proc.pid, "RssAnon"))
         if highest > cap_gb * 2**30:
             proc.kill()
             proc.wait()
@@ -131,12 +132,13 @@ def _measure(source: Path, store: Path, flags: list[str], cap_gb: float) -> dict
     if proc.returncode != 0:
         return {"ok": False, "why": f"failed (exit {proc.returncode}): {' / '.join(tail)}"}
     manifest = Store(store).latest("bench-memory").manifest
-    return {"ok": True, "seconds": seconds, "sampled_peak": highest,
+    return {"ok": True, "seconds": seconds, "sampled_peak": highest, "sampled_anon_peak": highest_anon,
             "stats": json.loads(json.dumps(manifest.compile_stats))}
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of `root` and every process below it."""
+def _tree_rss(root: int, field: str = "VmRSS") -> int:
+    """Resident bytes of `root` and every process below it (`RssAnon`: heap and other anonymous memory only,
+    without mapped files)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -151,7 +153,7 @@ def _tree_rss(root: int) -> int:
         todo += children.get(pid, [])
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1]) * 1024
         except (OSError, ValueError):
             pass

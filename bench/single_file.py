@@ -63,13 +63,13 @@ def run(args: argparse.Namespace) -> Path:
         size = f"{src.stat().st_size / 2**30:.2f}" if src.is_file() else \
             f"{sum(p.stat().st_size for p in src.rglob('*') if p.is_file()) / 2**30:.2f}"
         if not r["ok"]:
-            rows.append([label, size, "-", r["why"], "-", "-"])
+            rows.append([label, size, "-", "-", r["why"], "-", "-", "-"])
             continue
         stages = r["stats"]["stages"]
         top = max(stages, key=lambda s: s["peak_rss_bytes"] or 0)
         prep = sum(s["seconds"] for s in stages if s["stage"].startswith(("load the single-file", "write the prepared")))
         rows.append([label, size, f"{r['seconds']:.0f}", f"{prep:.0f}", gib(r["stats"]["peak_rss_bytes"]),
-                     top["stage"], gib(r["sampled_peak"])])
+                     top["stage"], gib(r["sampled_peak"]), gib(r["sampled_anon_peak"])])
         stage_names += [s["stage"] for s in stages if s["stage"] not in stage_names]
     stage_rows = []
     for name in stage_names:
@@ -85,9 +85,11 @@ def run(args: argparse.Namespace) -> Path:
         "diffusers' converters into a prepared diffusers folder (`load the single-file checkpoint`, `write the prepared "
         "diffusers folder`) and compiles that.\n\n"
         "`prepare s`: those two stages; `peak RSS`: the largest per-stage VmHWM the manifest records; `sampled`: the "
-        "largest RSS of the process tree sampled every 0.1 s. GiB = 2^30 bytes.\n\n"
+        "largest RSS of the process tree sampled every 0.1 s; `sampled anon`: the same for anonymous memory only "
+        "(RssAnon: the heap, without pages of files mapped read-only, such as a checkpoint safetensors maps, "
+        "which the kernel can drop under pressure). GiB = 2^30 bytes.\n\n"
         + report.table(["source", "source GiB", "seconds", "prepare s", "peak RSS GiB", "stage at the peak",
-                        "sampled GiB"], rows)
+                        "sampled GiB", "sampled anon GiB"], rows)
         + "\n\nPer stage (seconds, peak RSS GiB):\n\n"
         + report.table(["stage"] + [h for k in results for h in (f"{k} s", f"{k} GiB")], stage_rows)
         + f"\n\nMachine load (1-minute average) at the start and end: {load_before:.1f}, {load_after:.1f} on "

@@ -204,8 +204,8 @@ def _load_checked(path: Path, family: Family, name: str, module: Any, sd: dict[s
     if extra:
         raise SourceError(f"{path}: {name} tensor {extra[0]} is not part of a {family.name} model "
                           f"({len(extra)} such tensors)")
-    # one tensor at a time, dropping each fp16/bf16 original as its fp32 copy is made: the file's tensors and
-    # their upcast copies are never all in memory together
+    # one tensor at a time, dropping each fp16/bf16 original as its fp32 copy is made (the originals are pages
+    # of the file, mapped read-only by safetensors: clean page cache until the file is closed)
     state = {}
     for key in list(sd):
         v = sd.pop(key)
