@@ -62,6 +62,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         options = SourceOptions(loras=[LoraSpec.parse(t) for t in args.lora],
                                 embeddings=[EmbeddingSpec.parse(t) for t in args.embedding], vae=args.vae,
+                                tiny_decoder=args.tiny_decoder,
                                 prediction_type=args.prediction_type, model_config=args.model_config)
     except (ValueError, FileNotFoundError) as e:
         print(f"kiln: {e}", file=sys.stderr)
@@ -342,6 +343,8 @@ def parser() -> argparse.ArgumentParser:
                    help="add a textual-inversion embedding as TOKEN (default: its own token); repeatable")
     b.add_argument("--vae", metavar="PATH", help="replace the VAE: a diffusers folder (AutoencoderKL or "
                    "AutoencoderTiny) or a single-file VAE")
+    b.add_argument("--tiny-decoder", metavar="DIR", help="add a diffusers AutoencoderTiny folder (TAESD) as a second, "
+                   "fast decoder that requests pick with decoder=tiny")
     b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="single-file checkpoints: what the UNet predicts, when neither the tensors nor NAME.yaml "
                    "beside the file tell (SD 2.x 768 models: v_prediction)")
