@@ -133,7 +133,7 @@ def load_single_file(path: Path, want: LatentSpace, own: dict[str, Any]) -> tupl
             _check_shapes(path, {k: tuple(v.shape) for k, v in converted.items()}, _expected_shapes(config),
                           names=_original_names(converted, checkpoint))
         except SourceError as e:
-            problems.append(f"against the {label} VAE config: {e}")
+            problems.append(f"against {LABELS[label]}, {str(e).removeprefix(f'VAE {path}: ')}")
             continue
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "config.json").write_text(json.dumps(config))
@@ -146,6 +146,9 @@ def load_single_file(path: Path, want: LatentSpace, own: dict[str, Any]) -> tupl
                 "sha256": sha256_file(path), "config": label}
         return vae, info
     raise SourceError(f"VAE {path} fits no local AutoencoderKL config: " + "; ".join(problems))
+
+
+LABELS = {"model": "the model's own VAE config", "sd-v1": "SD v1's (compiler/source/configs/sd-v1/vae)"}
 
 
 # checks ------------------------------------------------------------------------------------------------------------
