@@ -220,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = pb.GenerateRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, steps=args.steps, sampler=args.sampler, num_images=args.num_images,
-        request_id=args.request_id, preview_every=args.preview_every,
+        request_id=args.request_id, preview_every=args.preview_every, decoder=args.decoder,
     )
     if args.guidance is not None:
         request.guidance_scale = args.guidance
@@ -476,6 +476,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--out", default="out.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--decoder", default="", metavar="full|tiny",
+                   help="the VAE decoder that draws the images: full (default) or tiny, where the model has one")
     g.add_argument("--preview-every", type=int, default=0, metavar="K",
                    help="save a latent preview every K steps beside the first image (OUT.preview-stepNNN.png)")
     g.add_argument("--init-image", default="", metavar="PATH",

@@ -88,3 +88,21 @@ def test_decode_calls_never_mix_decoders(vae_store: Path) -> None:
     both, decodes = asyncio.run(together())
     assert both == solo
     assert sorted(map(sorted, decodes)) == [["d0"], ["d1", "d2"]], decodes
+
+
+def test_kiln_generate_decoder_flag(vae_server: ServerProcess, vae_store: Path, tmp_path: Path) -> None:
+    from tests.conftest import kiln
+
+    out = tmp_path / "draft.png"
+    r = kiln("generate", "--target", vae_server.target, "--model", "swapped", "--prompt", "a red circle", "--steps",
+             "4", "--seed", "7", "--sampler", "euler", "--decoder", "tiny", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    model = load_latest(vae_store, "swapped")
+    request = pb.GenerateRequest(model="swapped", prompt="a red circle", steps=4, seed=7, sampler="euler",
+                                 decoder="tiny")
+    want = Pipeline(model).run(validate(request, model.manifest.defaults, model.manifest.limits,
+                                        decoders=tuple(model.decoders)))[0][0]
+    assert np.abs(_pixels(out.read_bytes()).astype(int) - want.astype(int)).max() <= 1
+    r = kiln("generate", "--target", vae_server.target, "--model", "with-vae", "--prompt", "x", "--decoder", "tiny",
+             "--quiet", "--out", str(tmp_path / "no.png"))
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "decoder" in r.stderr, r.stderr
