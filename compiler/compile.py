@@ -19,8 +19,8 @@ from compiler.passes import attention_slicing, fusions, tome, unpack_attention
 from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
 from compiler.source import load_source, prepare
-from compiler.source.options import SourceOptions
 from compiler.source.load import TOKENIZER_FILES
+from compiler.source.options import SourceOptions
 from compiler.verify import Reference, check_parity, reference
 from model_store import ComponentEntry, Manifest, Store
 from model_store.onnx_files import load_graph, save_model

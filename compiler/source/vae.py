@@ -88,8 +88,8 @@ def check_tiny_decoder(path: Path, vae_config: dict[str, Any]) -> dict[str, Any]
 
 def load_folder(path: Path, want: LatentSpace, classes: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
     """A diffusers VAE folder as an fp32 module, after checking its class, latent space and tensor shapes."""
-    import torch
     import diffusers
+    import torch
 
     config = _folder_config(path, classes)
     _check_latent_space(path, config, want)
@@ -194,8 +194,8 @@ def _blocks(config: dict[str, Any]) -> int:
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of the architecture `config` describes (built on the meta device: no memory)."""
-    import torch
     import diffusers
+    import torch
 
     cls = getattr(diffusers, config.get("_class_name", "AutoencoderKL"))
     with torch.device("meta"):
@@ -236,7 +236,7 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
         try:
             with safe_open(str(file), "np") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except (SafetensorError, OSError, ValueError) as e:
             raise SourceError(f"VAE {file}: not a readable safetensors file ({e})") from None
     return {k: tuple(v.shape) for k, v in _read_checkpoint(file).items()}
