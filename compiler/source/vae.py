@@ -155,8 +155,10 @@ LABELS = {"model": "the model's own VAE config", "sd-v1": "SD v1's (compiler/sou
 def _folder_config(path: Path, classes: tuple[str, ...]) -> dict[str, Any]:
     file = path / "config.json"
     if not file.is_file():
+        hint = f" ({path} looks like a whole pipeline: pass its vae/ folder)" if (path / "vae/config.json").is_file() \
+            else ""
         raise SourceError(f"VAE {path}: no config.json; a diffusers VAE folder holds config.json beside "
-                          "diffusion_pytorch_model.safetensors")
+                          f"diffusion_pytorch_model.safetensors{hint}")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

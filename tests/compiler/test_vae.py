@@ -187,6 +187,8 @@ def test_tiny_decoder_must_be_an_autoencoder_tiny_for_the_models_latents(tiny_so
         vae.check_tiny_decoder(bad_files["latent16_taesd"], config)
     with pytest.raises(SourceError, match="not a folder"):
         vae.check_tiny_decoder(bad_files["random"], config)
+    with pytest.raises(SourceError, match=r"no config.json; .* looks like a whole pipeline: pass its vae/ folder"):
+        vae.check_tiny_decoder(tiny_source, config)
 
 
 def test_bad_vae_or_tiny_decoder_publishes_nothing(tiny_source: Path, bad_files: dict[str, Path],
