@@ -62,6 +62,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         options = SourceOptions(loras=[LoraSpec.parse(t) for t in args.lora],
                                 embeddings=[EmbeddingSpec.parse(t) for t in args.embedding], vae=args.vae,
+                                tiny_decoder=args.tiny_decoder,
                                 prediction_type=args.prediction_type, model_config=args.model_config)
     except (ValueError, FileNotFoundError) as e:
         print(f"kiln: {e}", file=sys.stderr)
@@ -226,7 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = pb.GenerateRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
         height=args.height, steps=args.steps, sampler=args.sampler, num_images=args.num_images,
-        request_id=args.request_id, preview_every=args.preview_every,
+        request_id=args.request_id, preview_every=args.preview_every, decoder=args.decoder,
     )
     if args.guidance is not None:
         request.guidance_scale = args.guidance
@@ -353,6 +354,8 @@ def parser() -> argparse.ArgumentParser:
                    "else the file name without extension, as AUTOMATIC1111 does); repeatable")
     b.add_argument("--vae", metavar="PATH", help="replace the VAE: a diffusers folder (AutoencoderKL or "
                    "AutoencoderTiny) or a single-file VAE")
+    b.add_argument("--tiny-decoder", metavar="DIR", help="add a diffusers AutoencoderTiny folder (TAESD) as a second, "
+                   "fast decoder that requests pick with decoder=tiny")
     b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="single-file checkpoints: what the UNet predicts, when neither the tensors nor NAME.yaml "
                    "beside the file tell (SD 2.x 768 models: v_prediction)")
@@ -484,6 +487,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--out", default="out.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--decoder", default="", metavar="full|tiny",
+                   help="the VAE decoder that draws the images: full (default) or tiny, where the model has one")
     g.add_argument("--preview-every", type=int, default=0, metavar="K",
                    help="save a latent preview every K steps beside the first image (OUT.preview-stepNNN.png)")
     g.add_argument("--init-image", default="", metavar="PATH",

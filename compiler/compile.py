@@ -14,7 +14,7 @@ import onnx
 
 from compiler import reuse
 from compiler.config import CompileConfig
-from compiler.export import COMPONENTS, export_component
+from compiler.export import COMPONENTS, components_for, export_component
 from compiler.passes import attention_slicing, fusions, tome, unpack_attention
 from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
@@ -29,7 +29,7 @@ from quantize.precision import resolved
 from runtime.samplers import SAMPLERS, NoiseSchedule
 
 # release a source module once the last component that needs it is done
-LAST_USE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae"}
+LAST_USE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder_tiny": "vae_tiny"}
 
 
 @dataclass
@@ -54,24 +54,33 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     options = options or SourceOptions()
     store = Store(store_root)
     quantize_stages = 1 + stage.stage_count(config.plan) if config.quantized else 0
-    steps = Progress(total=3 + 3 * len(COMPONENTS) + quantize_stages + prepare.stage_count(source_path, options),
-                     enabled=progress)
+    tiny = bool(options.tiny_decoder)
+    steps = Progress(total=3 + 3 * (len(COMPONENTS) + tiny) + tiny + quantize_stages
+                     + prepare.stage_count(source_path, options), enabled=progress)
     staging = store.staging_dir(config.name)
     work = staging.with_name(staging.name + "-source")
     try:
         prepared = prepare.prepare(source_path, options, work, steps.stage)
         source = load_source(prepared.path)
+        if options.tiny_decoder:
+            from compiler.source import vae
+
+            with steps.stage(f"check the tiny decoder {Path(options.tiny_decoder).name}"):
+                prepared.info["tiny_decoder"] = vae.check_tiny_decoder(Path(options.tiny_decoder), source.vae_config)
+            source.tiny_decoder = Path(options.tiny_decoder)
         with steps.stage("hash source model"):
             source_hash = source.content_hash()
         identity = reuse.exporter_identity(config.opset, config.fusions)
         donor = reuse.find_donor(store, source_hash, identity, config.fusions) if config.reuse_exports else None
         components: dict[str, ComponentEntry] = {}
         refs: dict[str, Reference] = {}
-        for name, spec in COMPONENTS.items():
+        for name, spec in components_for(source).items():
             out = staging / f"{name}.onnx"
-            given = donor.manifest.components.get(name) if donor else None
+            # the source hash does not cover the tiny decoder: a donor's may be another one
+            given = donor.manifest.components.get(name) if donor and name in COMPONENTS else None
             unet_passes = name == "unet" and config.unet_passes
-            quantized = resolved(config.plan[name]) in ("int8", "nf4", "int4")
+            # the tiny decoder stays fp32 (quantize/stage.py quantizes what the plan names)
+            quantized = resolved(config.plan.get(name, "fp32")) in ("int8", "nf4", "int4")
             if donor and reuse.donates(given, config.fusions) and not unet_passes:
                 assert given is not None
                 with steps.stage(f"export {name}: reuse {donor.manifest.name}/{donor.manifest.version}"):
@@ -111,9 +120,10 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                         save_model(graph, out, base_dir=out.parent)
                     del graph
             with steps.stage(f"verify {name}"):
+                threshold = _parity_threshold(config, name)
                 if given is not None and passes == given.passes and \
-                        given.parity.get("max_abs_diff", float("inf")) <= config.parity_threshold[name]:
-                    parity = {**given.parity, "threshold": config.parity_threshold[name]}  # the same graph
+                        given.parity.get("max_abs_diff", float("inf")) <= threshold:
+                    parity = {**given.parity, "threshold": threshold}  # the same graph
                 else:
                     ref = refs.pop(name, None)
                     if ref is None:  # a donor's graph another pass changed: PyTorch's side afresh
@@ -121,7 +131,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                             ref = reference(spec, source)
                         if name in LAST_USE:
                             source.release(LAST_USE[name])
-                    parity = check_parity(spec, source, out, config.parity_threshold[name], ref)
+                    parity = check_parity(spec, source, out, threshold, ref)
             data = out.with_name(out.name + ".data")
             components[name] = ComponentEntry(
                 file=out.name, inputs=list(spec.inputs), outputs=list(spec.outputs), precision="fp32",
@@ -190,8 +200,25 @@ def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: P
     manifest.fidelity = result.fidelity
 
 
+def _parity_threshold(config: CompileConfig, name: str) -> float:
+    """The component's threshold; the tiny decoder's is the full decoder's (same output, an image in [-1, 1])."""
+    return config.parity_threshold["vae_decoder" if name == "vae_decoder_tiny" else name]
+
+
 def _vae_scaling(source) -> float:  # type: ignore[no-untyped-def]
-    return float(source.vae_config.get("scaling_factor", 0.18215))
+    # diffusers' class defaults: SD's 0.18215; AutoencoderTiny (TAESD) works on the UNet's scaled latents: 1.0
+    default = 1.0 if source.vae_config.get("_class_name") == "AutoencoderTiny" else 0.18215
+    return float(source.vae_config.get("scaling_factor", default))
+
+
+def _decoders(source) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
+    """The decoders a request may pick (GenerateRequest.decoder): the component each runs, and the factor the
+    UNet's latents are divided by before it (each VAE's own `scaling_factor`, as diffusers' pipelines do)."""
+    out: dict[str, dict[str, object]] = {"full": {"component": "vae_decoder", "scaling_factor": _vae_scaling(source)}}
+    if source.tiny_decoder is not None:
+        out["tiny"] = {"component": "vae_decoder_tiny",
+                       "scaling_factor": float(source.tiny_decoder_config.get("scaling_factor", 1.0))}
+    return out
 
 
 def _write_tokenizer(src: Path, dst: Path) -> dict:
@@ -248,6 +275,8 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             # 9 input channels (latents, mask, masked-image latents): a dedicated inpainting UNet
             "inpainting": int(source.unet_config["in_channels"]) == 9,
             "text_hidden_size": int(text_cfg["hidden_size"]),
+            "vae_class": source.vae_config.get("_class_name", "AutoencoderKL"),
+            "decoders": _decoders(source),
         },
         defaults={"width": size, "height": size, **defaults},
         limits={

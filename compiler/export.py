@@ -47,6 +47,42 @@ COMPONENTS: dict[str, ComponentSpec] = {
     ),
 }
 
+TINY_DECODER = ComponentSpec(
+    "vae_decoder_tiny", "vae_tiny", ("latent_sample",), ("sample",),
+    {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
+)
+"""The optional second decoder (`kiln compile --tiny-decoder`): an AutoencoderTiny's decoder, with the full
+decoder's contract (latents divided by its own scaling factor in, an image in [-1, 1] out)."""
+
+LOGVAR_FLOOR = -30.0
+"""The log-variance an AutoencoderTiny encoder reports: the floor the runtime clips to (runtime/pipeline.py
+LOGVAR_RANGE), so its posterior sample adds noise of std exp(-15) = 3e-7, below float32 resolution at the
+latents' scale: the encoder's own latents, as diffusers' `retrieve_latents` takes them."""
+
+
+def components_for(source: Any) -> dict[str, ComponentSpec]:
+    """The components a compile of `source` exports: the four of every bundle, plus the tiny decoder if any."""
+    extra = {TINY_DECODER.name: TINY_DECODER} if getattr(source, "tiny_decoder", None) else {}
+    return {**COMPONENTS, **extra}
+
+
+def _kind(spec: ComponentSpec) -> str:
+    """The wrapper and example inputs a component uses (the tiny decoder is a decoder)."""
+    return "vae_decoder" if spec is TINY_DECODER or spec.name == TINY_DECODER.name else spec.name
+
+
+def vae_moments(vae: Any, sample: Any) -> Any:
+    """The VAE posterior's [mean, log-variance] for images in [-1, 1], concatenated on channels. AutoencoderKL:
+    its encoder (and quant_conv, where it has one); AutoencoderTiny, whose encoder is deterministic: its latents
+    and a constant LOGVAR_FLOOR."""
+    import torch
+
+    if type(vae).__name__ == "AutoencoderTiny":
+        z = vae.encoder(sample)
+        return torch.cat([z, torch.full_like(z, LOGVAR_FLOOR)], dim=1)
+    h = vae.encoder(sample)
+    return vae.quant_conv(h) if getattr(vae, "quant_conv", None) is not None else h
+
 
 def wrap(spec: ComponentSpec, module: Any) -> Any:
     """A torch.nn.Module whose forward takes and returns plain tensors in the spec's order."""
@@ -83,10 +119,10 @@ def wrap(spec: ComponentSpec, module: Any) -> Any:
 
         def forward(self, sample):  # type: ignore[no-untyped-def]
             # mean and log-variance: the runtime samples the latent itself, with its own noise.
-            return self.m.quant_conv(self.m.encoder(sample))
+            return vae_moments(self.m, sample)
 
     cls = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
-    return cls[spec.name]().eval()
+    return cls[_kind(spec)]().eval()
 
 
 def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[Any, ...]:
@@ -99,11 +135,12 @@ def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[An
     import torch
 
     g = torch.Generator().manual_seed(1234)
-    te = _text_config(source) if spec.name in ("text_encoder", "unet") else None
-    if spec.name == "text_encoder":
+    kind = _kind(spec)
+    te = _text_config(source) if kind in ("text_encoder", "unet") else None
+    if kind == "text_encoder":
         return (torch.randint(0, te.vocab_size, (batch, te.max_position_embeddings), generator=g, dtype=torch.int64),)
     latent_ch = source.vae_config["latent_channels"]
-    if spec.name == "unet":
+    if kind == "unet":
         cfg = source.unet_config
         up = 2 ** (len(cfg["block_out_channels"]) - 1)
         h = up * 2 + 1
@@ -113,7 +150,7 @@ def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[An
             torch.tensor([999.0, 1.0] * (batch // 2) + [500.0] * (batch % 2)),
             torch.randn(batch, te.max_position_embeddings, cfg["cross_attention_dim"], generator=g),
         )
-    if spec.name == "vae_decoder":
+    if kind == "vae_decoder":
         return (torch.randn(batch, latent_ch, 5, 7, generator=g),)
     f = source.vae_scale_factor
     return (torch.rand(batch, 3, 5 * f, 7 * f, generator=g) * 2 - 1,)

@@ -38,11 +38,12 @@ def fit_latent_rgb(vae: Any, scaling_factor: float, scale_factor: int) -> dict[s
     """{"weights": [C][3], "bias": [3], "rmse": float}: rgb in [0, 1] ~ latent (scaled) @ weights + bias."""
     import torch
 
+    from compiler.export import vae_moments
+
     size = SIZE_LATENT * scale_factor
     images = synthetic_images(size)
-    with torch.inference_mode():
-        moments = vae.quant_conv(vae.encoder(torch.from_numpy(images))) if getattr(vae, "quant_conv", None) \
-            else vae.encoder(torch.from_numpy(images))
+    with torch.inference_mode():  # AutoencoderKL or AutoencoderTiny: the posterior's mean, as the encoder exports
+        moments = vae_moments(vae, torch.from_numpy(images))
         mean = moments[:, : moments.shape[1] // 2].float().numpy() * np.float32(scaling_factor)
     n, c, h, w = mean.shape
     # the colour each latent pixel covers: the image average-pooled to the latent grid

@@ -71,7 +71,8 @@ class Manifest:
     expands to, one per vector]}] in the order they were added."""
     model: dict[str, Any]
     """Shapes the runtime needs: latent_channels, vae_scale_factor, vae_scaling_factor, unet_in_channels,
-    text_hidden_size."""
+    text_hidden_size; `vae_class` (AutoencoderKL or AutoencoderTiny) and `decoders` ({"full": {"component",
+    "scaling_factor"}, and "tiny" with `--tiny-decoder`; absent in older bundles: the full decoder only)."""
     defaults: dict[str, Any]
     """width, height, steps, guidance_scale, sampler."""
     limits: dict[str, Any]

@@ -131,6 +131,11 @@ class Job:
         assert self.gen.latents is not None
         return id(self.gen.model), self.gen.latents.shape[1:]
 
+    def decode_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can share a VAE-decoder call: the batch key, and the same decoder (full or
+        tiny are different graphs)."""
+        return (*self.batch_key(), self.gen.params.decoder)
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -255,9 +260,10 @@ class Engine:
         return out
 
     def _decode_groups(self, jobs: list[Job]) -> list[list[Job]]:
-        """Jobs whose next image can be decoded in one call: same model and size, within decode_batch_pixels."""
+        """Jobs whose next image can be decoded in one call: same model, size and decoder, within
+        decode_batch_pixels."""
         out: list[list[Job]] = []
-        for group in self._grouped(jobs, Job.batch_key):
+        for group in self._grouped(jobs, Job.decode_key):
             p = group[0].gen.params
             per_call = max(1, self.config.decode_batch_pixels // (p.width * p.height))
             out += [group[i : i + per_call] for i in range(0, len(group), per_call)]

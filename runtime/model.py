@@ -21,6 +21,17 @@ ENGINES = ("onnxruntime", "openvino")
 """Inference engines that run a bundle's ONNX graphs: ONNX Runtime (any provider), or OpenVINO on the CPU."""
 
 
+@dataclass(frozen=True)
+class Decoder:
+    """One VAE decoder a request may pick (GenerateRequest.decoder)."""
+
+    component: str
+    """The session that runs it: `vae_decoder`, or `vae_decoder_tiny`."""
+    scaling_factor: float
+    """The UNet's latents are divided by this before it (its VAE's own `scaling_factor`: SD's 0.18215; 1.0 for
+    TAESD, which is trained on the scaled latents themselves)."""
+
+
 @dataclass
 class LoadedModel:
     manifest: Manifest
@@ -41,6 +52,15 @@ class LoadedModel:
     def inpainting(self) -> bool:
         """A 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting checkpoints."""
         return int(self.manifest.model.get("unet_in_channels", 4)) == 9
+
+    @property
+    def decoders(self) -> dict[str, Decoder]:
+        """`full`, and `tiny` for a bundle compiled with --tiny-decoder (manifest `model.decoders`; bundles from
+        before it have the full one only)."""
+        m = self.manifest.model
+        given = m.get("decoders") or {"full": {"component": "vae_decoder", "scaling_factor": m["vae_scaling_factor"]}}
+        return {name: Decoder(str(d["component"]), float(d["scaling_factor"])) for name, d in given.items()
+                if d["component"] in self.sessions}
 
 
 def load_bundle(ref: BundleRef, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",

@@ -234,10 +234,11 @@ class Pipeline:
             return paste(image, p.init_image, soft_mask(p.mask, p.mask_blur))
         return image
 
-    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
-        """uint8 [B, H, W, 3] from scaled latents [B, C, h, w]."""
-        z = latents.astype(np.float32) / np.float32(self.m["vae_scaling_factor"])
-        x = self.model.sessions["vae_decoder"].run({"latent_sample": z})["sample"]
+    def vae_decode(self, latents: np.ndarray, decoder: str = "full") -> np.ndarray:
+        """uint8 [B, H, W, 3] from scaled latents [B, C, h, w], through the model's `decoder` (full or tiny)."""
+        d = self.model.decoders[decoder]
+        z = latents.astype(np.float32) / np.float32(d.scaling_factor)
+        x = self.model.sessions[d.component].run({"latent_sample": z})["sample"]
         x = np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
         return (x * 255).round().astype(np.uint8)
 
@@ -282,12 +283,15 @@ def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[np.nda
 
 
 def decode_batch(model: LoadedModel, items: list[tuple[Generation, int]]) -> list[np.ndarray]:
-    """One VAE-decoder call over images of several requests with the same latent size ((request, image index)
-    pairs); returns each as uint8 [H, W, 3] straight from the decoder (`Pipeline.finish_image` then makes it
-    what the request asked for)."""
+    """One VAE-decoder call over images of several requests with the same latent size and decoder ((request,
+    image index) pairs); returns each as uint8 [H, W, 3] straight from the decoder (`Pipeline.finish_image` then
+    makes it what the request asked for)."""
+    decoder = items[0][0].params.decoder
+    if any(g.params.decoder != decoder for g, _ in items):
+        raise ValueError(f"one decode call takes one decoder; got {sorted({g.params.decoder for g, _ in items})}")
     t0 = time.perf_counter()
     z = np.concatenate([g.latents[k : k + 1] for g, k in items])  # type: ignore[index]
-    images = Pipeline(model).vae_decode(z)
+    images = Pipeline(model).vae_decode(z, decoder)
     took = time.perf_counter() - t0
     for g, _ in items:
         g.timings["decode"] = g.timings.get("decode", 0.0) + took

@@ -29,6 +29,8 @@ MAX_MASK_BLUR = 64
 """Largest mask_blur radius, pixels."""
 ASPECT_TOLERANCE = 0.01
 """How far width/height's aspect ratio may be from the init image's before it is refused instead of resized."""
+DECODERS = ("full", "tiny")
+"""GenerateRequest.decoder's values: the bundle's VAE decoder, or its tiny (TAESD) one where it has one."""
 # \Z, not $: $ also matches before a final newline, and an id ending in "\n" is no valid gRPC metadata value
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 
@@ -58,6 +60,8 @@ class GenerationParams:
     """How much of init_image is redrawn, (0, 1]; 1.0 for text-to-image."""
     mask_blur: int = 0
     """Inpainting: blur radius (pixels) of the mask used to blend and paste the result over init_image."""
+    decoder: str = "full"
+    """Which VAE decoder draws the final images: `full` or `tiny` (one of the model's, LoadedModel.decoders)."""
 
     @property
     def mode(self) -> str:
@@ -103,13 +107,14 @@ def denoising_steps(steps: int, strength: float) -> int:
 
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
              previews: bool = True, schedule: NoiseSchedule | None = None, encoder: bool = True,
-             image_limits: ImageLimits | None = None) -> GenerationParams:
+             image_limits: ImageLimits | None = None, decoders: tuple[str, ...] = ("full",)) -> GenerationParams:
     """Check every field of a kiln.v1.GenerateRequest; raises InvalidArgument listing all violations.
 
     `request_id` is used when the request carries none (the server passes the RPC's id). `previews`: whether
     the model can make latent previews (its manifest has a latent-to-RGB map). `schedule`: the model's noise
     schedule, for the step limits of samplers that have their own (turbo, lcm). `encoder`: whether the model
     has a VAE encoder (needed for init_image). `image_limits`: encoded-size and pixel limits of image fields.
+    `decoders`: the decoders the model has (`full`, and `tiny` when compiled with a tiny decoder).
     """
     bad: list[FieldViolation] = []
 
@@ -179,6 +184,13 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
             check(preview_every <= max(run_steps, 1), "preview_every",
                   f"preview_every={preview_every} must be between 0 (off) and {bound}")
 
+    decoder = request.decoder or "full"
+    if decoder not in DECODERS:
+        check(False, "decoder", f"decoder={_quoted(decoder)} is not one of: {', '.join(DECODERS)}")
+    elif decoder not in decoders:
+        check(False, "decoder", f"decoder={decoder!r}: model {_quoted(request.model)} has no {decoder} decoder; its "
+                                f"decoders: {', '.join(decoders)} (compile it with --tiny-decoder to add one)")
+
     request_id = request.request_id or request_id or new_request_id()
     check(bool(REQUEST_ID_RE.match(request_id)), "request_id",
           "request_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
@@ -202,6 +214,7 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
         mask=mask,
         strength=strength if request.init_image else 1.0,
         mask_blur=request.mask_blur,
+        decoder=decoder,
     )
 
 

@@ -176,3 +176,63 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     ):
         reporter.write_line(line, red=True, bold=True)
     reporter.write_sep("!", red=True, bold=True)
+
+
+@dataclass
+class VaeFiles:
+    """Real VAE files for the VAE-swap and tiny-decoder tests (tests/compiler/vae_files.py writes them)."""
+
+    taesd: Path
+    """A diffusers AutoencoderTiny folder (TAESD design, small channels) for the tiny model's latents."""
+    kl_folder: Path
+    """A diffusers AutoencoderKL folder with the tiny model's VAE config and other weights (fp16-representable)."""
+    kl_single: Path
+    """The same weights as one fp16 .safetensors in the original layout, under `first_stage_model.`."""
+    with_vae: Path
+    """The tiny model as a diffusers folder that already has `kl_folder` as its VAE."""
+
+
+@pytest.fixture(scope="session")
+def vae_files(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> VaeFiles:
+    import torch
+
+    from tests.compiler.vae_files import tiny_vae_config, write_kl, write_single_file, write_taesd
+
+    root = tmp_path_factory.mktemp("vae-files")
+    taesd = write_taesd(root / "taesd", seed=3)
+    kl = write_kl(root / "kl-fp32", tiny_vae_config(tiny_source), seed=7)
+    with torch.no_grad():  # most shared VAE files are fp16: weights that survive the round trip exactly
+        for p in kl.parameters():
+            p.copy_(p.half().float())
+    kl.save_pretrained(root / "kl", safe_serialization=True)
+    single = write_single_file(root / "kl.safetensors", kl, prefix="first_stage_model.", dtype=torch.float16)
+    with_vae = root / "tiny-with-kl"
+    shutil.copytree(tiny_source, with_vae)
+    shutil.rmtree(with_vae / "vae")
+    shutil.copytree(root / "kl", with_vae / "vae")
+    return VaeFiles(taesd, root / "kl", single, with_vae)
+
+
+@pytest.fixture(scope="session")
+def vae_store(tiny_source: Path, vae_files: VaeFiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with `swapped` (the tiny model, --vae the single file, --tiny-decoder TAESD), `with-vae` (the
+    folder that already has that VAE) and `taesd` (the tiny model with TAESD as its only VAE)."""
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+    from compiler.source.options import SourceOptions
+
+    store = tmp_path_factory.mktemp("vae-store")
+    compile_model(tiny_source, store, CompileConfig(name="swapped"), progress=False,
+                  options=SourceOptions(vae=str(vae_files.kl_single), tiny_decoder=str(vae_files.taesd)))
+    compile_model(vae_files.with_vae, store, CompileConfig(name="with-vae"), progress=False)
+    compile_model(tiny_source, store, CompileConfig(name="taesd"), progress=False,
+                  options=SourceOptions(vae=str(vae_files.taesd)))
+    return store
+
+
+def load_latest(store: Path, name: str):  # type: ignore[no-untyped-def]
+    """The latest bundle `name` in `store`, verified and loaded as the server would."""
+    from model_store import Store
+    from runtime.model import load_bundle
+
+    return load_bundle(Store(store).latest(name))

@@ -22,6 +22,8 @@ class SourceModel:
     scheduler_config: dict[str, Any]
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
+    tiny_decoder: Path | None = None
+    """A diffusers AutoencoderTiny folder compiled as the optional `vae_decoder_tiny` (`--tiny-decoder`)."""
     _modules: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -30,21 +32,36 @@ class SourceModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+        # AutoencoderTiny: its encoder's blocks (each after the first halves the size; vae.py checks the decoder)
+        cfg = self.vae_config
+        return 2 ** (len(cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels") or (64,) * 4) - 1)
 
     @property
     def default_size(self) -> int:
         return int(self.unet_config["sample_size"]) * self.vae_scale_factor
 
+    @property
+    def tiny_decoder_config(self) -> dict[str, Any]:
+        assert self.tiny_decoder is not None
+        return json.loads((self.tiny_decoder / "config.json").read_text())
+
     def module(self, name: str) -> Any:
-        """`unet`, `vae` or `text_encoder` as an fp32 torch module in eval mode."""
+        """`unet`, `vae`, `text_encoder` or `vae_tiny` (the tiny decoder's AutoencoderTiny) as an fp32 torch
+        module in eval mode. The VAE's class is its config's `_class_name`: AutoencoderKL or AutoencoderTiny."""
         if name not in self._modules:
             import torch
 
+            folder = self.path / name
             if name == "unet":
                 from diffusers import UNet2DConditionModel as cls
             elif name == "vae":
-                from diffusers import AutoencoderKL as cls
+                import diffusers
+
+                cls = getattr(diffusers, vae_class(self.vae_config))
+            elif name == "vae_tiny" and self.tiny_decoder is not None:
+                from diffusers import AutoencoderTiny as cls
+
+                folder = self.tiny_decoder
             elif name == "text_encoder":
                 from transformers import CLIPTextModel as cls
             else:
@@ -55,7 +72,7 @@ class SourceModel:
             bars = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
             try:
-                self._modules[name] = cls.from_pretrained(self.path / name, torch_dtype=torch.float32).eval()
+                self._modules[name] = cls.from_pretrained(folder, torch_dtype=torch.float32).eval()
             finally:
                 if bars:
                     hf_logging.enable_progress_bar()
@@ -88,6 +105,17 @@ class SourceModel:
         return h.hexdigest()
 
 
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def vae_class(config: dict[str, Any]) -> str:
+    """The diffusers class of a VAE config: AutoencoderKL (SD's own) or AutoencoderTiny (TAESD)."""
+    cls = config.get("_class_name", "AutoencoderKL")
+    if cls not in VAE_CLASSES:
+        raise ValueError(f"vae/config.json: _class_name={cls!r} is not one of: {', '.join(VAE_CLASSES)}")
+    return str(cls)
 
 
 def load_source(path: str | Path) -> SourceModel:

@@ -61,6 +61,9 @@ class SourceOptions:
     vae: str | None = None
     """A VAE replacing the model's own: a diffusers folder (AutoencoderKL or AutoencoderTiny) or a single
     `.safetensors` VAE in the original layout."""
+    tiny_decoder: str | None = None
+    """A diffusers AutoencoderTiny folder (TAESD) compiled as an extra decoder beside the full VAE, for requests
+    that ask for `decoder: "tiny"` (fast drafts); the model's weights are left as they are."""
     prediction_type: str | None = None
     """Single-file checkpoints: `epsilon` or `v_prediction` when neither the tensors nor a `NAME.yaml` beside
     the file tell (SD 2.x 768 models predict v)."""
@@ -76,6 +79,8 @@ class SourceOptions:
                 raise FileNotFoundError(f"{spec.path}: no such file")
         if self.vae is not None and not Path(self.vae).exists():
             raise FileNotFoundError(f"--vae {self.vae}: no such file or folder")
+        if self.tiny_decoder is not None and not Path(self.tiny_decoder).exists():
+            raise FileNotFoundError(f"--tiny-decoder {self.tiny_decoder}: no such folder")
 
     @property
     def changes_weights(self) -> bool:

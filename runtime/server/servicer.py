@@ -48,7 +48,9 @@ class KilnServicer(pb_grpc.KilnServicer):
         args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
                 "vae_encoder" in model.sessions)
         # decoding client images takes a while (up to 4096x4096): off the event loop
-        params = await asyncio.to_thread(validate, *args) if request.init_image else validate(*args)
+        decoders = tuple(model.decoders)
+        params = await asyncio.to_thread(validate, *args, decoders=decoders) if request.init_image \
+            else validate(*args, decoders=decoders)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0
@@ -150,6 +152,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         samplers=list(SAMPLERS),
         inpainting_model=model.inpainting,
         embedding_tokens=model.tokenizer.embedding_tokens,
+        decoders=list(model.decoders),
         fidelity=pb.Fidelity(
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,

@@ -145,6 +145,7 @@ EDGES: dict[str, st.SearchStrategy] = {
     "init_image": st.sampled_from(sorted(IMAGES)),
     "mask_image": st.sampled_from(sorted(IMAGES)),
     "mask_blur": uints(0, 1, 64, 65),
+    "decoder": st.sampled_from(["", "full", "tiny", "FULL", "full\x00", "é", Long("x", 10_000)]),
     **{name: floats() for name in FLOAT_FIELDS},  # guidance_scale, strength, and any float field to come
 }
 assert set(EDGES) == FIELDS, f"a GenerateRequest field has no edge values: {FIELDS ^ set(EDGES)}"
@@ -258,6 +259,8 @@ FOUND = [
     ({"init_image": "rgb", "mask_image": "right-half mask", "width": 2**31, "height": 2**31}, "height",
      "height=2147483648 must be a multiple of 8 between 64 and 1024"),
     ({"sampler": Long("x", 10_000)}, "sampler", f"sampler={'x' * 40!r}... (10000 characters) is not one of: ddim"),
+    ({"decoder": Long("x", 10_000)}, "decoder", f"decoder={'x' * 40!r}... (10000 characters) is not one of: full, tiny"),
+    ({"decoder": "tiny"}, "decoder", "decoder='tiny': model 'tiny' has no tiny decoder; its decoders: full"),
 ]
 
 
