@@ -5,8 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import (compile_memory, decoders, integrity, latency, memory, precision, quality, quota, single_file,
-                   throughput, tome)
+from bench import (
+    compile_memory,
+    decoders,
+    integrity,
+    latency,
+    memory,
+    precision,
+    quality,
+    quota,
+    single_file,
+    throughput,
+    tome,
+)
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,

@@ -22,7 +22,7 @@ from compiler.source import embeddings, load_source, prepare
 from compiler.source.load import TOKENIZER_FILES
 from compiler.source.options import SourceOptions
 from compiler.verify import Reference, check_parity, reference
-from model_store import ComponentEntry, Manifest, Store
+from model_store import ComponentEntry, Manifest, Store, sha256_file
 from model_store.onnx_files import load_graph, save_model
 from quantize import stage
 from quantize.precision import resolved
@@ -252,7 +252,10 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
         raise ValueError(f"default steps={defaults['steps']} must be between 1 and {most} for default sampler "
                          f"{defaults['sampler']!r}; give --default-steps")
     size = source.default_size
-    identity = hashlib.sha256(f"{source_hash}:{config.hash()}".encode()).hexdigest()[:8]
+    key = f"{source_hash}:{config.hash()}"
+    if source.tiny_decoder is not None:  # not part of the source folder's hash
+        key += f":tiny={_tiny_sha256(source.tiny_decoder)}"
+    identity = hashlib.sha256(key.encode()).hexdigest()[:8]
     return Manifest(
         name=config.name,
         version=f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{identity}",
@@ -284,3 +287,10 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             "max_steps": config.max_steps, "max_images": config.max_images, "max_guidance_scale": 30.0,
         },
     )
+
+
+def _tiny_sha256(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()

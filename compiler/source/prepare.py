@@ -87,11 +87,6 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
         (work / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2) + "\n")
         if path.is_dir() and (path / "kiln.json").exists():
             shutil.copy(path / "kiln.json", work / "kiln.json")
-        if path.is_dir():
-            # save_pretrained writes every default out (timestep_spacing="leading", ...), but a key the source
-            # leaves out means "each sampler's own default" (runtime/samplers/schedule.py, as diffusers'
-            # from_config does): the source's own scheduler config, verbatim
-            shutil.copy(path / "scheduler/scheduler_config.json", work / "scheduler/scheduler_config.json")
         (work / "kiln_source.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     del pipe
     return Prepared(work, info)
