@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store import BundleRef, HashCache, Manifest, ManifestError, Store
+from runtime.adapters import ADAPTERS_DIR, COMPONENTS, Adapter, LoraFeeds, load_adapters, lora_input_shapes
 from runtime.cpu import int8_session_configs
 from runtime.device import GPU_PROVIDERS, ProviderSpec, provider_names
 from runtime.samplers.schedule import NoiseSchedule
@@ -28,6 +29,31 @@ class LoadedModel:
     sessions: dict[str, ModelSession]
     tokenizer: PromptTokenizer
     schedule: NoiseSchedule
+    lora: LoraFeeds | None = None
+    """Bundles compiled with --lora-inputs: their adapters and the feeds of each selection; else None."""
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        return self.lora.adapters if self.lora is not None else {}
+
+    @property
+    def max_loras(self) -> int:
+        """Most adapters one request may select (0: the bundle has no LoRA inputs)."""
+        return int(self.manifest.limits.get("max_loras", 0)) if self.lora is not None else 0
+
+    def lora_feeds(self, component: str, selection) -> dict:  # type: ignore[no-untyped-def]
+        """The LoRA inputs of `component` for a request's adapter selection; {} for a bundle without them."""
+        if self.lora is None or component not in self.lora.shapes:
+            return {}
+        return self.lora.feeds(component, selection)
+
+    def attach_adapters(self, folder: Path) -> None:
+        """Read the adapters in `folder` (`STORE/NAME/adapters`) that fit this bundle's LoRA inputs."""
+        shapes = {c: lora_input_shapes(self.sessions[c]) for c in COMPONENTS if c in self.sessions}
+        shapes = {c: s for c, s in shapes.items() if s}
+        if not shapes:
+            return
+        self.lora = LoraFeeds(shapes, load_adapters(folder, shapes))
 
     @property
     def name(self) -> str:
@@ -83,7 +109,9 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
                     for name, c in m.components.items()}
     tok = m.tokenizer
     tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"])
-    return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+    model = LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+    model.attach_adapters(path.parent / ADAPTERS_DIR)  # a bundle outside a store: none beside it
+    return model
 
 
 def load_store(root: str | Path, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",
@@ -113,6 +141,8 @@ def load_store(root: str | Path, providers: ProviderSpec | None = None, threads:
                               ref.manifest.version, fallback)
                 continue
             log.info("loaded %s version %s from %s", name, ref.manifest.version, ref.path)
+            if models[name].adapters:
+                log.info("%s: LoRA adapters %s", name, ", ".join(sorted(models[name].adapters)))
             break
         if name not in models:
             log.error("bundle %s: no version verified and loaded; it is not served", name)

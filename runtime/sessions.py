@@ -88,6 +88,8 @@ class OrtSession:
                                f"{', '.join(self._session.get_providers())}); check the CUDA, cuDNN and TensorRT "
                                "libraries onnxruntime-gpu needs (README: GPU serving)")
         self.input_names = tuple(i.name for i in self._session.get_inputs())
+        self.input_shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
+        """Declared input shapes (ints, or names of dynamic axes)."""
         self.output_names = tuple(o.name for o in self._session.get_outputs())
         device = binding_device(providers)
         if io_binding and device is None:

@@ -47,8 +47,9 @@ class KilnServicer(pb_grpc.KilnServicer):
         m = model.manifest
         args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
                 "vae_encoder" in model.sessions)
+        lora = {"adapters": model.adapters, "max_loras": model.max_loras}
         # decoding client images takes a while (up to 4096x4096): off the event loop
-        params = await asyncio.to_thread(validate, *args) if request.init_image else validate(*args)
+        params = await asyncio.to_thread(validate, *args, **lora) if request.init_image else validate(*args, **lora)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0
@@ -145,8 +146,10 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         limits=pb.ModelLimits(
             min_size=lim["min_size"], max_size=lim["max_size"], max_steps=lim["max_steps"],
             max_images=lim["max_images"], max_guidance_scale=lim["max_guidance_scale"],
-            max_prompt_chars=MAX_PROMPT_CHARS,
+            max_prompt_chars=MAX_PROMPT_CHARS, max_loras=model.max_loras,
         ),
+        adapters=[pb.LoraInfo(name=a.name, sha256=a.sha256, scale=1.0, rank=a.rank)
+                  for a in sorted(model.adapters.values(), key=lambda a: a.name)],
         samplers=list(SAMPLERS),
         inpainting_model=model.inpainting,
         fidelity=pb.Fidelity(
