@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import compile_memory, integrity, latency, memory, precision, quality, quota, throughput, tome
+from bench import compile_memory, integrity, latency, lora, memory, precision, quality, quota, throughput, tome
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
-             "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory}
+             "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
+             "lora": lora}
 
 
 def main(argv: list[str] | None = None) -> int:
