@@ -251,6 +251,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request.mask_blur = args.mask_blur
     if args.strength is not None:
         request.strength = args.strength
+    for text in args.lora:
+        name, sep, scale = text.rpartition(":")
+        try:
+            request.loras.append(pb.LoraSelection(name=name, scale=float(scale)) if sep else pb.LoraSelection(name=text))
+        except ValueError:
+            raise ValueError(f"--lora {text!r}: expected NAME or NAME:SCALE (a number)") from None
     metadata = key_metadata(args.api_key)
     if args.idempotency_key:
         metadata += (("x-idempotency-key", args.idempotency_key),)
@@ -289,7 +295,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             fidelity = f"\tvs fp32 {m.fidelity.psnr_db:.1f} dB" + (" LOW FIDELITY" if m.fidelity.low_fidelity else "")
         print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
               f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}"
-              + ("\tinpainting model" if m.inpainting_model else ""))
+              + ("\tinpainting model" if m.inpainting_model else "")
+              + (f"\tLoRA adapters (up to {m.limits.max_loras}): " + ", ".join(f"{a.name} (rank {a.rank})" for a in m.adapters)
+                 if m.adapters else ""))
     return 0
 
 
@@ -513,6 +521,8 @@ def parser() -> argparse.ArgumentParser:
                    help="inpainting: white = redraw, black = keep; the init image's size")
     g.add_argument("--mask-blur", type=int, default=0, metavar="PX",
                    help="inpainting: blur radius of the mask's edge, 0-64 pixels")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="apply the model's LoRA adapter NAME (`kiln models list`) at SCALE (default 1); repeatable")
     g.add_argument("--idempotency-key", default="", help="retries with the same key are charged once")
     _api_key(g)
     g.set_defaults(func=cmd_generate)

@@ -144,3 +144,18 @@ def test_loras_on_a_model_without_lora_inputs(server) -> None:  # type: ignore[n
     assert "takes no per-request LoRA adapters" in violations(e)["loras"]
     with channel(server.target) as ch:  # the server keeps serving
         assert list(pb_grpc.KilnStub(ch).Generate(pb.GenerateRequest(model="tiny", prompt="ok", steps=1), timeout=60))
+
+
+def test_cli_lists_and_selects_adapters(lora_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import kiln
+
+    listed = kiln("models", "list", "--target", lora_server.target)
+    assert listed.returncode == 0 and "LoRA adapters (up to 2): kohya (rank 2), peft (rank 4)" in listed.stdout
+    args = ("generate", "--target", lora_server.target, "--model", MODEL, "--prompt", "a red circle", "--steps", "3",
+            "--seed", "1", "--quiet")
+    with_lora = kiln(*args, "--lora", "kohya:0.8", "--lora", "peft", "--out", str(tmp_path / "a.png"))
+    without = kiln(*args, "--out", str(tmp_path / "b.png"))
+    assert with_lora.returncode == 0 and without.returncode == 0, with_lora.stderr + without.stderr
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+    bad = kiln(*args, "--lora", "kohya:9", "--out", str(tmp_path / "c.png"))
+    assert bad.returncode == 1 and "loras[0].scale" in bad.stderr, bad.stderr
