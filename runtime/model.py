@@ -97,6 +97,9 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
             "the CPU; serve it with `kiln serve --device cuda` (onnxruntime-gpu), or compile --precision fp32/int8 "
             "for CPU"
         )
+    if engine == "openvino" and m.model.get("lora_inputs"):
+        raise ManifestError(f"bundle {m.name} {m.version} was compiled with --lora-inputs, which the OpenVINO engine "
+                            "does not feed; serve it with --engine onnxruntime, or recompile it without them")
     if engine == "openvino":
         int8_session_configs(m, engine)  # refuses full-range int8 where OpenVINO's int8 kernels saturate
         config = openvino or OpenVinoConfig(threads=threads)

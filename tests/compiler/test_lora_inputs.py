@@ -155,3 +155,12 @@ def test_lora_add_needs_a_bundle_with_lora_inputs(tiny_store: Path, lora_files: 
     r = kiln("lora", "add", str(lora_files["kohya"]), "--model", "tiny", "--store", str(tiny_store))
     assert r.returncode == 2 and "compiled without --lora-inputs" in r.stderr, r.stderr
     assert not (tiny_store / "tiny/adapters").exists()
+
+
+def test_openvino_engine_refuses_a_bundle_with_lora_inputs(lora_store: Path) -> None:
+    from model_store import ManifestError
+    from runtime.model import open_bundle_dir
+
+    ref = Store(lora_store).latest("tiny-lora")
+    with pytest.raises(ManifestError, match="compiled with --lora-inputs, which the OpenVINO engine does not feed"):
+        open_bundle_dir(ref.path, ref.manifest, engine="openvino")
