@@ -74,14 +74,16 @@ def extend_spec(spec: Any, found: tuple[Target, ...]) -> Any:
 
 
 def example(found: tuple[Target, ...], rank: int = EXAMPLE_RANK) -> tuple[Any, ...]:
-    """Small random deltas (a fixed seed) for every target, in input order."""
+    """Random deltas (a fixed seed) for every target, in input order, of a trained LoRA's size: `down` with rows
+    of unit norm, `up` small, so the parity check runs the delta path at the magnitudes real adapters have (large
+    random deltas would blow the activations up, and with them the float error the threshold bounds)."""
     import torch
 
     g = torch.Generator().manual_seed(4321)
     out: list[Any] = []
     for t in found:
-        out.append(torch.randn(rank, t.in_features, generator=g) * 0.2)
-        out.append(torch.randn(t.out_features, rank, generator=g) * 0.2)
+        out.append(torch.randn(rank, t.in_features, generator=g) / t.in_features**0.5)
+        out.append(torch.randn(t.out_features, rank, generator=g) * 0.02)
     return tuple(out)
 
 
