@@ -164,3 +164,21 @@ def test_openvino_engine_refuses_a_bundle_with_lora_inputs(lora_store: Path) -> 
     ref = Store(lora_store).latest("tiny-lora")
     with pytest.raises(ManifestError, match="compiled with --lora-inputs, which the OpenVINO engine does not feed"):
         open_bundle_dir(ref.path, ref.manifest, engine="openvino")
+
+
+def test_graphs_with_and_without_lora_inputs_never_stand_in_for_each_other(tiny_source: Path,
+                                                                         tmp_path: Path) -> None:
+    """Export reuse (compiler/reuse.py) copies a donor's graphs only when their inputs are the ones wanted."""
+    from tests.compiler.test_reuse import _compile
+
+    plain, _ = _compile(tiny_source, tmp_path, "plain")
+    with_inputs, log = _compile(tiny_source, tmp_path, "with-inputs", lora_inputs=True)
+    assert with_inputs.source["reused_exports_from"] == f"plain/{plain.version}"
+    assert "export vae_decoder: reuse plain/" in log  # the VAE has no LoRA inputs: reused
+    assert "export unet ..." in log and "export text_encoder ..." in log  # exported afresh, with them
+    assert any(i.startswith("lora_down.") for i in with_inputs.components["unet"].inputs)
+    # the newest donor is now the bundle with LoRA inputs: its VAE is taken, its UNet and text encoder are not
+    again, log = _compile(tiny_source, tmp_path, "plain-again")
+    assert again.source["reused_exports_from"] == f"with-inputs/{with_inputs.version}"
+    assert "export unet ..." in log and "export text_encoder ..." in log
+    assert not any(i.startswith("lora_") for i in again.components["unet"].inputs)
