@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -47,9 +48,9 @@ class KilnServicer(pb_grpc.KilnServicer):
         m = model.manifest
         args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
                 "vae_encoder" in model.sessions)
-        lora = {"adapters": model.adapters, "max_loras": model.max_loras}
+        check = functools.partial(validate, adapters=model.adapters, max_loras=model.max_loras)
         # decoding client images takes a while (up to 4096x4096): off the event loop
-        params = await asyncio.to_thread(validate, *args, **lora) if request.init_image else validate(*args, **lora)
+        params = await asyncio.to_thread(check, *args) if request.init_image else check(*args)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0
