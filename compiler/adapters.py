@@ -86,6 +86,7 @@ def _write(folder: Path, name: str, tensors: dict[str, Any], info: dict[str, Any
     tmp_t, tmp_j = folder / f".tmp-{name}.safetensors", folder / f".tmp-{name}.json"
     try:
         save_file(tensors, str(tmp_t))
+        info["file_sha256"] = sha256_file(tmp_t)
         tmp_j.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         os.rename(tmp_t, folder / f"{name}.safetensors")
         os.rename(tmp_j, folder / f"{name}.json")

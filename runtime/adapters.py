@@ -3,7 +3,7 @@
 An adapter is two files beside the model's versions in the store, written by `kiln lora add`:
 `STORE/NAME/adapters/ADAPTER.safetensors` holds, per targeted layer, `COMPONENT/lora_down.PATH` [r, in] and
 `COMPONENT/lora_up.PATH` [out, r] (the LoRA's alpha / rank already folded into `up`), and `ADAPTER.json` its
-name, source file sha256, rank and targets. A request's selection of adapters and scales becomes one feed per
+name, the source LoRA file's sha256, its own sha256 (checked when read), rank and targets. A request's selection of adapters and scales becomes one feed per
 LoRA input: each adapter's `down` rows and `scale * up` columns concatenated along the rank, empty (rank 0)
 for layers none of them adapts. Feeds are cached per selection, so a server switching between a few adapter
 sets builds each once. Read with safetensors' numpy API: no torch here.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from model_store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,10 @@ def read_adapter(path: Path, shapes: Mapping[str, Mapping[str, list]]) -> Adapte
     from safetensors.numpy import load_file
 
     meta = json.loads(path.with_suffix(".json").read_text())
+    digest = sha256_file(path)
+    if digest != meta["file_sha256"]:
+        raise AdapterError(f"adapter {path.name}: sha256 {digest[:16]}... differs from its JSON's "
+                           f"{str(meta['file_sha256'])[:16]}...: the file was changed or damaged after `kiln lora add`")
     tensors: dict[str, dict[str, np.ndarray]] = {c: {} for c in COMPONENTS}
     for key, array in load_file(str(path)).items():
         component, _, name = key.partition("/")

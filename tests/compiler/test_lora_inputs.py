@@ -98,6 +98,7 @@ def test_bundle_has_lora_inputs_and_adapters_beside_versions(lora_store: Path, l
 def test_adapter_files_record_their_source(lora_store: Path, lora_files: dict[str, Path], lora_model) -> None:  # type: ignore[no-untyped-def]
     info = json.loads((lora_store / "tiny-lora/adapters/kohya.json").read_text())
     assert info["sha256"] == sha256_file(lora_files["kohya"]) == lora_model.adapters["kohya"].sha256
+    assert info["file_sha256"] == sha256_file(lora_store / "tiny-lora/adapters/kohya.safetensors")
     assert info["rank"] == 2 and lora_model.adapters["peft"].rank == 4
     m = Store(lora_store).latest("tiny-lora").manifest
     assert info["targets"] == m.model["lora_inputs"]["targets"]  # the test LoRAs adapt every target layer

@@ -77,6 +77,21 @@ def test_concurrent_requests_with_different_adapters_get_their_own_images(lora_s
     assert shared and all(set(ids) == {"kohya-a", "kohya-b"} for ids in shared), batches
 
 
+def test_a_damaged_adapter_is_skipped_and_the_others_load(lora_store: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from runtime.model import load_store
+
+    store = tmp_path / "store"
+    shutil.copytree(lora_store, store)
+    data = bytearray((store / MODEL / "adapters/peft.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last weight
+    (store / MODEL / "adapters/peft.safetensors").write_bytes(bytes(data))
+    model = load_store(store)[MODEL]
+    assert sorted(model.adapters) == ["kohya"]
+    assert "skipping LoRA adapter" in caplog.text and "peft.safetensors: sha256" in caplog.text
+
+
 def test_adapter_feeds_are_cached_per_selection(lora_loaded: LoadedModel) -> None:
     lora = lora_loaded.lora
     assert lora is not None
