@@ -174,3 +174,22 @@ def test_cli_lists_and_selects_adapters(lora_server, tmp_path: Path) -> None:  #
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
     bad = kiln(*args, "--lora", "kohya:9", "--out", str(tmp_path / "c.png"))
     assert bad.returncode == 1 and "loras[0].scale" in bad.stderr, bad.stderr
+
+
+def test_io_binding_keeps_a_selections_lora_inputs_resident(lora_loaded: LoadedModel) -> None:
+    import numpy as np
+
+    from runtime.sessions import OrtSession
+
+    path = lora_loaded.path / lora_loaded.manifest.components["unet"].file
+    plain, bound = OrtSession("unet", path), OrtSession("unet", path, io_binding=True)
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.full((2,), 500.0, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+            **lora_loaded.lora_feeds("unet", (("kohya", 1.0),))}
+    np.testing.assert_array_equal(bound.run(feed)["out_sample"], plain.run(feed)["out_sample"])
+    assert bound.uploads == len(feed)
+    # the next step of the same request: only the latents and the timestep cross again
+    step = {**feed, "sample": feed["sample"] * 0.5, **lora_loaded.lora_feeds("unet", (("kohya", 1.0),))}
+    np.testing.assert_array_equal(bound.run(step)["out_sample"], plain.run(step)["out_sample"])
+    assert bound.uploads == len(feed) + 2
