@@ -14,7 +14,7 @@ COPY cli ./cli
 COPY model_store ./model_store
 COPY runtime ./runtime
 COPY proto ./proto
-# runtime dependencies only (numpy, onnxruntime, tokenizers, grpcio, pillow, redis): no [compiler] extra
+# runtime dependencies only (numpy, onnxruntime, tokenizers, grpcio, pillow, safetensors, redis): no [compiler] extra
 RUN python -m venv /opt/kiln && /opt/kiln/bin/pip install --no-cache-dir .
 
 FROM python:3.11-slim

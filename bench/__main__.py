@@ -10,6 +10,7 @@ from bench import (
     decoders,
     integrity,
     latency,
+    lora,
     memory,
     precision,
     quality,
@@ -21,7 +22,7 @@ from bench import (
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
-             "single-file": single_file, "decoders": decoders}
+             "single-file": single_file, "decoders": decoders, "lora": lora}
 
 
 def main(argv: list[str] | None = None) -> int:

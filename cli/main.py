@@ -55,7 +55,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
                            reuse_exports=not args.no_reuse, tome=args.tome, attention_slicing=args.attention_slicing,
                            default_steps=args.default_steps, default_guidance_scale=args.default_guidance,
-                           default_sampler=args.default_sampler, quantize=quantize)
+                           default_sampler=args.default_sampler, quantize=quantize,
+                           lora_inputs=args.lora_inputs, max_loras=args.max_loras)
     if args.parity_threshold:
         config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
         config.__post_init__()
@@ -99,6 +100,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"{len(f['prompts'])} prompts at {f['steps']} steps"
               + ("  LOW FIDELITY: " + "; ".join(f["failures"]) if f["low_fidelity"] else ""))
     print(f"bundle {m.name} version {m.version} at {result.path}")
+    return 0
+
+
+def cmd_lora_add(args: argparse.Namespace) -> int:
+    from compiler.adapters import add_adapter
+    from compiler.source.errors import SourceError
+
+    try:
+        info = add_adapter(args.file, args.store, args.model, args.name)
+    except SourceError as e:
+        print(f"kiln: lora add failed, nothing was written: {e}", file=sys.stderr)
+        return 5
+    print(f"adapter {info['name']} of {args.model}: rank {info['rank']}, "
+          f"{sum(info['targets'].values())} layers, sha256 {info['sha256'][:16]}...")
     return 0
 
 
@@ -244,6 +259,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request.mask_blur = args.mask_blur
     if args.strength is not None:
         request.strength = args.strength
+    for text in args.lora:
+        name, sep, scale = text.rpartition(":")
+        try:
+            request.loras.append(pb.LoraSelection(name=name, scale=float(scale)) if sep else pb.LoraSelection(name=text))
+        except ValueError:
+            raise ValueError(f"--lora {text!r}: expected NAME or NAME:SCALE (a number)") from None
     metadata = key_metadata(args.api_key)
     if args.idempotency_key:
         metadata += (("x-idempotency-key", args.idempotency_key),)
@@ -285,7 +306,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
               + ("\tinpainting model" if m.inpainting_model else "")
               + (f"\tembeddings {' '.join(m.embedding_tokens)}" if m.embedding_tokens else "")
               + (f"\tfrom {m.source_family}" if m.source_family not in ("", "diffusers-folder") else "")
-              + (f"\tloras {' '.join(f'{lo.name}:{lo.scale:g}' for lo in m.fused_loras)}" if m.fused_loras else ""))
+              + (f"\tloras {' '.join(f'{lo.name}:{lo.scale:g}' for lo in m.fused_loras)}" if m.fused_loras else "")
+              + (f"\tLoRA adapters (up to {m.limits.max_loras}): " + ", ".join(f"{a.name} (rank {a.rank})" for a in m.adapters)
+                 if m.adapters else ""))
     return 0
 
 
@@ -349,6 +372,11 @@ def parser() -> argparse.ArgumentParser:
     b = c.add_argument_group("bring your own model (see README)")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="fuse a LoRA (kohya/AUTOMATIC1111 or diffusers/PEFT) at SCALE (default 1); repeatable")
+    b.add_argument("--lora-inputs", action="store_true",
+                   help="export the UNet and text encoder with LoRA inputs, so requests select adapters added with "
+                        "`kiln lora add` without recompiling (fp32 UNet and text encoder only)")
+    b.add_argument("--max-loras", type=int, default=4, metavar="N",
+                   help="with --lora-inputs: most adapters one request may select (default 4)")
     b.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="add a textual-inversion embedding as TOKEN (default: a diffusers file's own token, "
                    "else the file name without extension, as AUTOMATIC1111 does); repeatable")
@@ -400,6 +428,15 @@ def parser() -> argparse.ArgumentParser:
                    help="request default (else kiln.json, else dpmpp_2m_karras)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    la = sub.add_parser("lora", help="LoRA adapters requests select per request").add_subparsers(
+        dest="lora_command", required=True).add_parser(
+        "add", help="add a LoRA file as an adapter of a model compiled with --lora-inputs")
+    la.add_argument("file", help="LoRA file: kohya / AUTOMATIC1111 or diffusers / PEFT")
+    la.add_argument("--model", required=True, help="the bundle name in the store")
+    la.add_argument("--store", required=True)
+    la.add_argument("--name", help="adapter name requests use (default: the file name's stem)")
+    la.set_defaults(func=cmd_lora_add)
 
     t = sub.add_parser("train", help="train a model Kiln ships").add_subparsers(dest="train_command", required=True)
     ts = t.add_parser("shapes", help="the shapes demo model: VAE, VAE decoder, UNet + text encoder "
@@ -500,6 +537,8 @@ def parser() -> argparse.ArgumentParser:
                    help="inpainting: white = redraw, black = keep; the init image's size")
     g.add_argument("--mask-blur", type=int, default=0, metavar="PX",
                    help="inpainting: blur radius of the mask's edge, 0-64 pixels")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                   help="apply the model's LoRA adapter NAME (`kiln models list`) at SCALE (default 1); repeatable")
     g.add_argument("--idempotency-key", default="", help="retries with the same key are charged once")
     _api_key(g)
     g.set_defaults(func=cmd_generate)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from compiler import reuse
+from compiler import lora_inputs, reuse
 from compiler.config import CompileConfig
 from compiler.export import COMPONENTS, components_for, export_component
 from compiler.passes import attention_slicing, fusions, tome, unpack_attention
@@ -76,12 +76,16 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         refs: dict[str, Reference] = {}
         for name, spec in components_for(source).items():
             out = staging / f"{name}.onnx"
+            if config.lora_inputs and name in lora_inputs.COMPONENTS:
+                spec = lora_inputs.extend_spec(spec, lora_inputs.targets(name, source.module(spec.source_module)))
             # the source hash does not cover the tiny decoder: a donor's may be another one
             given = donor.manifest.components.get(name) if donor and name in COMPONENTS else None
             unet_passes = name == "unet" and config.unet_passes
             # the tiny decoder stays fp32 (quantize/stage.py quantizes what the plan names)
             quantized = resolved(config.plan.get(name, "fp32")) in ("int8", "nf4", "int4")
-            if donor and reuse.donates(given, config.fusions) and not unet_passes:
+            # a graph with other inputs (LoRA inputs or none) is another graph
+            same_inputs = given is not None and given.inputs == list(spec.inputs)
+            if donor and reuse.donates(given, config.fusions) and not unet_passes and same_inputs:
                 assert given is not None
                 with steps.stage(f"export {name}: reuse {donor.manifest.name}/{donor.manifest.version}"):
                     reuse.copy_component(donor, given, out)
@@ -148,6 +152,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}
             manifest.model["latent_rgb"] = latent_rgb
             manifest.tool_versions = reuse.recorded_versions(identity, config.quantized)
+            if config.lora_inputs:
+                _write_lora_configs(source, staging, manifest, config)
             if donor:
                 manifest.source["reused_exports_from"] = f"{donor.manifest.name}/{donor.manifest.version}"
         if config.quantized:
@@ -203,6 +209,21 @@ def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: P
 def _parity_threshold(config: CompileConfig, name: str) -> float:
     """The component's threshold; the tiny decoder's is the full decoder's (same output, an image in [-1, 1])."""
     return config.parity_threshold["vae_decoder" if name == "vae_decoder_tiny" else name]
+
+
+def _write_lora_configs(source, staging: Path, manifest: Manifest, config: CompileConfig) -> None:  # type: ignore[no-untyped-def]
+    """The UNet and text encoder configs `kiln lora add` builds the models' shapes from (no weights), and the
+    manifest's note of how many layers take LoRA inputs."""
+    folder = staging / "lora"
+    folder.mkdir()
+    (folder / "unet_config.json").write_text(json.dumps(source.unet_config, indent=2, sort_keys=True) + "\n")
+    shutil.copy(source.path / "text_encoder/config.json", folder / "text_encoder_config.json")
+    manifest.model["lora_inputs"] = {
+        "targets": {n: sum(i.startswith(lora_inputs.DOWN) for i in manifest.components[n].inputs)
+                    for n in lora_inputs.COMPONENTS},
+        "unet_config": "lora/unet_config.json", "text_encoder_config": "lora/text_encoder_config.json",
+    }
+    manifest.limits["max_loras"] = config.max_loras
 
 
 def _vae_scaling(source) -> float:  # type: ignore[no-untyped-def]

@@ -38,6 +38,12 @@ class CompileConfig:
     attention_slicing: str = "off"
     """`off`, `auto`, or a slice count N (2 to 64): compute the UNet's self-attention without holding the whole
     queries x keys score matrix, to lower peak memory at large sizes (compiler/passes/attention_slicing.py)."""
+    lora_inputs: bool = False
+    """Export the UNet and text encoder with a low-rank delta per LoRA-targetable layer fed as graph inputs, so
+    requests can select LoRA adapters (`kiln lora add`) without recompiling (compiler/lora_inputs.py). Needs
+    fp32 UNet and text encoder; excludes token merging and attention slicing."""
+    max_loras: int = 4
+    """With lora_inputs: most adapters one request may select, 1 to 16."""
     parity_threshold: dict[str, float] = field(
         default_factory=lambda: {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vae_encoder": 1e-3}
     )
@@ -88,6 +94,12 @@ class CompileConfig:
             raise ValueError(f"default_sampler={self.default_sampler!r} is not one of: {', '.join(SAMPLER_NAMES)}")
         if not 1 <= self.max_images <= 16:
             raise ValueError(f"max_images={self.max_images} must be between 1 and 16")
+        if not 1 <= self.max_loras <= 16:
+            raise ValueError(f"max_loras={self.max_loras} must be between 1 and 16")
+        if self.lora_inputs:
+            from compiler import lora_inputs
+
+            lora_inputs.check_config(self.plan, self.tome, self.attention_slicing)
         unknown = set(self.parity_threshold) - set(COMPONENT_NAMES)
         if unknown:
             raise ValueError(f"parity_threshold names {sorted(unknown)}; components are {COMPONENT_NAMES}")
@@ -108,6 +120,8 @@ class CompileConfig:
             out["tome"] = self.tome
         if self.attention_slicing != "off":
             out["attention_slicing"] = self.attention_slicing
+        if self.lora_inputs:
+            out["lora_inputs"] = True
         if self.quantized:
             out["quantize"] = self.quantize.graph_fields()
         return out

@@ -21,6 +21,8 @@ class ComponentSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dynamic_axes: dict[str, dict[int, str]]
+    lora_targets: tuple[Any, ...] = ()
+    """`kiln compile --lora-inputs`: the layers given a LoRA delta fed as inputs (compiler/lora_inputs.py)."""
 
 
 COMPONENTS: dict[str, ComponentSpec] = {
@@ -122,16 +124,30 @@ def wrap(spec: ComponentSpec, module: Any) -> Any:
             return vae_moments(self.m, sample)
 
     cls = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
-    return cls[_kind(spec)]().eval()
+    inner = cls[_kind(spec)]().eval()
+    if spec.lora_targets:
+        from compiler import lora_inputs
+
+        return lora_inputs.wrap(inner, module, spec.lora_targets, len(spec.inputs) - 2 * len(spec.lora_targets))
+    return inner
 
 
 def example_inputs(spec: ComponentSpec, source: Any, batch: int = 2) -> tuple[Any, ...]:
-    """Inputs used for tracing and for parity checks.
+    """Inputs used for tracing and for parity checks (then small random LoRA deltas when the spec has targets).
 
     The UNet's spatial size is deliberately not a multiple of its total upsampling factor: that
     makes diffusers take the path that sizes each upsample from the skip connection, so the
     exported graph serves every multiple-of-8 image size, not only multiples of 64.
     """
+    own = _own_example_inputs(spec, source, batch)
+    if spec.lora_targets:
+        from compiler import lora_inputs
+
+        return (*own, *lora_inputs.example(spec.lora_targets))
+    return own
+
+
+def _own_example_inputs(spec: ComponentSpec, source: Any, batch: int) -> tuple[Any, ...]:
     import torch
 
     g = torch.Generator().manual_seed(1234)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from model_store import BundleRef, ComponentEntry, Manifest, ManifestError, Store
 
-EXPORT_CODE = ("export.py", "source/load.py", "passes/fusions.py")
+EXPORT_CODE = ("export.py", "source/load.py", "passes/fusions.py", "lora_inputs.py")
 """Modules (under compiler/) whose code decides what an fp32 export and its fusions produce."""
 
 

@@ -1,8 +1,8 @@
 """The engine: one step loop over the active requests, like vLLM's `step()`.
 
 Each turn of the loop (1) drops cancelled requests, (2) text-encodes newly arrived ones (one text-encoder call
-per model), (3) gives every request that is denoising one step -- requests that share a model and latent size
-go through the UNet together, one call per batch, each row with its own timestep, guidance and sampler state --
+per model and LoRA adapter selection), (3) gives every request that is denoising one step -- requests that share
+a model, latent size and LoRA adapter selection go through the UNet together, one call per batch, each row with its own timestep, guidance and sampler state --
 and (4) decodes the next image of each request that has finished denoising, images of the same size together
 up to a pixel budget. Requests join a batch at the turn after they arrive
 and leave it when done or cancelled, so batches change between steps. All model work runs on one thread;
@@ -126,15 +126,21 @@ class Job:
         """UNet batch rows this request takes in a step."""
         return self.gen.params.num_images * (2 if self.gen.params.guided else 1)
 
-    def batch_key(self) -> tuple[int, tuple[int, ...]]:
-        """Requests with equal keys can share a UNet call: the same loaded model and latent shape."""
+    def batch_key(self) -> tuple[int, tuple[int, ...], tuple[tuple[str, float], ...]]:
+        """Requests with equal keys can share a UNet call: the same loaded model, latent shape and LoRA adapters
+        (the adapters' deltas apply to every row of a call)."""
         assert self.gen.latents is not None
-        return id(self.gen.model), self.gen.latents.shape[1:]
+        return id(self.gen.model), self.gen.latents.shape[1:], self.gen.params.loras
 
     def decode_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can share a VAE-decoder call: the batch key, and the same decoder (full or
-        tiny are different graphs)."""
-        return (*self.batch_key(), self.gen.params.decoder)
+        """Requests with equal keys can share a VAE-decoder call: the same loaded model, latent shape and decoder
+        (full and tiny are different graphs); LoRA adapters do not touch the VAE."""
+        assert self.gen.latents is not None
+        return id(self.gen.model), self.gen.latents.shape[1:], self.gen.params.decoder
+
+    def encode_key(self) -> tuple[int, tuple[tuple[str, float], ...]]:
+        """Requests with equal keys can share a text-encoder call: the same loaded model and LoRA adapters."""
+        return id(self.gen.model), self.gen.params.loras
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -225,7 +231,7 @@ class Engine:
         for job in [j for j in self._jobs if j.cancelled]:
             self._finish(job, "cancelled")
         arrived = [j for j in self._jobs if j.gen.embeddings is None and not j.cancelled]
-        for group in self._grouped(arrived, lambda j: id(j.gen.model)):
+        for group in self._grouped(arrived, Job.encode_key):
             await self._together(group, self._encode)
         denoising = [j for j in self._jobs if j.gen.embeddings is not None and not j.gen.denoised]
         for batch in self._batches(denoising):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store import BundleRef, HashCache, Manifest, ManifestError, Store
+from runtime.adapters import ADAPTERS_DIR, COMPONENTS, Adapter, LoraFeeds, load_adapters, lora_input_shapes
 from runtime.cpu import int8_session_configs
 from runtime.device import GPU_PROVIDERS, ProviderSpec, provider_names
 from runtime.samplers.schedule import NoiseSchedule
@@ -39,6 +40,31 @@ class LoadedModel:
     sessions: dict[str, ModelSession]
     tokenizer: PromptTokenizer
     schedule: NoiseSchedule
+    lora: LoraFeeds | None = None
+    """Bundles compiled with --lora-inputs: their adapters and the feeds of each selection; else None."""
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        return self.lora.adapters if self.lora is not None else {}
+
+    @property
+    def max_loras(self) -> int:
+        """Most adapters one request may select (0: the bundle has no LoRA inputs)."""
+        return int(self.manifest.limits.get("max_loras", 0)) if self.lora is not None else 0
+
+    def lora_feeds(self, component: str, selection) -> dict:  # type: ignore[no-untyped-def]
+        """The LoRA inputs of `component` for a request's adapter selection; {} for a bundle without them."""
+        if self.lora is None or component not in self.lora.shapes:
+            return {}
+        return self.lora.feeds(component, selection)
+
+    def attach_adapters(self, folder: Path) -> None:
+        """Read the adapters in `folder` (`STORE/NAME/adapters`) that fit this bundle's LoRA inputs."""
+        shapes = {c: lora_input_shapes(self.sessions[c]) for c in COMPONENTS if c in self.sessions}
+        shapes = {c: s for c, s in shapes.items() if s}
+        if not shapes:
+            return
+        self.lora = LoraFeeds(shapes, load_adapters(folder, shapes))
 
     @property
     def name(self) -> str:
@@ -91,6 +117,9 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
             "the CPU; serve it with `kiln serve --device cuda` (onnxruntime-gpu), or compile --precision fp32/int8 "
             "for CPU"
         )
+    if engine == "openvino" and m.model.get("lora_inputs"):
+        raise ManifestError(f"bundle {m.name} {m.version} was compiled with --lora-inputs, which the OpenVINO engine "
+                            "does not feed; serve it with --engine onnxruntime, or recompile it without them")
     if engine == "openvino":
         int8_session_configs(m, engine)  # refuses full-range int8 where OpenVINO's int8 kernels saturate
         config = openvino or OpenVinoConfig(threads=threads)
@@ -107,7 +136,9 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
                                     {e["token"]: e["tokens"] for e in tok.get("embeddings", [])})
     except ValueError as e:
         raise ManifestError(f"bundle {path}: {e}") from None
-    return LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+    model = LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+    model.attach_adapters(path.parent / ADAPTERS_DIR)  # a bundle outside a store: none beside it
+    return model
 
 
 def load_store(root: str | Path, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",
@@ -137,6 +168,8 @@ def load_store(root: str | Path, providers: ProviderSpec | None = None, threads:
                               ref.manifest.version, fallback)
                 continue
             log.info("loaded %s version %s from %s", name, ref.manifest.version, ref.path)
+            if models[name].adapters:
+                log.info("%s: LoRA adapters %s", name, ", ".join(sorted(models[name].adapters)))
             break
         if name not in models:
             log.error("bundle %s: no version verified and loaded; it is not served", name)

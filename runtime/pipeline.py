@@ -272,7 +272,8 @@ def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[np.nda
     each one's embeddings, [uncond x n, cond x n] (the UNet batch layout, images in order within each half)."""
     ids = np.stack([t.ids for g in gens for t in g.tokens])
     t0 = time.perf_counter()
-    hidden = model.sessions["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+    feed = {"input_ids": ids, **model.lora_feeds("text_encoder", _one_selection(gens))}
+    hidden = model.sessions["text_encoder"].run(feed)["last_hidden_state"]
     took = time.perf_counter() - t0
     rows = np.cumsum([len(g.tokens) for g in gens])[:-1]
     embeddings = [np.repeat(h, g.params.num_images, axis=0).astype(np.float32)
@@ -304,6 +305,7 @@ def unet_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
     pipe = Pipeline(model)
     inputs = [pipe.unet_inputs(g) for g in gens]
     feed = inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
+    feed = {**feed, **model.lora_feeds("unet", _one_selection(gens))}
     t0 = time.perf_counter()
     out = model.sessions["unet"].run(feed)["out_sample"]
     took = time.perf_counter() - t0
@@ -311,6 +313,14 @@ def unet_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
     for g in gens:
         g.timings["denoise"] = g.timings.get("denoise", 0.0) + took
     return np.split(out, bounds)
+
+
+def _one_selection(gens: list[Generation]) -> tuple[tuple[str, float], ...]:
+    """The LoRA adapters every request of a shared call selected (the engine batches only equal selections)."""
+    selection = gens[0].params.loras
+    if any(g.params.loras != selection for g in gens[1:]):
+        raise ValueError("requests with different LoRA adapter selections cannot share a model call")
+    return selection
 
 
 def latent_preview(latent: np.ndarray, latent_rgb: dict) -> np.ndarray:

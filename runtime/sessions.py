@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from runtime.adapters import DOWN, UP
 from runtime.device import ProviderSpec, binding_device, provider_names
 
 
@@ -26,7 +27,8 @@ class ModelSession(Protocol):
 
 RESIDENT_INPUTS = ("encoder_hidden_states",)
 """Inputs that may stay on the GPU between calls while the caller passes the same array object: the pipeline
-sets a request's text embeddings once and never writes into them."""
+sets a request's text embeddings once and never writes into them (LoRA inputs, `lora_down.*` / `lora_up.*`,
+are resident too)."""
 
 _shared_arena_lock = threading.Lock()
 _shared_arena = False
@@ -88,12 +90,15 @@ class OrtSession:
                                f"{', '.join(self._session.get_providers())}); check the CUDA, cuDNN and TensorRT "
                                "libraries onnxruntime-gpu needs (README: GPU serving)")
         self.input_names = tuple(i.name for i in self._session.get_inputs())
+        self.input_shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
+        """Declared input shapes (ints, or names of dynamic axes)."""
         self.output_names = tuple(o.name for o in self._session.get_outputs())
         device = binding_device(providers)
         if io_binding and device is None:
             device = ("cpu", 0)  # the same path on the CPU provider (tests run it there)
         self._device = device if io_binding is not False else None
-        self._resident_names = frozenset(resident)
+        # a LoRA selection's inputs are cached arrays (runtime/adapters.py): resident like the embeddings
+        self._resident_names = frozenset(resident) | {n for n in self.input_names if n.startswith((DOWN, UP))}
         self._resident: dict[str, tuple[np.ndarray, object]] = {}
         self.uploads = 0
         """Inputs copied to the device through IO binding (a resident input is not counted again)."""

@@ -13,11 +13,13 @@ import math
 import re
 import secrets
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.errors import FieldViolation, InvalidArgument
+from runtime.adapters import SCALE_RANGE
+from runtime.errors import FieldViolation, InvalidArgument, NotFound
 from runtime.errors import quoted as _quoted
 from runtime.images import ImageLimits, decode_image, decode_mask, resize
 from runtime.samplers import SAMPLERS, NoiseSchedule
@@ -62,6 +64,8 @@ class GenerationParams:
     """Inpainting: blur radius (pixels) of the mask used to blend and paste the result over init_image."""
     decoder: str = "full"
     """Which VAE decoder draws the final images: `full` or `tiny` (one of the model's, LoadedModel.decoders)."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA adapters (name, scale) applied to this request only, sorted by name; () for the bundle as compiled."""
 
     @property
     def mode(self) -> str:
@@ -107,7 +111,8 @@ def denoising_steps(steps: int, strength: float) -> int:
 
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
              previews: bool = True, schedule: NoiseSchedule | None = None, encoder: bool = True,
-             image_limits: ImageLimits | None = None, decoders: tuple[str, ...] = ("full",)) -> GenerationParams:
+             image_limits: ImageLimits | None = None, decoders: tuple[str, ...] = ("full",),
+             adapters: Collection[str] = (), max_loras: int = 0) -> GenerationParams:
     """Check every field of a kiln.v1.GenerateRequest; raises InvalidArgument listing all violations.
 
     `request_id` is used when the request carries none (the server passes the RPC's id). `previews`: whether
@@ -115,6 +120,8 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     schedule, for the step limits of samplers that have their own (turbo, lcm). `encoder`: whether the model
     has a VAE encoder (needed for init_image). `image_limits`: encoded-size and pixel limits of image fields.
     `decoders`: the decoders the model has (`full`, and `tiny` when compiled with a tiny decoder).
+    `adapters`, `max_loras`: the LoRA adapters the model has and how many one request may select; an adapter
+    it does not have raises NotFound (once every field is otherwise valid).
     """
     bad: list[FieldViolation] = []
 
@@ -195,8 +202,13 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     check(bool(REQUEST_ID_RE.match(request_id)), "request_id",
           "request_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
 
+    loras = _loras(request, max_loras, check)
+
     if bad:
         raise InvalidArgument(bad)
+    unknown = [name for name, _ in loras if name not in adapters]
+    if unknown:
+        raise NotFound("adapter", unknown[0], sorted(adapters))
     return GenerationParams(
         request_id=request_id,
         model=request.model,
@@ -215,7 +227,35 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
         strength=strength if request.init_image else 1.0,
         mask_blur=request.mask_blur,
         decoder=decoder,
+        loras=loras,
     )
+
+
+def _loras(request, max_loras: int, check) -> tuple[tuple[str, float], ...]:  # type: ignore[no-untyped-def]
+    """The request's LoRA selection as sorted (name, scale) pairs; `check` records each violation."""
+    selections = list(request.loras)
+    if not selections:
+        return ()
+    if not max_loras:
+        check(False, "loras", f"model {_quoted(request.model)} takes no per-request LoRA adapters (compiled without "
+                              "--lora-inputs); leave loras empty")
+        return ()
+    check(len(selections) <= max_loras, "loras",
+          f"loras has {len(selections)} adapters; at most {max_loras} are allowed")
+    lo, hi = SCALE_RANGE
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for i, sel in enumerate(selections):
+        scale = float(sel.scale) if sel.HasField("scale") else 1.0
+        if not sel.name:
+            check(False, f"loras[{i}].name", f"loras[{i}].name must name an adapter")
+        elif sel.name in seen:
+            check(False, f"loras[{i}].name", f"loras[{i}].name={_quoted(sel.name)} is selected twice")
+        seen.add(sel.name)
+        if not (math.isfinite(scale) and lo <= scale <= hi):
+            check(False, f"loras[{i}].scale", f"loras[{i}].scale={scale:g} must be between {lo:g} and {hi:g}")
+        out.append((sel.name, round(scale, 6)))
+    return tuple(sorted(out))
 
 
 def _image_inputs(request, width: int, height: int, sizes_ok: bool, lo: int, hi: int,  # type: ignore[no-untyped-def]

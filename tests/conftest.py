@@ -59,6 +59,36 @@ def tiny_model(tiny_bundle: Path):  # type: ignore[no-untyped-def]
     return load_bundle(BundleRef(tiny_bundle, Manifest.read(tiny_bundle)))
 
 
+@pytest.fixture(scope="session")
+def lora_files(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real-format LoRA files for the tiny model (tests/lora_files.py): `peft`, `kohya`, and two that must be
+    refused: `locon` (a 3x3 conv layer) and `foreign` (a layer the tiny UNet lacks)."""
+    from tests import lora_files as lf
+
+    d = tmp_path_factory.mktemp("loras")
+    kohya = lf.write_kohya(tiny_source, d / "kohya_style.safetensors")
+    return {
+        "peft": lf.write_peft(tiny_source, d / "peft"),
+        "kohya": kohya,
+        "locon": lf.write_kohya(tiny_source, d / "locon.safetensors", unet_targets=["to_q", "conv1"], text=False),
+        "foreign": lf.write_foreign(kohya, d / "foreign.safetensors"),
+    }
+
+
+@pytest.fixture(scope="session")
+def lora_store(tiny_source: Path, lora_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with `tiny-lora`, the tiny model compiled with --lora-inputs, and adapters `kohya` and `peft`."""
+    from compiler.adapters import add_adapter
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+
+    store = tmp_path_factory.mktemp("lora-store")
+    compile_model(tiny_source, store, CompileConfig(name="tiny-lora", lora_inputs=True, max_loras=2), progress=False)
+    for name in ("kohya", "peft"):
+        add_adapter(lora_files[name], store, "tiny-lora", name)
+    return store
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

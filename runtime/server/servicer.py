@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -47,10 +48,10 @@ class KilnServicer(pb_grpc.KilnServicer):
         m = model.manifest
         args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
                 "vae_encoder" in model.sessions)
+        check = functools.partial(validate, decoders=tuple(model.decoders), adapters=model.adapters,
+                                  max_loras=model.max_loras)
         # decoding client images takes a while (up to 4096x4096): off the event loop
-        decoders = tuple(model.decoders)
-        params = await asyncio.to_thread(validate, *args, decoders=decoders) if request.init_image \
-            else validate(*args, decoders=decoders)
+        params = await asyncio.to_thread(check, *args) if request.init_image else check(*args)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
         gen = Generation(params, model, started=t0)
         gen.timings["validate"] = time.perf_counter() - t0
@@ -147,8 +148,10 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         limits=pb.ModelLimits(
             min_size=lim["min_size"], max_size=lim["max_size"], max_steps=lim["max_steps"],
             max_images=lim["max_images"], max_guidance_scale=lim["max_guidance_scale"],
-            max_prompt_chars=MAX_PROMPT_CHARS,
+            max_prompt_chars=MAX_PROMPT_CHARS, max_loras=model.max_loras,
         ),
+        adapters=[pb.LoraInfo(name=a.name, sha256=a.sha256, scale=1.0, rank=a.rank)
+                  for a in sorted(model.adapters.values(), key=lambda a: a.name)],
         samplers=list(SAMPLERS),
         inpainting_model=model.inpainting,
         embedding_tokens=model.tokenizer.embedding_tokens,
