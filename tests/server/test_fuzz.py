@@ -146,6 +146,10 @@ EDGES: dict[str, st.SearchStrategy] = {
     "mask_image": st.sampled_from(sorted(IMAGES)),
     "mask_blur": uints(0, 1, 64, 65),
     "decoder": st.sampled_from(["", "full", "tiny", "FULL", "full\x00", "é", Long("x", 10_000)]),
+    # the tiny model takes no per-request adapters: any selection is refused, naming `loras`
+    "loras": st.sampled_from([(), (("nope", None),), (("", 1.0),), (("a", NAN),), (("a", INF),), (("a", 5.0),),
+                              (("a", 1.0), ("a", 0.5)), tuple((f"x{i}", 1.0) for i in range(17)),
+                              (("x" * 10_000, 1.0),)]),
     **{name: floats() for name in FLOAT_FIELDS},  # guidance_scale, strength, and any float field to come
 }
 assert set(EDGES) == FIELDS, f"a GenerateRequest field has no edge values: {FIELDS ^ set(EDGES)}"
@@ -172,8 +176,15 @@ def requests(draw: st.DrawFn) -> dict[str, object]:
 
 
 def build(fields: dict[str, object]) -> pb.GenerateRequest:
-    return pb.GenerateRequest(**{k: IMAGES[v] if k.endswith("_image") else str(v) if isinstance(v, Long) else v  # type: ignore[index]
-                                 for k, v in fields.items()})
+    def value(k: str, v: object) -> object:
+        if k.endswith("_image"):
+            return IMAGES[v]  # type: ignore[index]
+        if k == "loras":
+            return [pb.LoraSelection(name=n) if s is None else pb.LoraSelection(name=n, scale=s)
+                    for n, s in v]  # type: ignore[attr-defined]
+        return str(v) if isinstance(v, Long) else v
+
+    return pb.GenerateRequest(**{k: value(k, v) for k, v in fields.items()})
 
 
 def check_outcome(target: str, fields: dict[str, object]) -> str:
@@ -196,7 +207,7 @@ def check_outcome(target: str, fields: dict[str, object]) -> str:
         bad = violations(error)
         assert bad, f"INVALID_ARGUMENT without a BadRequest: {error.details()}"
         for field, message in bad.items():
-            assert field in FIELDS, f"violation of {field!r}, not a GenerateRequest field: {message}"
+            assert field.split("[")[0] in FIELDS, f"violation of {field!r}, not a GenerateRequest field: {message}"
             assert field in message, f"the message for {field} does not name it: {message}"
         if fields["model"] == "tiny":  # else the request is refused for its model before the rest is read
             for name in FLOAT_FIELDS:
