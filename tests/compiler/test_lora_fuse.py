@@ -129,3 +129,17 @@ def test_list_models_reports_family_and_fused_loras(tiny_source: Path, loras: di
     (lora,) = info.fused_loras
     assert (lora.name, lora.sha256, lora.rank) == ("pytorch_lora_weights", sha256_file(loras["peft"]), 4)
     assert lora.scale == pytest.approx(0.6)
+
+
+def test_a_fused_lora_under_lora_inputs_matches_diffusers(tiny_source: Path, loras: dict[str, Path],
+                                                          latents: np.ndarray, tmp_path: Path) -> None:
+    """`--lora` and `--lora-inputs` together: the fused style is the base that per-request adapters add to; with
+    no adapter selected the image is the fused one."""
+    bundle = compile_model(tiny_source, tmp_path, CompileConfig(name="both", lora_inputs=True), progress=False,
+                           options=SourceOptions(loras=[LoraSpec(str(loras["kohya"]), 0.5)])).path
+    m = Manifest.read(bundle)
+    assert m.source["loras"][0]["scale"] == 0.5 and m.limits["max_loras"] == 4
+    pipe = diffusers_pipe(tiny_source)
+    pipe.load_lora_weights(str(loras["kohya"]), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    assert_images_match(kiln_image(bundle, latents, PROMPT), diffusers_image(pipe, latents, PROMPT))
