@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import report, workspace
-from bench.memory import _status_mb
+from bench.memory import _status_mb, run_worker
 
 DECODERS = ("full", "tiny")
 
@@ -97,20 +97,8 @@ def run(args: argparse.Namespace) -> Path:
 
 def _measure(graph: Path, size: int, repeats: int, out: Path, cap_gb: float) -> dict:
     """Run the worker on `graph` at `size`, stopping it past `cap_gb` of RSS; its JSON result (or why not)."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.decoders", "--worker", str(graph), str(size), str(repeats),
-                             str(out)], cwd=workspace.ROOT)
-    highest = 0.0
-    while proc.poll() is None:
-        highest = max(highest, _status_mb(Path(f"/proc/{proc.pid}/status"), "VmRSS") or 0.0)
-        if highest > cap_gb * 1024:
-            proc.kill()
-            proc.wait()
-            return {"ok": False, "why": f"> {highest:.0f} (stopped at the {cap_gb:g} GiB cap)"}
-        time.sleep(0.05)
-    result = out.with_suffix(".json")
-    if proc.returncode != 0 or not result.exists():
-        return {"ok": False, "why": f"failed (exit {proc.returncode})"}
-    return {"ok": True, **json.loads(result.read_text())}
+    return run_worker([sys.executable, "-m", "bench.decoders", "--worker", str(graph), str(size), str(repeats),
+                       str(out)], out, cap_gb)
 
 
 def _worker(graph: Path, size: int, repeats: int, out: Path) -> None:

@@ -191,8 +191,12 @@ def _attention_ops(unet: Path) -> str:
 def _measure(unet: Path, size: int, repeats: int, out: Path, cap_gb: float, shapes: dict[str, int],
              mem_pattern: bool) -> dict:
     """Run the worker on `unet` at `size`, stopping it past `cap_gb` of RSS; its JSON result (or why not)."""
-    cmd = [sys.executable, "-m", "bench.memory", "--worker", str(unet), str(size), str(repeats), str(out),
-           json.dumps(shapes), str(int(mem_pattern))]
+    return run_worker([sys.executable, "-m", "bench.memory", "--worker", str(unet), str(size), str(repeats), str(out),
+                       json.dumps(shapes), str(int(mem_pattern))], out, cap_gb)
+
+
+def run_worker(cmd: list[str], out: Path, cap_gb: float) -> dict:
+    """Run a measuring child process, stopping it past `cap_gb` of RSS; its OUT.json result (or why not)."""
     proc = subprocess.Popen(cmd, cwd=workspace.ROOT)
     highest = 0.0
     while proc.poll() is None:
