@@ -245,29 +245,11 @@ def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """Every tensor of a single file as torch tensors: safetensors, or a pickle through PyTorch's weights_only
-    loader (which refuses anything but tensors and plain containers)."""
-    import torch
+    """Every tensor of a single file, upcast to fp32 (single_file.read_checkpoint reads it: safetensors, or a
+    pickle through PyTorch's weights_only loader)."""
+    from compiler.source.single_file import read_checkpoint
 
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            checkpoint = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise SourceError(f"VAE {path}: not a readable safetensors file ({e})") from None
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only raises UnpicklingError, RuntimeError, EOFError, ... for what it refuses
-            raise SourceError(f"VAE {path}: PyTorch's weights_only loader refused it: {type(e).__name__}: {e}") \
-                from None
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-            checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise SourceError(f"VAE {path}: holds no tensors")
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    tensors = read_checkpoint(path)
     if not tensors:
         raise SourceError(f"VAE {path}: holds no tensors")
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
