@@ -22,7 +22,7 @@ from compiler.source import embeddings, load_source, prepare
 from compiler.source.load import TOKENIZER_FILES
 from compiler.source.options import SourceOptions
 from compiler.verify import Reference, check_parity, reference
-from model_store import ComponentEntry, Manifest, Store, sha256_file
+from model_store import ComponentEntry, Manifest, Store
 from model_store.onnx_files import load_graph, save_model
 from quantize import stage
 from quantize.precision import resolved
@@ -148,7 +148,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             if prepared.info.get("embeddings"):  # textual inversion: the tokens prompts write and what they expand to
                 tokenizer["embeddings"] = embeddings.tokenizer_section(staging / tokenizer["file"],
                                                                        prepared.info["embeddings"])
-            manifest = _manifest(config, source, source_hash, components, tokenizer)
+            manifest = _manifest(config, source, source_hash, components, tokenizer,
+                                 prepared.info.get("tiny_decoder", {}).get("sha256"))
             manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}
             manifest.model["latent_rgb"] = latent_rgb
             manifest.tool_versions = reuse.recorded_versions(identity, config.quantized)
@@ -263,7 +264,8 @@ def _write_tokenizer(src: Path, dst: Path) -> dict:
     }
 
 
-def _manifest(config: CompileConfig, source, source_hash: str, components, tokenizer) -> Manifest:  # type: ignore[no-untyped-def]
+def _manifest(config: CompileConfig, source, source_hash: str, components, tokenizer,  # type: ignore[no-untyped-def]
+              tiny_sha256: str | None = None) -> Manifest:
     import onnxruntime
 
     text_cfg = json.loads((source.path / "text_encoder/config.json").read_text())
@@ -274,8 +276,8 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
                          f"{defaults['sampler']!r}; give --default-steps")
     size = source.default_size
     key = f"{source_hash}:{config.hash()}"
-    if source.tiny_decoder is not None:  # not part of the source folder's hash
-        key += f":tiny={_tiny_sha256(source.tiny_decoder)}"
+    if tiny_sha256:  # the tiny decoder is not part of the source folder's hash (vae.check_tiny_decoder hashed it)
+        key += f":tiny={tiny_sha256}"
     identity = hashlib.sha256(key.encode()).hexdigest()[:8]
     return Manifest(
         name=config.name,
@@ -309,9 +311,3 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
         },
     )
 
-
-def _tiny_sha256(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode() + b"\0" + sha256_file(f).encode())
-    return h.hexdigest()
