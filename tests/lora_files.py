@@ -11,9 +11,12 @@ from pathlib import Path
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+LOCON_TARGETS = ["conv1", "conv2"]
+"""The resnets' 3x3 convolutions LoCon adds (fused at compile time; per-request LoRA refuses them)."""
 
 
-def _lora_pairs(source: Path, seed: int, rank: int, unet_targets: list[str], text: bool) -> tuple[dict, dict]:
+def _lora_pairs(source: Path, seed: int, rank: int, unet_targets: list[str], text: bool,
+                alpha: float | None = None) -> tuple[dict, dict]:
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -21,7 +24,7 @@ def _lora_pairs(source: Path, seed: int, rank: int, unet_targets: list[str], tex
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet")
     torch.manual_seed(seed)
-    cfg = dict(r=rank, lora_alpha=rank, init_lora_weights=False)
+    cfg = dict(r=rank, lora_alpha=alpha or rank, init_lora_weights=False)
     unet.add_adapter(LoraConfig(target_modules=unet_targets, **cfg))
     u = get_peft_model_state_dict(unet)
     t: dict = {}
@@ -44,14 +47,19 @@ def write_peft(source: Path, out_dir: Path, seed: int = 5, rank: int = 4) -> Pat
 
 
 def write_kohya(source: Path, out: Path, seed: int = 6, rank: int = 2, unet_targets: list[str] | None = None,
-                text: bool = True) -> Path:
-    """kohya / AUTOMATIC1111 format (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+                text: bool = True, alpha: float | None = None) -> Path:
+    """kohya / AUTOMATIC1111 format (`lora_unet_*.lora_down.weight`, `.lora_up.weight`, `.alpha`; alpha = rank
+    unless given)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    u, t = _lora_pairs(source, seed, rank, unet_targets or UNET_TARGETS, text=text)
+    u, t = _lora_pairs(source, seed, rank, unet_targets or UNET_TARGETS, text=text, alpha=alpha)
     state = {**{f"unet.{k}": v for k, v in u.items()}, **{f"text_encoder.{k}": v for k, v in t.items()}}
-    save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(state).items()}, str(out))
+    # SD 1.x kohya files name the text encoder `lora_te_text_model_*` (the converter writes SDXL's `lora_te1_`,
+    # and transformers 5 dropped the `text_model` level from the module names)
+    kohya = {k.replace("lora_te1_encoder_", "lora_te_text_model_encoder_"): v.contiguous()
+             for k, v in convert_state_dict_to_kohya(state).items()}
+    save_file(kohya, str(out))
     return out
 
 

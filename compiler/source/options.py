@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from runtime.samplers.schedule import PREDICTION_TYPES  # what the samplers can run
+
 LORA_SCALE_RANGE = (-4.0, 4.0)
 
 
@@ -86,6 +87,3 @@ class SourceOptions:
     def changes_weights(self) -> bool:
         """The source must be rebuilt (LoRAs fused, rows added, a VAE swapped) before export."""
         return bool(self.loras or self.embeddings or self.vae)
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)

@@ -18,7 +18,6 @@ from typing import Any
 
 from compiler.source.errors import SourceError
 from compiler.source.options import SourceOptions
-from model_store import sha256_file
 
 FOLDER_FAMILY = "diffusers-folder"
 
@@ -101,7 +100,3 @@ def _load_folder(path: Path) -> Any:
     cls = StableDiffusionInpaintPipeline if int(unet.get("in_channels", 4)) == 9 else StableDiffusionPipeline
     return cls.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False, local_files_only=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    return sha256_file(Path(path))

@@ -17,15 +17,9 @@ from compiler.source.options import LoraSpec, SourceOptions
 from model_store import Manifest, Store, sha256_file
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
-from tests.compiler.byom import (
-    assert_images_match,
-    diffusers_image,
-    diffusers_pipe,
-    kiln_image,
-    write_kohya,
-    write_peft,
-)
+from tests.compiler.byom import assert_images_match, diffusers_image, diffusers_pipe, kiln_image
 from tests.conftest import kiln, start_server
+from tests.lora_files import LOCON_TARGETS, UNET_TARGETS, write_kohya, write_peft
 
 PROMPT = "a small green square, on the left"
 
@@ -34,8 +28,10 @@ PROMPT = "a small green square, on the left"
 def loras(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("loras")
     (d / "peft").mkdir()
-    return {"kohya": write_kohya(tiny_source, d / "style-kohya.safetensors", seed=1),
-            "peft": write_peft(tiny_source, d / "peft", seed=2)}
+    # rank 4, alpha 2 (not the rank: alpha must be honoured), LoCon convolutions included
+    return {"kohya": write_kohya(tiny_source, d / "style-kohya.safetensors", seed=1, rank=4, alpha=2.0,
+                                 unet_targets=UNET_TARGETS + LOCON_TARGETS),
+            "peft": write_peft(tiny_source, d / "peft", seed=2, rank=4)}
 
 
 @pytest.fixture(scope="module")
