@@ -63,6 +63,23 @@ def vae_map(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     return pairs
 
 
+def vae_to_ldm(state: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """An AutoencoderKL state dict under the original layout's names (no prefix); attention weights as 1x1 convs."""
+    pairs = vae_map(cfg)
+    out = {}
+    for key, t in state.items():
+        new = _rename(key, pairs) or key
+        for ldm, hf in VAE_RESNET:
+            new = new.replace(f".{hf}", f".{ldm}")
+        if ".attn_1." in new:
+            for ldm, hf in VAE_ATTN:
+                new = new.replace(f".attn_1.{hf}", f".attn_1.{ldm}")
+            if t.ndim == 2:
+                t = t[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
+        out[new] = t
+    return out
+
+
 def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
     for ldm, hf in sorted(pairs, key=lambda p: -len(p[1])):
         if key.startswith(hf):
@@ -115,17 +132,8 @@ def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
                 new = new.replace(f".{hf}", f".{ldm}")
         out["model.diffusion_model." + new] = t
     vae = AutoencoderKL.from_pretrained(folder / "vae")
-    pairs = vae_map(json.loads((folder / "vae/config.json").read_text()))
-    for key, t in vae.state_dict().items():
-        new = _rename(key, pairs) or key
-        for ldm, hf in VAE_RESNET:
-            new = new.replace(f".{hf}", f".{ldm}")
-        if ".attn_1." in new:
-            for ldm, hf in VAE_ATTN:
-                new = new.replace(f".attn_1.{hf}", f".attn_1.{ldm}")
-            if t.ndim == 2:
-                t = t[:, :, None, None]  # the original VAE's attention projections are 1x1 convolutions
-        out["first_stage_model." + new] = t
+    vae_sd = vae_to_ldm(vae.state_dict(), json.loads((folder / "vae/config.json").read_text()))
+    out.update({"first_stage_model." + k: t for k, t in vae_sd.items()})
     text = CLIPTextModel.from_pretrained(folder / "text_encoder")
     if json.loads((folder / "text_encoder/config.json").read_text())["hidden_act"] == "gelu":
         out.update(open_clip(text.state_dict()))  # SD 2.x

@@ -1,15 +1,13 @@
 """Real VAE files for the VAE-swap tests: a tiny AutoencoderTiny (TAESD design) folder, and AutoencoderKL weights
 written in the original (CompVis / AUTOMATIC1111) single-file layout.
 
-The diffusers -> original key map below is the test's own (product code reads such files with diffusers' loader
-only); it follows diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, for today's attention
-names (to_q/to_k/to_v/to_out.0), and any number of blocks and resnets.
+The diffusers -> original key map is the tests' own (tests/compiler/ldm_layout.py; product code reads such files
+with diffusers' loader only).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -45,32 +43,9 @@ def write_kl(out: Path, config: dict[str, Any], seed: int) -> Any:
 
 def to_original(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """An AutoencoderKL state dict under the original layout's names (no prefix), attention weights as 1x1 convs."""
-    n = len(config["block_out_channels"])
-    per = int(config.get("layers_per_block", 2))
-    pairs = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0.")]
-    for i in range(n):
-        for j in range(per):
-            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
-        for j in range(per + 1):
-            pairs.append((f"decoder.up.{n - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
-        if i < n - 1:
-            pairs.append((f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."))
-            pairs.append((f"up.{n - 1 - i}.upsample.", f"up_blocks.{i}.upsamplers.0."))
-    for i in range(2):
-        pairs.append((f"mid.block_{i + 1}.", f"mid_block.resnets.{i}."))
-    attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
-    out = {}
-    for key, value in state.items():
-        new = key
-        for orig, ours in pairs:
-            new = new.replace(ours, orig)
-        if "attn_1" in new:
-            for orig, ours in attn:
-                new = re.sub(rf"attn_1\.{re.escape(ours)}", f"attn_1.{orig}", new)
-            if new.endswith("weight") and value.ndim == 2:
-                value = value.reshape(*value.shape, 1, 1)
-        out[new] = value.contiguous()
-    return out
+    from tests.compiler.ldm_layout import vae_to_ldm
+
+    return {k: v.contiguous() for k, v in vae_to_ldm(state, config).items()}
 
 
 def write_single_file(out: Path, vae: Any, prefix: str = "", dtype: Any = None) -> Path:
