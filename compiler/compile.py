@@ -25,11 +25,12 @@ from compiler.verify import Reference, check_parity, reference
 from model_store import ComponentEntry, Manifest, Store
 from model_store.onnx_files import load_graph, save_model
 from quantize import stage
-from quantize.precision import resolved
+from quantize.precision import for_components, resolved
 from runtime.samplers import SAMPLERS, NoiseSchedule
 
 # release a source module once the last component that needs it is done
-LAST_USE = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder_tiny": "vae_tiny"}
+LAST_USE = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "vae_encoder": "vae",
+            "vae_decoder_tiny": "vae_tiny"}
 
 
 @dataclass
@@ -53,9 +54,9 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     applied, into a new bundle version; nothing is published on failure."""
     options = options or SourceOptions()
     store = Store(store_root)
-    quantize_stages = 1 + stage.stage_count(config.plan) if config.quantized else 0
+    quantize_stages = 1 + stage.stage_count(config.plan, _components(source_path)) if config.quantized else 0
     tiny = bool(options.tiny_decoder)
-    steps = Progress(total=3 + 3 * (len(COMPONENTS) + tiny) + tiny + quantize_stages
+    steps = Progress(total=3 + 3 * (len(COMPONENTS) + tiny + _is_sdxl(source_path)) + tiny + quantize_stages
                      + prepare.stage_count(source_path, options), enabled=progress)
     staging = store.staging_dir(config.name)
     work = staging.with_name(staging.name + "-source")
@@ -82,7 +83,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             given = donor.manifest.components.get(name) if donor and name in COMPONENTS else None
             unet_passes = name == "unet" and config.unet_passes
             # the tiny decoder stays fp32 (quantize/stage.py quantizes what the plan names)
-            quantized = resolved(config.plan.get(name, "fp32")) in ("int8", "nf4", "int4")
+            quantized = resolved(for_components(config.plan, [name])[name]) in ("int8", "nf4", "int4")
             # a graph with other inputs (LoRA inputs or none) is another graph
             same_inputs = given is not None and given.inputs == list(spec.inputs)
             if donor and reuse.donates(given, config.fusions) and not unet_passes and same_inputs:
@@ -145,6 +146,9 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         source.release_all()
         with steps.stage("tokenizer and manifest"):
             tokenizer = _write_tokenizer(source.tokenizer_dir, staging / "tokenizer")
+            if source.sdxl:  # the second text encoder's: same vocabulary, its own padding
+                tokenizer["second"] = _write_tokenizer(source.path / "tokenizer_2", staging / "tokenizer_2",
+                                                       "tokenizer_2")
             if prepared.info.get("embeddings"):  # textual inversion: the tokens prompts write and what they expand to
                 tokenizer["embeddings"] = embeddings.tokenizer_section(staging / tokenizer["file"],
                                                                        prepared.info["embeddings"])
@@ -194,7 +198,7 @@ def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: P
 
     with steps.stage("load the fp32 components"):
         model = open_bundle_dir(staging, manifest)
-    result = stage.run(staging, {n: c.file for n, c in manifest.components.items()}, model, config.plan,
+    result = stage.run(staging, {n: c.file for n, c in manifest.components.items()}, model, _plan(config, model),
                        config.quantize, int(manifest.defaults["steps"]), steps.stage)
     del model
     if result is None:
@@ -207,8 +211,25 @@ def _quantize(staging: Path, manifest: Manifest, config: CompileConfig, steps: P
     manifest.fidelity = result.fidelity
 
 
+def _plan(config: CompileConfig, model) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The precision plan for the bundle's components. A VAE that diffusers upcasts (`force_upcast`, SDXL's: its
+    activations overflow fp16) stays fp32 in an fp16 plan."""
+    plan = for_components(config.plan, model.manifest.components)
+    if model.manifest.model.get("vae_force_upcast"):
+        plan.update({c: "fp32" for c in ("vae_decoder", "vae_encoder") if plan.get(c) == "fp16"})
+    return plan
+
+
+def _components(source_path: str | Path) -> list[str]:
+    """The components of the bundle a compile of `source_path` makes (before its configs are read)."""
+    return [*COMPONENTS, *(("text_encoder_2",) if _is_sdxl(source_path) else ())]
+
+
 def _parity_threshold(config: CompileConfig, name: str) -> float:
-    """The component's threshold; the tiny decoder's is the full decoder's (same output, an image in [-1, 1])."""
+    """The component's threshold; the tiny decoder's is the full decoder's (same output, an image in [-1, 1]);
+    SDXL's second text encoder's is the first's unless given."""
+    if name == "text_encoder_2":
+        return config.parity_threshold.get(name, config.parity_threshold["text_encoder"])
     return config.parity_threshold["vae_decoder" if name == "vae_decoder_tiny" else name]
 
 
@@ -243,7 +264,12 @@ def _decoders(source) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
     return out
 
 
-def _write_tokenizer(src: Path, dst: Path) -> dict:
+def _is_sdxl(source_path: str | Path) -> bool:
+    """A diffusers folder with SDXL's second text encoder (for the progress count; single files are SD 1.x/2.x)."""
+    return (Path(source_path) / "text_encoder_2").is_dir()
+
+
+def _write_tokenizer(src: Path, dst: Path, folder: str = "tokenizer") -> dict:
     """Copy the CLIP tokenizer files and add `tokenizer.json`, which the runtime loads with `tokenizers`."""
     from transformers import CLIPTokenizerFast
 
@@ -255,7 +281,7 @@ def _write_tokenizer(src: Path, dst: Path) -> dict:
     fast.backend_tokenizer.save(str(dst / "tokenizer.json"))
     max_length = min(int(fast.model_max_length), 77)
     return {
-        "file": "tokenizer/tokenizer.json",
+        "file": f"{folder}/tokenizer.json",
         "files": sorted(p.name for p in dst.iterdir()),
         "max_length": max_length,
         "bos_id": fast.bos_token_id,
@@ -269,6 +295,16 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
     import onnxruntime
 
     text_cfg = json.loads((source.path / "text_encoder/config.json").read_text())
+    text_hidden = int(text_cfg["hidden_size"])
+    sdxl: dict[str, object] = {}
+    if source.sdxl:
+        text_cfg_2 = json.loads((source.path / "text_encoder_2/config.json").read_text())
+        text_hidden += int(text_cfg_2["hidden_size"])
+        sdxl = {
+            "pooled_dim": int(text_cfg_2["projection_dim"]),
+            # diffusers' SDXL pipelines: an empty negative prompt is all-zero embeddings, not the encoded ""
+            "force_zeros_for_empty_prompt": bool(source.model_index.get("force_zeros_for_empty_prompt", True)),
+        }
     defaults = config.resolve_defaults(source.recommended_defaults())
     most = SAMPLERS[str(defaults["sampler"])].max_steps(NoiseSchedule.from_config(source.scheduler_config))
     if int(defaults["steps"]) > most:  # type: ignore[call-overload]
@@ -300,8 +336,12 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             "unet_in_channels": int(source.unet_config["in_channels"]),
             # 9 input channels (latents, mask, masked-image latents): a dedicated inpainting UNet
             "inpainting": int(source.unet_config["in_channels"]) == 9,
-            "text_hidden_size": int(text_cfg["hidden_size"]),
+            "text_hidden_size": text_hidden,
+            "architecture": source.architecture,
+            **({"sdxl": sdxl} if sdxl else {}),
             "vae_class": source.vae_config.get("_class_name", "AutoencoderKL"),
+            # diffusers' SDXL pipelines run such a VAE in fp32 (SDXL's overflows fp16); its SD pipelines do not
+            "vae_force_upcast": source.sdxl and bool(source.vae_config.get("force_upcast", True)),
             "decoders": _decoders(source),
         },
         defaults={"width": size, "height": size, **defaults},

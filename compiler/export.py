@@ -23,6 +23,9 @@ class ComponentSpec:
     dynamic_axes: dict[str, dict[int, str]]
     lora_targets: tuple[Any, ...] = ()
     """`kiln compile --lora-inputs`: the layers given a LoRA delta fed as inputs (compiler/lora_inputs.py)."""
+    kind: str = ""
+    """The wrapper and example inputs it uses (empty: its name). SDXL's components have their own: see
+    SDXL_COMPONENTS."""
 
 
 COMPONENTS: dict[str, ComponentSpec] = {
@@ -49,6 +52,36 @@ COMPONENTS: dict[str, ComponentSpec] = {
     ),
 }
 
+SDXL_COMPONENTS: dict[str, ComponentSpec] = {
+    # CLIP ViT-L: its penultimate layer's hidden states (no final layer norm), as diffusers' SDXL pipelines take
+    "text_encoder": ComponentSpec(
+        "text_encoder", "text_encoder", ("input_ids",), ("hidden_states",),
+        {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}}, kind="sdxl_text_encoder",
+    ),
+    # OpenCLIP bigG with projection: penultimate hidden states, and the pooled, projected output
+    "text_encoder_2": ComponentSpec(
+        "text_encoder_2", "text_encoder_2", ("input_ids",), ("hidden_states", "text_embeds"),
+        {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}, "text_embeds": {0: "batch"}},
+        kind="sdxl_text_encoder_2",
+    ),
+    # the text_time added conditioning: the pooled text embeddings and the six size/crop numbers
+    "unet": ComponentSpec(
+        "unet", "unet", ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"), ("out_sample",),
+        {
+            "sample": {0: "batch", 2: "height", 3: "width"},
+            "timestep": {0: "batch"},
+            "encoder_hidden_states": {0: "batch", 1: "sequence"},
+            "text_embeds": {0: "batch"},
+            "time_ids": {0: "batch"},
+            "out_sample": {0: "batch", 2: "height", 3: "width"},
+        },
+        kind="sdxl_unet",
+    ),
+    "vae_decoder": COMPONENTS["vae_decoder"],
+    "vae_encoder": COMPONENTS["vae_encoder"],
+}
+"""An SDXL bundle's components (compiler/source/load.py SourceModel.sdxl)."""
+
 TINY_DECODER = ComponentSpec(
     "vae_decoder_tiny", "vae_tiny", ("latent_sample",), ("sample",),
     {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
@@ -65,11 +98,13 @@ latents' scale: the encoder's own latents, as diffusers' `retrieve_latents` take
 def components_for(source: Any) -> dict[str, ComponentSpec]:
     """The components a compile of `source` exports: the four of every bundle, plus the tiny decoder if any."""
     extra = {TINY_DECODER.name: TINY_DECODER} if getattr(source, "tiny_decoder", None) else {}
-    return {**COMPONENTS, **extra}
+    return {**(SDXL_COMPONENTS if getattr(source, "sdxl", False) else COMPONENTS), **extra}
 
 
 def _kind(spec: ComponentSpec) -> str:
     """The wrapper and example inputs a component uses (the tiny decoder is a decoder)."""
+    if spec.kind:
+        return spec.kind
     return "vae_decoder" if spec is TINY_DECODER or spec.name == TINY_DECODER.name else spec.name
 
 
@@ -98,6 +133,26 @@ def wrap(spec: ComponentSpec, module: Any) -> Any:
         def forward(self, input_ids):  # type: ignore[no-untyped-def]
             return self.m(input_ids, return_dict=False)[0]
 
+    class SdxlTextEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, input_ids):  # type: ignore[no-untyped-def]
+            out = self.m(input_ids, output_hidden_states=True, return_dict=True)
+            if _kind(spec) == "sdxl_text_encoder_2":
+                return out.hidden_states[-2], out.text_embeds
+            return out.hidden_states[-2]
+
+    class SdxlUNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):  # type: ignore[no-untyped-def]
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+            return self.m(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+
     class UNet(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -123,7 +178,8 @@ def wrap(spec: ComponentSpec, module: Any) -> Any:
             # mean and log-variance: the runtime samples the latent itself, with its own noise.
             return vae_moments(self.m, sample)
 
-    cls = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+    cls = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder,
+           "sdxl_text_encoder": SdxlTextEncoder, "sdxl_text_encoder_2": SdxlTextEncoder, "sdxl_unet": SdxlUNet}
     inner = cls[_kind(spec)]().eval()
     if spec.lora_targets:
         from compiler import lora_inputs
@@ -152,20 +208,28 @@ def _own_example_inputs(spec: ComponentSpec, source: Any, batch: int) -> tuple[A
 
     g = torch.Generator().manual_seed(1234)
     kind = _kind(spec)
-    te = _text_config(source) if kind in ("text_encoder", "unet") else None
-    if kind == "text_encoder":
-        return (torch.randint(0, te.vocab_size, (batch, te.max_position_embeddings), generator=g, dtype=torch.int64),)
+    te = _text_config(source) if kind in ("text_encoder", "unet") or kind.startswith("sdxl_") else None
+    if kind in ("text_encoder", "sdxl_text_encoder", "sdxl_text_encoder_2"):
+        ids = torch.randint(0, te.vocab_size, (batch, te.max_position_embeddings), generator=g, dtype=torch.int64)
+        if kind == "sdxl_text_encoder_2":  # the pooled output is read at the end token: put one in each row
+            ids[:, -5] = te.vocab_size - 1
+        return (ids,)
     latent_ch = source.vae_config["latent_channels"]
-    if kind == "unet":
+    if kind in ("unet", "sdxl_unet"):
         cfg = source.unet_config
         up = 2 ** (len(cfg["block_out_channels"]) - 1)
         h = up * 2 + 1
         w = up * 2 + 3
-        return (
+        args = (
             torch.randn(batch, cfg["in_channels"], h, w, generator=g),
             torch.tensor([999.0, 1.0] * (batch // 2) + [500.0] * (batch % 2)),
             torch.randn(batch, te.max_position_embeddings, cfg["cross_attention_dim"], generator=g),
         )
+        if kind == "unet":
+            return args
+        pooled = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
+        sizes = torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8], [1024, 768, 16, 8, 512, 512]], dtype=torch.float32)
+        return (*args, torch.randn(batch, pooled, generator=g), sizes.repeat(batch, 1)[:batch])
     if kind == "vae_decoder":
         return (torch.randn(batch, latent_ch, 5, 7, generator=g),)
     f = source.vae_scale_factor

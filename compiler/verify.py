@@ -20,7 +20,8 @@ class Reference:
     """The fixed inputs of a component's parity check and PyTorch's output for them."""
 
     inputs: dict[str, np.ndarray]
-    output: np.ndarray
+    outputs: list[np.ndarray]
+    """One per spec output, in its order."""
 
 
 def reference(spec: ComponentSpec, source: Any) -> Reference:
@@ -31,8 +32,9 @@ def reference(spec: ComponentSpec, source: Any) -> Reference:
 
     args = example_inputs(spec, source)
     with torch.inference_mode():
-        out = wrap(spec, source.module(spec.source_module))(*args).float().numpy()
-    return Reference({n: a.numpy() for n, a in zip(spec.inputs, args, strict=False)}, out)
+        out = wrap(spec, source.module(spec.source_module))(*args)
+    outs = [o.float().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+    return Reference({n: a.numpy() for n, a in zip(spec.inputs, args, strict=False)}, outs)
 
 
 def check_parity(spec: ComponentSpec, source: Any, onnx_path: Path, threshold: float,
@@ -43,16 +45,18 @@ def check_parity(spec: ComponentSpec, source: Any, onnx_path: Path, threshold: f
 
     ref = ref if ref is not None else reference(spec, source)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run([spec.outputs[0]], ref.inputs)[0]
+    gots = session.run(list(spec.outputs), ref.inputs)
     del session
-    want = ref.output
-    if got.shape != want.shape:
-        raise ParityError(f"{spec.name}: ONNX output shape {got.shape} != PyTorch {want.shape}")
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    diffs = []
+    for name, got, want in zip(spec.outputs, gots, ref.outputs, strict=True):
+        if got.shape != want.shape:
+            raise ParityError(f"{spec.name}: ONNX output {name} shape {got.shape} != PyTorch {want.shape}")
+        diffs.append(np.abs(got.astype(np.float64) - want.astype(np.float64)).ravel())
+    diff = np.concatenate(diffs)
     result = {
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
-        "max_abs_reference": float(np.abs(want).max()),
+        "max_abs_reference": float(max(np.abs(w).max() for w in ref.outputs)),
         "threshold": threshold,
     }
     if not np.isfinite(diff).all() or result["max_abs_diff"] > threshold:

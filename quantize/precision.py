@@ -7,19 +7,23 @@ final pixels, so the compiler tries int8 and keeps it only if it holds up).
 
 from __future__ import annotations
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+FOLLOWERS = {"text_encoder_2": "text_encoder"}
+"""Components that take another's plan entry unless given their own: SDXL's second text encoder follows the
+first (the bundle-wide plans below name only the components every bundle has)."""
 PRECISIONS = ("fp32", "int8", "nf4", "int4", "fp16")
 TRY_INT8 = "int8?"
 """Plan entry: int8 if the fidelity gate passes for this component, else fp32."""
 
+_EVERY = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PLANS: dict[str, dict[str, str]] = {
-    "fp32": dict.fromkeys(COMPONENTS, "fp32"),
+    "fp32": dict.fromkeys(_EVERY, "fp32"),
     # text encoder: dynamic int8; UNet: static QDQ int8 calibrated on the fp32 pipeline
     "int8": {"text_encoder": "int8", "unet": "int8", "vae_decoder": TRY_INT8, "vae_encoder": TRY_INT8},
     # MatMul/Gemm weights 4-bit; the UNet's convolutions int8 (see quantize/int8.py)
     "nf4": {"text_encoder": "nf4", "unet": "nf4", "vae_decoder": TRY_INT8, "vae_encoder": TRY_INT8},
     "int4": {"text_encoder": "int4", "unet": "int4", "vae_decoder": TRY_INT8, "vae_encoder": TRY_INT8},
-    "fp16": dict.fromkeys(COMPONENTS, "fp16"),
+    "fp16": dict.fromkeys(_EVERY, "fp16"),
 }
 
 
@@ -49,6 +53,11 @@ def parse(spec: str) -> dict[str, str]:
         seen.add(component)
         plan[component] = value
     return plan
+
+
+def for_components(plan: dict[str, str], components) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Each of `components`' plan entry: its own, else the one it follows (FOLLOWERS), else fp32."""
+    return {c: plan.get(c) or plan.get(FOLLOWERS.get(c, ""), "fp32") for c in components}
 
 
 def resolved(value: str) -> str:

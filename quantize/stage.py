@@ -27,7 +27,7 @@ from quantize import embedding_int8, fp16, int4, int8, nf4
 from quantize.calibration import Run, prompts, run_pipeline
 from quantize.config import QuantizeConfig
 from quantize.fidelity import FidelityError, ImageFidelity, rel_error
-from quantize.precision import resolved
+from quantize.precision import for_components, resolved
 from runtime.pipeline import to_vae_input
 
 FIDELITY_SEED = 1000
@@ -62,10 +62,10 @@ def _needs_calibration(wanted: dict[str, str]) -> bool:
     return any(c in STATIC_INT8 and resolved(p) in ("int8", "nf4", "int4") for c, p in wanted.items())
 
 
-def stage_count(plan: dict[str, str]) -> int:
-    """Progress stages `run` shows for `plan`: calibrate (if needed), reference, quantize + fidelity per
-    component, bundle fidelity."""
-    wanted = _wanted(plan)
+def stage_count(plan: dict[str, str], components=None) -> int:  # type: ignore[no-untyped-def]
+    """Progress stages `run` shows for `plan` over `components` (default: the plan's own): calibrate (if needed),
+    reference, quantize + fidelity per component, bundle fidelity."""
+    wanted = _wanted(for_components(plan, components) if components is not None else plan)
     if not wanted:
         return 0
     return int(_needs_calibration(wanted)) + 2 + 2 * len(wanted)
@@ -79,7 +79,7 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
     """
     from runtime.sessions import OrtSession
 
-    wanted = {c: p for c, p in _wanted(plan).items() if c in files}
+    wanted = _wanted(for_components(plan, files))
     if not wanted:
         return None
     texts = prompts(config.calibration_file)
@@ -113,7 +113,7 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
             for c in shared:
                 del final_sessions[c]
             result = _quantize(component, precision, src, dst, feeds.get(component, []), config)
-            if component == "text_encoder" and result.precision in ("int8", "nf4", "int4"):
+            if component.startswith("text_encoder") and result.precision in ("int8", "nf4", "int4"):
                 _int8_embeddings(dst, result)  # SD's only lookup tables: token and position embeddings
         with stage(f"fidelity {component}"):
             for c, path in fp32.items():
@@ -171,7 +171,7 @@ def _quantize(component: str, precision: str, src: Path, dst: Path, feeds: list[
               config: QuantizeConfig) -> ComponentResult:
     external = src.with_name(src.name + ".data").exists()
     if precision == "int8":
-        if component == "text_encoder":
+        if component.startswith("text_encoder"):
             return ComponentResult("int8", int8.quantize_dynamic(src, dst, external, config.int8_weight_bits))
         return ComponentResult("int8", int8.quantize_static(src, dst, feeds, activations=config.int8_activations,
                                                             external_data=external,
@@ -233,7 +233,7 @@ def _component_fidelity(component: str, session: Any, model: Any, ref: Run, text
         got = next(iter(session.run(feed).values()))
         errors.append(rel_error(want, got))
     out: dict[str, Any] = {"rel_error": round(float(np.mean(errors)), 6)}
-    if component in ("text_encoder", "unet"):
+    if component in ("text_encoder", "text_encoder_2", "unet"):
         swapped = dataclasses.replace(model, sessions={**model.sessions, component: session})
         images = run_pipeline(swapped, texts, steps, seed=FIDELITY_SEED, record=False).images
     elif component == "vae_decoder":

@@ -304,8 +304,8 @@ class Engine:
         (img2img and inpainting: its own VAE-encoder call)."""
         embeddings = encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
 
-        def prepare(job: Job, embedding: np.ndarray) -> tuple[Event, bool]:
-            job.gen.embeddings = embedding
+        def prepare(job: Job, embedding: tuple[np.ndarray, np.ndarray | None]) -> tuple[Event, bool]:
+            job.gen.embeddings, job.gen.pooled = embedding
             job.pipeline.prepare(job.gen)
             return Progress("text_encode", 0, job.gen.total_steps, job.gen.elapsed), False
 

@@ -42,6 +42,13 @@ class LoadedModel:
     schedule: NoiseSchedule
     lora: LoraFeeds | None = None
     """Bundles compiled with --lora-inputs: their adapters and the feeds of each selection; else None."""
+    tokenizer_2: PromptTokenizer | None = None
+    """SDXL: the second text encoder's tokenizer (same vocabulary, its own padding); else None."""
+
+    @property
+    def sdxl(self) -> bool:
+        """Two text encoders and the UNet's added conditioning (pooled text embeddings, size/crop ids)."""
+        return self.manifest.model.get("architecture") == "sdxl"
 
     @property
     def adapters(self) -> dict[str, Adapter]:
@@ -134,9 +141,15 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
     try:
         tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"],
                                     {e["token"]: e["tokens"] for e in tok.get("embeddings", [])})
+        second = tok.get("second")
+        tokenizer_2 = PromptTokenizer(path / second["file"], second["max_length"], second["bos_id"], second["eos_id"],
+                                      second["pad_id"]) if second else None
     except ValueError as e:
         raise ManifestError(f"bundle {path}: {e}") from None
-    model = LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config))
+    if m.model.get("architecture") == "sdxl" and (tokenizer_2 is None or "text_encoder_2" not in sessions):
+        raise ManifestError(f"bundle {path}: an SDXL bundle needs text_encoder_2 and tokenizer.second")
+    model = LoadedModel(m, path, sessions, tokenizer, NoiseSchedule.from_config(m.scheduler_config),
+                        tokenizer_2=tokenizer_2)
     model.attach_adapters(path.parent / ADAPTERS_DIR)  # a bundle outside a store: none beside it
     return model
 

@@ -53,6 +53,11 @@ class Generation:
     tokens: list[Tokenized] = field(default_factory=list)
     """[negative, positive] when guided, else [positive]."""
     embeddings: np.ndarray | None = None
+    """Text embeddings per UNet row [uncond x n, cond x n] (SDXL: both encoders' concatenated)."""
+    tokens_2: list[Tokenized] = field(default_factory=list)
+    """SDXL: the same prompts through the second tokenizer."""
+    pooled: np.ndarray | None = None
+    """SDXL: the second text encoder's pooled, projected output per UNet row (the UNet's `text_embeds`)."""
     sampler: Sampler | None = None
     latents: np.ndarray | None = None
     noise_fn: NoiseFn | None = None
@@ -106,6 +111,8 @@ class Pipeline:
             fields = [("negative_prompt", p.negative_prompt)] if p.guided else []
             fields.append(("prompt", p.prompt))
             gen.tokens = [self.model.tokenizer(text) for _, text in fields]
+            if self.model.tokenizer_2 is not None:
+                gen.tokens_2 = [self.model.tokenizer_2(text) for _, text in fields]
         return [
             Truncation(name, t.kept_tokens, t.dropped_tokens, t.dropped_text)
             for (name, _), t in zip(fields, gen.tokens, strict=False)
@@ -114,7 +121,7 @@ class Pipeline:
 
     # 3. text encode: negative and positive prompt in one batch
     def encode_text(self, gen: Generation) -> None:
-        gen.embeddings = encode_text_batch(self.model, [gen])[0]
+        gen.embeddings, gen.pooled = encode_text_batch(self.model, [gen])[0]
 
     # 4. prepare timesteps and initial latents
     def prepare(self, gen: Generation, latents: np.ndarray | None = None, noise_fn: NoiseFn | None = None,
@@ -186,7 +193,11 @@ class Pipeline:
         if gen.params.guided:
             x = np.concatenate([x, x])
         t = np.full((x.shape[0],), gen.sampler.timesteps[gen.step], dtype=np.float32)
-        return {"sample": x.astype(np.float32), "timestep": t, "encoder_hidden_states": gen.embeddings}
+        feed = {"sample": x.astype(np.float32), "timestep": t, "encoder_hidden_states": gen.embeddings}
+        if gen.pooled is not None:  # SDXL's added conditioning: each row its own sizes
+            feed["text_embeds"] = gen.pooled
+            feed["time_ids"] = np.repeat(time_ids(gen.params)[None], x.shape[0], axis=0)
+        return feed
 
     def apply_unet_output(self, gen: Generation, out: np.ndarray) -> None:
         assert gen.sampler is not None and gen.latents is not None and gen.noise_fn is not None
@@ -267,20 +278,39 @@ class Pipeline:
 
 # The calls several requests share (the engine batches them). Each changes no request's state but its timings,
 # and those only once the call has gone well: when one raises, the engine can rerun its requests one by one.
-def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[np.ndarray]:
+def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """One text-encoder call over several requests' prompts (each request's negative and positive rows); returns
-    each one's embeddings, [uncond x n, cond x n] (the UNet batch layout, images in order within each half)."""
+    each one's (embeddings, pooled) in the UNet batch layout [uncond x n, cond x n] (images in order within each
+    half). `pooled` is SDXL's (its second encoder's projected output), None for SD 1.x/2.x.
+
+    SDXL as diffusers' pipelines: each encoder's penultimate hidden states, concatenated on features; an empty
+    negative prompt is all zeros (embeddings and pooled) when the model says `force_zeros_for_empty_prompt`."""
     ids = np.stack([t.ids for g in gens for t in g.tokens])
     t0 = time.perf_counter()
     feed = {"input_ids": ids, **model.lora_feeds("text_encoder", _one_selection(gens))}
-    hidden = model.sessions["text_encoder"].run(feed)["last_hidden_state"]
+    pooled = None
+    if model.sdxl:
+        hidden = model.sessions["text_encoder"].run(feed)["hidden_states"]
+        second = model.sessions["text_encoder_2"].run({"input_ids": np.stack([t.ids for g in gens for t in g.tokens_2])})
+        hidden = np.concatenate([hidden, second["hidden_states"]], axis=-1)
+        pooled = second["text_embeds"]
+    else:
+        hidden = model.sessions["text_encoder"].run(feed)["last_hidden_state"]
     took = time.perf_counter() - t0
     rows = np.cumsum([len(g.tokens) for g in gens])[:-1]
-    embeddings = [np.repeat(h, g.params.num_images, axis=0).astype(np.float32)
-                  for g, h in zip(gens, np.split(hidden, rows), strict=True)]
+    zeros = bool(model.manifest.model.get("sdxl", {}).get("force_zeros_for_empty_prompt"))
+    out = []
+    for g, h, p in zip(gens, np.split(hidden, rows), np.split(pooled, rows) if pooled is not None else [None] * len(gens),
+                       strict=True):
+        if p is not None and zeros and g.params.guided and not g.params.negative_prompt:
+            h, p = h.copy(), p.copy()
+            h[0], p[0] = 0.0, 0.0  # the negative row
+        n = g.params.num_images
+        out.append((np.repeat(h, n, axis=0).astype(np.float32),
+                    None if p is None else np.repeat(p, n, axis=0).astype(np.float32)))
     for g in gens:
         g.timings["text_encode"] = g.timings.get("text_encode", 0.0) + took
-    return embeddings
+    return out
 
 
 def decode_batch(model: LoadedModel, items: list[tuple[Generation, int]]) -> list[np.ndarray]:
@@ -321,6 +351,12 @@ def _one_selection(gens: list[Generation]) -> tuple[tuple[str, float], ...]:
     if any(g.params.loras != selection for g in gens[1:]):
         raise ValueError("requests with different LoRA adapter selections cannot share a model call")
     return selection
+
+
+def time_ids(p: GenerationParams) -> np.ndarray:
+    """SDXL's size conditioning, float32 [6]: original size (h, w), crop top-left (0, 0), target size (h, w), as
+    diffusers' SDXL pipelines default them (original = target = the requested size, no crop)."""
+    return np.asarray([p.height, p.width, 0, 0, p.height, p.width], np.float32)
 
 
 def latent_preview(latent: np.ndarray, latent_rgb: dict) -> np.ndarray:

@@ -45,6 +45,32 @@ def tiny_store(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SDXL design at tiny size: two text encoders, text_time added conditioning, SDXL's VAE scaling."""
+    from compiler.source import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", "tiny-sdxl", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_store(tiny_sdxl_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+
+    store = tmp_path_factory.mktemp("sdxl-store")
+    compile_model(tiny_sdxl_source, store, CompileConfig(name="tiny-sdxl"), progress=False)
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tiny_sdxl_store: Path):  # type: ignore[no-untyped-def]
+    from model_store import Store
+    from runtime.model import load_bundle
+
+    return load_bundle(Store(tiny_sdxl_store).latest("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_store: Path) -> Path:
     from model_store import Store
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 # our component -> the optimizer's model type
-MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "vae_decoder": "vae", "vae_encoder": "vae",
+MODEL_TYPES = {"unet": "unet", "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder": "vae", "vae_encoder": "vae",
                "vae_decoder_tiny": "vae"}
 CUDA_ONLY = (
     "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu", "enable_nhwc_conv",

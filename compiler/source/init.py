@@ -19,6 +19,9 @@ RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     "sd-v1-inpainting": ("sd-v1-inpainting", "sd-v1"),
     # the SD 2.x design at tiny size (OpenCLIP-style text encoder, linear attention projections, "!" padding)
     "tiny-v2": ("tiny-v2", "tiny-v2"),
+    # SDXL: two text encoders (CLIP ViT-L, OpenCLIP bigG with projection), text_time added conditioning
+    "tiny-sdxl": ("tiny-sdxl", "tiny-sdxl"),
+    "sdxl": ("sdxl", "sdxl"),
 }
 TRAINED_ARCHS = ("shapes",)
 """Models Kiln trained itself and ships (fp16 safetensors in `pretrained/NAME/`, tokenizer added on init)."""
@@ -32,6 +35,17 @@ MODEL_INDEX = {
     "scheduler": ["diffusers", "PNDMScheduler"],
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
@@ -58,7 +72,7 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     unet_dir, rest_dir = (CONFIGS / name for name in RANDOM_ARCHS[arch])
     tmp = out.with_name(out.name + ".partial")
@@ -70,6 +84,10 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
         ("vae", lambda: AutoencoderKL.from_config(_read(rest_dir / "vae/config.json"))),
         ("unet", lambda: UNet2DConditionModel.from_config(_read(unet_dir / "unet/config.json"))),
     ]
+    sdxl = (rest_dir / "text_encoder_2").is_dir()
+    if sdxl:  # drawn last, so the other parts keep the seeds they would have without it
+        parts.append(("text_encoder_2", lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**_clean(_read(rest_dir / "text_encoder_2/config.json"))))))
     for i, (name, build) in enumerate(parts):
         if progress:
             print(f"[{i + 1}/{len(parts)}] {name}: random weights (seed {seed + i})", flush=True)
@@ -81,11 +99,14 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
     shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
     if (rest_dir / "tokenizer").is_dir():  # the family's own settings over CLIP's shared vocabulary
         shutil.copytree(rest_dir / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
+    if sdxl:  # the second tokenizer: CLIP's vocabulary with OpenCLIP's "!" padding
+        shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer_2")
+        shutil.copytree(rest_dir / "tokenizer_2", tmp / "tokenizer_2", dirs_exist_ok=True)
     (tmp / "scheduler").mkdir()
     shutil.copy(rest_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
     import diffusers
 
-    index = {**MODEL_INDEX, "_diffusers_version": diffusers.__version__}
+    index = {**(SDXL_MODEL_INDEX if sdxl else MODEL_INDEX), "_diffusers_version": diffusers.__version__}
     if arch.endswith("-inpainting"):
         index["_class_name"] = "StableDiffusionInpaintPipeline"
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

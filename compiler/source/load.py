@@ -11,6 +11,8 @@ from typing import Any
 from model_store import sha256_file
 
 REQUIRED = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_REQUIRED = ("text_encoder_2", "tokenizer_2")
+"""SDXL's second text encoder (OpenCLIP bigG with projection) and its tokenizer, beside the parts above."""
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
 
 
@@ -31,6 +33,21 @@ class SourceModel:
         return self.path / "tokenizer"
 
     @property
+    def sdxl(self) -> bool:
+        """An SDXL-design model: two text encoders and the UNet's `text_time` added conditioning."""
+        return self.unet_config.get("addition_embed_type") == "text_time"
+
+    @property
+    def architecture(self) -> str:
+        """`sdxl`, or `sd` (SD 1.x/2.x: one text encoder)."""
+        return "sdxl" if self.sdxl else "sd"
+
+    @property
+    def model_index(self) -> dict[str, Any]:
+        path = self.path / "model_index.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    @property
     def vae_scale_factor(self) -> int:
         # AutoencoderTiny: its encoder's blocks (each after the first halves the size; vae.py checks the decoder)
         cfg = self.vae_config
@@ -46,7 +63,7 @@ class SourceModel:
         return json.loads((self.tiny_decoder / "config.json").read_text())
 
     def module(self, name: str) -> Any:
-        """`unet`, `vae`, `text_encoder` or `vae_tiny` (the tiny decoder's AutoencoderTiny) as an fp32 torch
+        """`unet`, `vae`, `text_encoder`, `text_encoder_2` (SDXL) or `vae_tiny` (the tiny decoder's AutoencoderTiny) as an fp32 torch
         module in eval mode. The VAE's class is its config's `_class_name`: AutoencoderKL or AutoencoderTiny."""
         if name not in self._modules:
             import torch
@@ -64,6 +81,8 @@ class SourceModel:
                 folder = self.tiny_decoder
             elif name == "text_encoder":
                 from transformers import CLIPTextModel as cls
+            elif name == "text_encoder_2":
+                from transformers import CLIPTextModelWithProjection as cls
             else:
                 raise KeyError(name)
             from transformers.utils import logging as hf_logging
@@ -132,6 +151,14 @@ def load_source(path: str | Path) -> SourceModel:
     if missing:
         raise FileNotFoundError(f"source model {root} lacks {', '.join(missing)}")
     unet_config = json.loads((root / "unet/config.json").read_text())
+    if unet_config.get("addition_embed_type") == "text_time":
+        lacking = [p for p in SDXL_REQUIRED if not (root / p).exists()]
+        if lacking:
+            raise FileNotFoundError(f"source model {root} is an SDXL design (unet addition_embed_type=text_time) "
+                                    f"and lacks {', '.join(lacking)}")
+    elif unet_config.get("addition_embed_type") is not None:
+        raise ValueError(f"source model {root}: unet addition_embed_type={unet_config['addition_embed_type']!r} "
+                         "is not supported; Kiln compiles SD 1.x/2.x (none) and SDXL (text_time) UNets")
     if int(unet_config.get("in_channels", 4)) not in (4, 9):
         raise ValueError(f"source model {root}: unet in_channels={unet_config.get('in_channels')} must be 4 "
                          "(text-to-image) or 9 (inpainting: latents, mask, masked-image latents)")

@@ -1,0 +1,141 @@
+"""Kiln's SDXL runtime against diffusers' StableDiffusionXL pipelines (PyTorch fp32) on the tiny SDXL model.
+
+Same model folder, same starting latents and noise streams (as tests/runtime/test_image_editing.py gives them):
+text-to-image, img2img and inpainting images within 1/255 mean and 3/255 max, as for SD v1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from proto.kiln.v1 import kiln_pb2 as pb
+from runtime.pipeline import Pipeline, time_ids
+from runtime.validate import validate
+from tests.runtime.test_image_editing import (
+    SIZE, assert_images_close, assert_latents_close, init_image, left_half_mask, png, request, streams,
+)
+
+TWINS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
+def sdxl_pipe(cls_name: str, source, sampler: str):  # type: ignore[no-untyped-def]
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(source)
+    pipe.set_progress_bar_config(disable=True)
+    twin, kw = TWINS[sampler]
+    pipe.scheduler = getattr(diffusers, twin).from_config(pipe.scheduler.config, **kw)
+    return pipe
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "negative", "guidance", "size", "num_images", "steps"),
+    [
+        ("euler", "", 5.0, (64, 64), 1, 8),  # empty negative prompt: all-zero unconditional embeddings
+        ("euler_a", "blurry, low quality", 7.0, (80, 64), 2, 6),
+        ("dpmpp_2m", "", 1.0, (64, 72), 1, 6),  # no guidance: conditional rows only
+        ("turbo", "", 0.0, (64, 64), 1, 1),  # SDXL-Turbo settings: one step, guidance off
+    ],
+)
+def test_txt2img_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model, sampler, negative, guidance, size,
+                                   num_images, steps) -> None:  # type: ignore[no-untyped-def]
+    width, height = size
+    prompt = "a red circle on a blue background"
+    pipe = sdxl_pipe("StableDiffusionXLPipeline", tiny_sdxl_source, sampler)
+    latents = np.random.default_rng(5).standard_normal((num_images, 4, height // 8, width // 8), dtype=np.float32)
+    g_ref, _, noise_fn, _ = streams()
+    with torch.inference_mode():
+        ref = pipe([prompt] * num_images, negative_prompt=[negative] * num_images if negative else None,
+                   height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=torch.from_numpy(latents.copy()), generator=g_ref, output_type="np").images
+    # diffusers draws ancestral noise for the whole batch at once: one draw per step, split per image
+    pending: list[np.ndarray] = []
+
+    def batch_noise(k: int, shape: tuple[int, ...]) -> np.ndarray:
+        if k == 0:
+            pending[:] = list(noise_fn(0, (num_images, *shape[1:]))[:, None])
+        return pending[k]
+
+    m = tiny_sdxl_model.manifest
+    req = pb.GenerateRequest(model=m.name, prompt=prompt, negative_prompt=negative, width=width, height=height,
+                             steps=steps, guidance_scale=guidance, sampler=sampler, num_images=num_images, seed=0)
+    params = validate(req, m.defaults, m.limits, schedule=tiny_sdxl_model.schedule)
+    images, gen = Pipeline(tiny_sdxl_model).run(params, latents=latents, noise_fn=batch_noise)
+    rows = 2 * num_images if params.guided else num_images
+    assert gen.embeddings.shape == (rows, 77, 64) and gen.pooled.shape == (rows, 32)
+    if params.guided and not negative:
+        assert not gen.embeddings[:num_images].any() and not gen.pooled[:num_images].any()
+    got = np.stack(images)
+    assert got.shape == (num_images, height, width, 3)
+    assert_images_close(got, to_uint8(ref))
+    assert to_uint8(ref).std() > 5  # something to compare
+
+
+def test_time_ids_are_the_requested_size(tiny_sdxl_model) -> None:  # type: ignore[no-untyped-def]
+    params = request(tiny_sdxl_model, width=80, height=64, steps=2)
+    np.testing.assert_array_equal(time_ids(params), [64, 80, 0, 0, 64, 80])
+    gen_inputs = Pipeline(tiny_sdxl_model)
+    from runtime.pipeline import Generation
+
+    gen = Generation(params, tiny_sdxl_model)
+    gen_inputs.tokenize(gen)
+    gen_inputs.encode_text(gen)
+    gen_inputs.prepare(gen)
+    feed = gen_inputs.unet_inputs(gen)
+    assert set(feed) == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"}
+    assert feed["time_ids"].shape == (feed["sample"].shape[0], 6)
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 0.6), ("euler_a", 1.0)])
+def test_img2img_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model, monkeypatch, sampler, strength) -> None:  # type: ignore[no-untyped-def]
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
+
+    steps, guidance = 10, 5.0
+    image = init_image()
+    pipe = sdxl_pipe("StableDiffusionXLImg2ImgPipeline", tiny_sdxl_source, sampler)
+    g_ref, retrieve, noise_fn, encode_noise_fn = streams()
+    monkeypatch.setattr(module, "retrieve_latents", retrieve)
+    params = request(tiny_sdxl_model, init_image=png(image), strength=strength, steps=steps, guidance_scale=guidance,
+                     sampler=sampler)
+    assert params.mode == "img2img"
+    with torch.inference_mode():
+        ref = pipe(params.prompt, image=Image.fromarray(image), strength=strength, num_inference_steps=steps,
+                   guidance_scale=guidance, generator=g_ref, output_type="np").images[0]
+    images, gen = Pipeline(tiny_sdxl_model).run(params, noise_fn=noise_fn, encode_noise_fn=encode_noise_fn)
+    assert gen.steps_done == params.denoising_steps
+    assert_images_close(images[0], to_uint8(ref))
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("dpmpp_2m", 0.75)])
+def test_inpainting_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model, monkeypatch, sampler, strength) -> None:  # type: ignore[no-untyped-def]
+    """SDXL's 4-channel UNet: the known region blended back after each step, as diffusers' SDXL Inpaint pipeline
+    does; the final latents the same, and outside the mask the init image itself."""
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+
+    steps, guidance = 8, 5.0
+    image, mask = init_image(), left_half_mask()
+    pipe = sdxl_pipe("StableDiffusionXLInpaintPipeline", tiny_sdxl_source, sampler)
+    g_ref, retrieve, noise_fn, encode_noise_fn = streams()
+    monkeypatch.setattr(module, "retrieve_latents", retrieve)
+    params = request(tiny_sdxl_model, init_image=png(image), mask_image=png(mask), strength=strength, steps=steps,
+                     guidance_scale=guidance, sampler=sampler)
+    with torch.inference_mode():
+        ref = pipe(params.prompt, image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=g_ref, output_type="latent").images
+    images, gen = Pipeline(tiny_sdxl_model).run(params, noise_fn=noise_fn, encode_noise_fn=encode_noise_fn)
+    assert_latents_close(gen.latents, ref.numpy())
+    keep = mask < 128
+    np.testing.assert_array_equal(images[0][keep], image[keep])
+    assert SIZE == image.shape[0]
