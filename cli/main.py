@@ -304,6 +304,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
               f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}"
               + ("\tinpainting model" if m.inpainting_model else "")
+              + ("\tSDXL" if m.architecture == "sdxl" else "")
               + (f"\tembeddings {' '.join(m.embedding_tokens)}" if m.embedding_tokens else "")
               + (f"\tfrom {m.source_family}" if m.source_family not in ("", "diffusers-folder") else "")
               + (f"\tloras {' '.join(f'{lo.name}:{lo.scale:g}' for lo in m.fused_loras)}" if m.fused_loras else "")

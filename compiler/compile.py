@@ -14,7 +14,7 @@ import onnx
 
 from compiler import lora_inputs, reuse
 from compiler.config import CompileConfig
-from compiler.export import COMPONENTS, components_for, export_component
+from compiler.export import COMPONENTS, TINY_DECODER, components_for, export_component
 from compiler.passes import attention_slicing, fusions, tome, unpack_attention
 from compiler.preview import fit_latent_rgb
 from compiler.progress import Progress
@@ -80,7 +80,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             if config.lora_inputs and name in lora_inputs.COMPONENTS:
                 spec = lora_inputs.extend_spec(spec, lora_inputs.targets(name, source.module(spec.source_module)))
             # the source hash does not cover the tiny decoder: a donor's may be another one
-            given = donor.manifest.components.get(name) if donor and name in COMPONENTS else None
+            given = donor.manifest.components.get(name) if donor and name != TINY_DECODER.name else None
             unet_passes = name == "unet" and config.unet_passes
             # the tiny decoder stays fp32 (quantize/stage.py quantizes what the plan names)
             quantized = resolved(for_components(config.plan, [name])[name]) in ("int8", "nf4", "int4")

@@ -354,9 +354,10 @@ def _one_selection(gens: list[Generation]) -> tuple[tuple[str, float], ...]:
 
 
 def time_ids(p: GenerationParams) -> np.ndarray:
-    """SDXL's size conditioning, float32 [6]: original size (h, w), crop top-left (0, 0), target size (h, w), as
-    diffusers' SDXL pipelines default them (original = target = the requested size, no crop)."""
-    return np.asarray([p.height, p.width, 0, 0, p.height, p.width], np.float32)
+    """SDXL's size conditioning, float32 [6]: original size (h, w), crop top-left (top, left), target size (h, w);
+    the request's (GenerateRequest.size_conditioning), by default as diffusers' SDXL pipelines default them
+    (original = target = the requested size, no crop)."""
+    return np.asarray(p.size_conditioning or (p.height, p.width, 0, 0, p.height, p.width), np.float32)
 
 
 def latent_preview(latent: np.ndarray, latent_rgb: dict) -> np.ndarray:

@@ -31,6 +31,8 @@ MAX_MASK_BLUR = 64
 """Largest mask_blur radius, pixels."""
 ASPECT_TOLERANCE = 0.01
 """How far width/height's aspect ratio may be from the init image's before it is refused instead of resized."""
+SIZE_CONDITIONING_RANGE = {"size": (8, 4096), "crop": (0, 4096)}
+"""SDXL size conditioning (GenerateRequest.size_conditioning): pixel ranges of its sizes and crops when set."""
 DECODERS = ("full", "tiny")
 """GenerateRequest.decoder's values: the bundle's VAE decoder, or its tiny (TAESD) one where it has one."""
 # \Z, not $: $ also matches before a final newline, and an id ending in "\n" is no valid gRPC metadata value
@@ -66,6 +68,9 @@ class GenerationParams:
     """Which VAE decoder draws the final images: `full` or `tiny` (one of the model's, LoadedModel.decoders)."""
     loras: tuple[tuple[str, float], ...] = ()
     """LoRA adapters (name, scale) applied to this request only, sorted by name; () for the bundle as compiled."""
+    size_conditioning: tuple[int, int, int, int, int, int] | None = None
+    """SDXL: (original height, original width, crop top, crop left, target height, target width), the UNet's
+    `time_ids` in diffusers' order, every default filled in; None for other models."""
 
     @property
     def mode(self) -> str:
@@ -112,7 +117,7 @@ def denoising_steps(steps: int, strength: float) -> int:
 def validate(request, defaults: dict, limits: dict, request_id: str = "",  # type: ignore[no-untyped-def]
              previews: bool = True, schedule: NoiseSchedule | None = None, encoder: bool = True,
              image_limits: ImageLimits | None = None, decoders: tuple[str, ...] = ("full",),
-             adapters: Collection[str] = (), max_loras: int = 0) -> GenerationParams:
+             adapters: Collection[str] = (), max_loras: int = 0, sdxl: bool = False) -> GenerationParams:
     """Check every field of a kiln.v1.GenerateRequest; raises InvalidArgument listing all violations.
 
     `request_id` is used when the request carries none (the server passes the RPC's id). `previews`: whether
@@ -121,7 +126,8 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     has a VAE encoder (needed for init_image). `image_limits`: encoded-size and pixel limits of image fields.
     `decoders`: the decoders the model has (`full`, and `tiny` when compiled with a tiny decoder).
     `adapters`, `max_loras`: the LoRA adapters the model has and how many one request may select; an adapter
-    it does not have raises NotFound (once every field is otherwise valid).
+    it does not have raises NotFound (once every field is otherwise valid). `sdxl`: the model takes SDXL's size
+    conditioning (else a request's size_conditioning is refused).
     """
     bad: list[FieldViolation] = []
 
@@ -203,6 +209,7 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
           "request_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
 
     loras = _loras(request, max_loras, check)
+    size_conditioning = _size_conditioning(request, sdxl, width, height, check)
 
     if bad:
         raise InvalidArgument(bad)
@@ -228,7 +235,28 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
         mask_blur=request.mask_blur,
         decoder=decoder,
         loras=loras,
+        size_conditioning=size_conditioning,
     )
+
+
+def _size_conditioning(request, sdxl: bool, width: int, height: int,  # type: ignore[no-untyped-def]
+                       check) -> tuple[int, int, int, int, int, int] | None:
+    """SDXL's six size-conditioning numbers with the defaults filled in (None for other models); `check` records
+    each violation."""
+    given = request.HasField("size_conditioning")
+    if not sdxl:
+        check(not given, "size_conditioning", f"size_conditioning applies only to SDXL models; model "
+                                              f"{_quoted(request.model)} is not one: leave it unset")
+        return None
+    c = request.size_conditioning
+    values = {"original_height": c.original_height or height, "original_width": c.original_width or width,
+              "crop_top": c.crop_top, "crop_left": c.crop_left,
+              "target_height": c.target_height or height, "target_width": c.target_width or width}
+    for name, value in values.items():
+        lo, hi = SIZE_CONDITIONING_RANGE["crop" if name.startswith("crop") else "size"]
+        check(lo <= value <= hi, f"size_conditioning.{name}",
+              f"size_conditioning.{name}={value} must be between {lo} and {hi} pixels")
+    return tuple(values.values())  # type: ignore[return-value]
 
 
 def _loras(request, max_loras: int, check) -> tuple[tuple[str, float], ...]:  # type: ignore[no-untyped-def]

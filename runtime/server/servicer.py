@@ -49,7 +49,7 @@ class KilnServicer(pb_grpc.KilnServicer):
         args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
                 "vae_encoder" in model.sessions)
         check = functools.partial(validate, decoders=tuple(model.decoders), adapters=model.adapters,
-                                  max_loras=model.max_loras)
+                                  max_loras=model.max_loras, sdxl=model.sdxl)
         # decoding client images takes a while (up to 4096x4096): off the event loop
         params = await asyncio.to_thread(check, *args) if request.init_image else check(*args)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
@@ -160,6 +160,7 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,
         source_family=str(m.source.get("family", "diffusers-folder")),
+        architecture=str(m.model.get("architecture", "sd")),
         fused_loras=[pb.LoraInfo(name=str(lo["name"]), sha256=str(lo["sha256"]), scale=float(lo["scale"]),
                                  rank=int(lo["rank"])) for lo in m.source.get("loras", [])],
     )

@@ -234,3 +234,24 @@ def test_gpu_only_bundle_is_refused_on_cpu_with_a_clear_error(tiny_bundle: Path)
     with pytest.raises(ManifestError, match=r"unet \(fp16\) cannot run on the CPU; serve it with `kiln serve "
                                             r"--device cuda` \(onnxruntime-gpu\)"):
         open_bundle_dir(tiny_bundle, m)
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4", "fp16"])
+def test_sdxl_bundles(precision: str, tiny_sdxl_source: Path, tmp_path: Path) -> None:
+    """SDXL through the quantize stage: the second text encoder follows the first's plan (and is gated like it),
+    the UNet's added-conditioning inputs are calibrated and fed, SDXL's VAE stays fp32 in an fp16 plan (it
+    overflows fp16; diffusers' SDXL pipelines upcast it), and `kiln serve` generates with the result."""
+    # 4-bit blocks of the tiny random text encoders drift ~0.27 relative (above the 0.25 default)
+    bundle = _compile(tiny_sdxl_source, tmp_path / "store", f"sdxl-{precision}", precision, max_rel_error=0.5)
+    m = Manifest.read(bundle)
+    want = {"int8": {"text_encoder": "int8", "text_encoder_2": "int8", "unet": "int8"},
+            "nf4": {"text_encoder": "nf4", "text_encoder_2": "nf4", "unet": "nf4"},
+            "fp16": {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32",
+                     "vae_encoder": "fp32"}}[precision]
+    assert {c: m.precision[c] for c in want} == want
+    assert "rel_error" in m.components["text_encoder_2"].fidelity
+    if precision == "int8":
+        assert m.components["text_encoder_2"].quantization["embeddings"]["converted"]
+        assert m.components["unet"].op_counts["DequantizeLinear"] > 0
+    assert m.fidelity["passed"]
+    _generates(bundle, tmp_path)

@@ -27,7 +27,7 @@ def test_overrides() -> None:
     ("int3", "precision='int3' is not one of: fp32, int8, nf4, int4, fp16"),
     ("unet=int9", "precision: unet='int9' is not one of"),
     ("unet=int8,unet=fp32", "unet is given twice"),
-    ("vae=int8", "component='vae' is not one of: text_encoder, unet, vae_decoder, vae_encoder"),
+    ("vae=int8", "component='vae' is not one of: text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder"),
     ("unet=int8,int8", "a bundle-wide precision ('int8') must come first"),
     ("", "is empty"),
 ])

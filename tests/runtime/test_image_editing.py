@@ -99,7 +99,7 @@ def request(model, **fields):  # type: ignore[no-untyped-def]
     m = model.manifest
     fields.setdefault("seed", 1)
     req = pb.GenerateRequest(model=m.name, prompt="a red circle on a blue background", **fields)
-    return validate(req, m.defaults, m.limits, schedule=model.schedule)
+    return validate(req, m.defaults, m.limits, schedule=model.schedule, sdxl=model.sdxl)
 
 
 def assert_images_close(ours: np.ndarray, ref: np.ndarray, where: np.ndarray | None = None) -> None:

@@ -154,3 +154,23 @@ def test_missing_openvino_names_the_extra(tiny_store: Path, monkeypatch: pytest.
         load_store(tiny_store, engine="openvino")
     # the default engine does not need it
     assert "tiny" in load_store(tiny_store)
+
+
+def test_sdxl_pipeline_on_openvino_gives_onnxruntime_image(openvino, tiny_sdxl_store: Path,  # type: ignore[no-untyped-def]
+                                                          tiny_sdxl_model) -> None:
+    """SDXL's two text encoders (two outputs on the second) and its UNet's added-conditioning inputs."""
+    from model_store import Store
+
+    ov_model = load_bundle(Store(tiny_sdxl_store).latest("tiny-sdxl"), engine="openvino",
+                           openvino=OpenVinoConfig(precision="f32"))
+    assert set(ov_model.sessions) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert ov_model.sessions["text_encoder_2"].output_names == ("hidden_states", "text_embeds")
+    m = tiny_sdxl_model.manifest
+    request = pb.GenerateRequest(model="tiny-sdxl", prompt="a red circle", seed=3, steps=6, sampler="euler_a",
+                                 guidance_scale=5.0, size_conditioning=pb.SizeConditioning(original_width=1024))
+    p = validate(request, m.defaults, m.limits, sdxl=True)
+    want, _ = Pipeline(tiny_sdxl_model).run(p)
+    got, _ = Pipeline(ov_model).run(p)
+    diff = np.abs(got[0].astype(int) - want[0].astype(int))
+    assert want[0].std() > 5
+    assert diff.max() <= 2, f"uint8 image differs by up to {diff.max()}"

@@ -71,7 +71,7 @@ def test_txt2img_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model, sampler, n
     m = tiny_sdxl_model.manifest
     req = pb.GenerateRequest(model=m.name, prompt=prompt, negative_prompt=negative, width=width, height=height,
                              steps=steps, guidance_scale=guidance, sampler=sampler, num_images=num_images, seed=0)
-    params = validate(req, m.defaults, m.limits, schedule=tiny_sdxl_model.schedule)
+    params = validate(req, m.defaults, m.limits, schedule=tiny_sdxl_model.schedule, sdxl=True)
     images, gen = Pipeline(tiny_sdxl_model).run(params, latents=latents, noise_fn=batch_noise)
     rows = 2 * num_images if params.guided else num_images
     assert gen.embeddings.shape == (rows, 77, 64) and gen.pooled.shape == (rows, 32)
@@ -139,3 +139,23 @@ def test_inpainting_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model, monkeyp
     keep = mask < 128
     np.testing.assert_array_equal(images[0][keep], image[keep])
     assert SIZE == image.shape[0]
+
+
+def test_size_conditioning_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model) -> None:  # type: ignore[no-untyped-def]
+    """GenerateRequest.size_conditioning is diffusers' original_size, crops_coords_top_left and target_size."""
+    pipe = sdxl_pipe("StableDiffusionXLPipeline", tiny_sdxl_source, "euler")
+    latents = np.random.default_rng(6).standard_normal((1, 4, 8, 8), dtype=np.float32)
+    prompt = "a red circle on a blue background"
+    with torch.inference_mode():
+        ref = pipe(prompt, height=64, width=64, num_inference_steps=6, guidance_scale=5.0, original_size=(768, 1024),
+                   crops_coords_top_left=(32, 16), target_size=(512, 640), latents=torch.from_numpy(latents.copy()),
+                   output_type="np").images
+    m = tiny_sdxl_model.manifest
+    sc = pb.SizeConditioning(original_width=1024, original_height=768, crop_top=32, crop_left=16, target_width=640,
+                             target_height=512)
+    req = pb.GenerateRequest(model=m.name, prompt=prompt, width=64, height=64, steps=6, guidance_scale=5.0,
+                             sampler="euler", seed=0, size_conditioning=sc)
+    params = validate(req, m.defaults, m.limits, schedule=tiny_sdxl_model.schedule, sdxl=True)
+    np.testing.assert_array_equal(time_ids(params), [768, 1024, 32, 16, 512, 640])
+    images, _ = Pipeline(tiny_sdxl_model).run(params, latents=latents)
+    assert_images_close(images[0], to_uint8(ref[0]))

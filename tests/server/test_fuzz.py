@@ -150,6 +150,9 @@ EDGES: dict[str, st.SearchStrategy] = {
     "loras": st.sampled_from([(), (("nope", None),), (("", 1.0),), (("a", NAN),), (("a", INF),), (("a", 5.0),),
                               (("a", 1.0), ("a", 0.5)), tuple((f"x{i}", 1.0) for i in range(17)),
                               (("x" * 10_000, 1.0),)]),
+    # the tiny model is not SDXL: any size conditioning is refused, naming `size_conditioning`
+    "size_conditioning": st.sampled_from([None, {}, {"original_width": 1024}, {"crop_top": 2**32 - 1},
+                                          {"target_height": 5000, "crop_left": 7}]),
     **{name: floats() for name in FLOAT_FIELDS},  # guidance_scale, strength, and any float field to come
 }
 assert set(EDGES) == FIELDS, f"a GenerateRequest field has no edge values: {FIELDS ^ set(EDGES)}"
@@ -179,6 +182,8 @@ def build(fields: dict[str, object]) -> pb.GenerateRequest:
     def value(k: str, v: object) -> object:
         if k.endswith("_image"):
             return IMAGES[v]  # type: ignore[index]
+        if k == "size_conditioning":
+            return None if v is None else pb.SizeConditioning(**v)  # type: ignore[arg-type]
         if k == "loras":
             return [pb.LoraSelection(name=n) if s is None else pb.LoraSelection(name=n, scale=s)
                     for n, s in v]  # type: ignore[attr-defined]
@@ -207,7 +212,7 @@ def check_outcome(target: str, fields: dict[str, object]) -> str:
         bad = violations(error)
         assert bad, f"INVALID_ARGUMENT without a BadRequest: {error.details()}"
         for field, message in bad.items():
-            assert field.split("[")[0] in FIELDS, f"violation of {field!r}, not a GenerateRequest field: {message}"
+            assert field.split("[")[0].split(".")[0] in FIELDS, f"violation of {field!r}, not a GenerateRequest field: {message}"
             assert field in message, f"the message for {field} does not name it: {message}"
         if fields["model"] == "tiny":  # else the request is refused for its model before the rest is read
             for name in FLOAT_FIELDS:

@@ -15,7 +15,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_SUCCESS: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder", "size_conditioning")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class GenerateRequest(_message.Message):
     MASK_BLUR_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     DECODER_FIELD_NUMBER: _ClassVar[int]
+    SIZE_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -52,7 +53,24 @@ class GenerateRequest(_message.Message):
     mask_blur: int
     loras: _containers.RepeatedCompositeFieldContainer[LoraSelection]
     decoder: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ...) -> None: ...
+    size_conditioning: SizeConditioning
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ...) -> None: ...
+
+class SizeConditioning(_message.Message):
+    __slots__ = ("original_width", "original_height", "crop_left", "crop_top", "target_width", "target_height")
+    ORIGINAL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CROP_LEFT_FIELD_NUMBER: _ClassVar[int]
+    CROP_TOP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    original_width: int
+    original_height: int
+    crop_left: int
+    crop_top: int
+    target_width: int
+    target_height: int
+    def __init__(self, original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., crop_left: _Optional[int] = ..., crop_top: _Optional[int] = ..., target_width: _Optional[int] = ..., target_height: _Optional[int] = ...) -> None: ...
 
 class LoraSelection(_message.Message):
     __slots__ = ("name", "scale")
@@ -171,7 +189,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "precision", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_sampler", "limits", "samplers", "fidelity", "inpainting_model", "source_family", "fused_loras", "embedding_tokens", "adapters", "decoders")
+    __slots__ = ("name", "version", "precision", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_sampler", "limits", "samplers", "fidelity", "inpainting_model", "source_family", "fused_loras", "embedding_tokens", "adapters", "decoders", "architecture")
     class PrecisionEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +214,7 @@ class ModelInfo(_message.Message):
     EMBEDDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     DECODERS_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     precision: _containers.ScalarMap[str, str]
@@ -213,7 +232,8 @@ class ModelInfo(_message.Message):
     embedding_tokens: _containers.RepeatedScalarFieldContainer[str]
     adapters: _containers.RepeatedCompositeFieldContainer[LoraInfo]
     decoders: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[_Mapping[str, str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., samplers: _Optional[_Iterable[str]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., inpainting_model: _Optional[bool] = ..., source_family: _Optional[str] = ..., fused_loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., embedding_tokens: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., decoders: _Optional[_Iterable[str]] = ...) -> None: ...
+    architecture: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[_Mapping[str, str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., samplers: _Optional[_Iterable[str]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., inpainting_model: _Optional[bool] = ..., source_family: _Optional[str] = ..., fused_loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., embedding_tokens: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., decoders: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ...) -> None: ...
 
 class LoraInfo(_message.Message):
     __slots__ = ("name", "sha256", "scale", "rank")
