@@ -22,6 +22,8 @@ RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     # SDXL: two text encoders (CLIP ViT-L, OpenCLIP bigG with projection), text_time added conditioning
     "tiny-sdxl": ("tiny-sdxl", "tiny-sdxl"),
     "sdxl": ("sdxl", "sdxl"),
+    "tiny-sdxl-inpainting": ("tiny-sdxl-inpainting", "tiny-sdxl"),
+    "sdxl-inpainting": ("sdxl-inpainting", "sdxl"),
 }
 TRAINED_ARCHS = ("shapes",)
 """Models Kiln trained itself and ships (fp16 safetensors in `pretrained/NAME/`, tokenizer added on init)."""
@@ -108,7 +110,7 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
 
     index = {**(SDXL_MODEL_INDEX if sdxl else MODEL_INDEX), "_diffusers_version": diffusers.__version__}
     if arch.endswith("-inpainting"):
-        index["_class_name"] = "StableDiffusionInpaintPipeline"
+        index["_class_name"] = "StableDiffusionXLInpaintPipeline" if sdxl else "StableDiffusionInpaintPipeline"
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if out.exists():
         out.rmdir()

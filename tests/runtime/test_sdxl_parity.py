@@ -159,3 +159,43 @@ def test_size_conditioning_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model) 
     np.testing.assert_array_equal(time_ids(params), [768, 1024, 32, 16, 512, 640])
     images, _ = Pipeline(tiny_sdxl_model).run(params, latents=latents)
     assert_images_close(images[0], to_uint8(ref[0]))
+
+
+@pytest.fixture(scope="module")
+def sdxl_inpainting(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+    from compiler.source import init_model
+    from model_store import Store
+    from runtime.model import load_bundle
+
+    source = init_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpainting", "tiny-sdxl-inpainting",
+                        progress=False)
+    store = tmp_path_factory.mktemp("sdxl-inpainting-store")
+    compile_model(source, store, CompileConfig(name="tiny-sdxl-inpainting"), progress=False)
+    return source, load_bundle(Store(store).latest("tiny-sdxl-inpainting"))
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("euler_a", 0.75)])
+def test_9_channel_sdxl_inpainting_matches_diffusers(sdxl_inpainting, monkeypatch, sampler, strength) -> None:  # type: ignore[no-untyped-def]
+    """A 9-channel SDXL inpainting UNet (latents, mask, masked-image latents), as diffusers' SDXL Inpaint
+    pipeline feeds it."""
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as module
+
+    source, model = sdxl_inpainting
+    assert model.inpainting and model.sdxl
+    steps, guidance = 8, 5.0
+    image, mask = init_image(), left_half_mask()
+    pipe = sdxl_pipe("StableDiffusionXLInpaintPipeline", source, sampler)
+    assert pipe.unet.config.in_channels == 9
+    g_ref, retrieve, noise_fn, encode_noise_fn = streams()
+    monkeypatch.setattr(module, "retrieve_latents", retrieve)
+    params = request(model, init_image=png(image), mask_image=png(mask), strength=strength, steps=steps,
+                     guidance_scale=guidance, sampler=sampler)
+    with torch.inference_mode():
+        ref = pipe(params.prompt, image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength,
+                   num_inference_steps=steps, guidance_scale=guidance, generator=g_ref, output_type="np").images[0]
+    images, _ = Pipeline(model).run(params, noise_fn=noise_fn, encode_noise_fn=encode_noise_fn)
+    redraw = mask >= 128
+    assert_images_close(images[0], to_uint8(ref), where=redraw)
+    np.testing.assert_array_equal(images[0][~redraw], image[~redraw])
