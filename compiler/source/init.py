@@ -20,6 +20,7 @@ RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     "sd-v1-inpainting": ("sd-v1-inpainting", "sd-v1"),
     # the SD 2.x design at tiny size (OpenCLIP-style text encoder, linear attention projections, "!" padding)
     "tiny-v2": ("tiny-v2", "tiny-v2"),
+    "tiny-v2-inpainting": ("tiny-v2-inpainting", "tiny-v2"),
     # SD 2.1 768-v at tiny size: v-prediction, per-block head counts, upcast attention
     "tiny-v2-768": ("tiny-v2-768", "tiny-v2"),
     # real-size SD 2.x (OpenCLIP-H text encoder, 23 layers): 512 base (epsilon), 768-v, and SD-Turbo (the 2.1

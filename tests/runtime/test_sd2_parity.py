@@ -197,6 +197,49 @@ def test_inpainting_matches_diffusers(sd2: Sd2, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.fixture(scope="module")
+def sd2_inpainting(sd2_store: tuple[Path, dict[str, Path]]) -> Sd2:
+    """`tiny-v2-inpainting`: the tiny SD 2.x model with a 9-channel inpainting UNet (as SD 2 inpainting)."""
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
+    from compiler.source import init_model
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from tests.conftest import load_latest
+
+    store, sources = sd2_store
+    source = init_model(store.parent / "tiny-v2-inpainting", "tiny-v2-inpainting", seed=0, progress=False)
+    compile_model(source, store, CompileConfig(name="tiny-v2-inpainting"), progress=False)
+    ref = StableDiffusionInpaintPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    return Sd2("tiny-v2-inpainting", source, load_latest(store, "tiny-v2-inpainting"), ref.components)
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("ddim", 0.5)])
+def test_9_channel_inpainting_matches_diffusers(sd2_inpainting: Sd2, monkeypatch: pytest.MonkeyPatch, sampler: str,
+                                                strength: float) -> None:
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
+
+    sd2 = sd2_inpainting
+    assert sd2.components["unet"].config.in_channels == 9 and sd2.model.manifest.model["inpainting"]  # type: ignore[attr-defined]
+    steps, guidance = 8, 7.5
+    image, mask = init_image(sd2.size), left_half_mask(sd2.size)
+    g_ref, retrieve, noise_fn, encode_noise_fn = streams()
+    monkeypatch.setattr(module, "retrieve_latents", retrieve)
+    m = sd2.model.manifest  # type: ignore[attr-defined]
+    params = validate(pb.GenerateRequest(model=m.name, prompt="a red circle", init_image=png(image),
+                                         mask_image=png(mask), strength=strength, steps=steps, guidance_scale=guidance,
+                                         sampler=sampler, seed=1),
+                      m.defaults, m.limits, schedule=sd2.model.schedule)  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        ref = sd2.pipe("StableDiffusionInpaintPipeline", sampler)(
+            params.prompt, image=Image.fromarray(image), mask_image=Image.fromarray(mask), strength=strength,
+            num_inference_steps=steps, guidance_scale=guidance, generator=g_ref, output_type="np").images[0]
+    images, _ = Pipeline(sd2.model).run(params, noise_fn=noise_fn, encode_noise_fn=encode_noise_fn)  # type: ignore[arg-type]
+    redraw = mask >= 128
+    assert_images_close(images[0], (ref * 255).round().astype(np.uint8), where=redraw)
+    np.testing.assert_array_equal(images[0][~redraw], image[~redraw])
+
+
+@pytest.fixture(scope="module")
 def turbo(sd2_store: tuple[Path, dict[str, Path]]) -> Sd2:
     """tiny-v2 compiled as an SD-Turbo would be (`kiln compile --preset turbo`); its graphs are tiny-v2's."""
     from compiler.compile import compile_model
