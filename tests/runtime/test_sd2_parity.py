@@ -298,3 +298,27 @@ def test_a_turbo_request_is_one_unet_call_without_guidance(turbo: Sd2, monkeypat
     ref = (ref * 255).round().astype(np.uint8)
     assert_images_close(np.stack(images), ref)
     assert ref.std() > 5
+
+
+def test_a_served_turbo_bundle_answers_with_its_defaults(turbo: Sd2, sd2_store: tuple[Path, dict[str, Path]],
+                                                         tmp_path: Path) -> None:
+    """A real `kiln serve` over the store: ListModels says each SD 2.x bundle's defaults, and `kiln generate` with
+    only a prompt gets a turbo image (512x512, 1 step)."""
+    from runtime.client import list_models
+    from tests.conftest import kiln, start_server
+
+    server = start_server(sd2_store[0], tmp_path / "serve.log")
+    try:
+        models = {m.name: m for m in list_models(server.target).models}
+        t = models["tiny-v2-turbo"]
+        assert (t.default_width, t.default_height, t.default_steps, t.default_guidance_scale, t.default_sampler) == \
+            (512, 512, 1, 0.0, "turbo")
+        assert (models["tiny-v2-768"].default_width, models["tiny-v2"].default_width) == (96, 64)
+        out = tmp_path / "turbo.png"
+        r = kiln("generate", "--target", server.target, "--model", "tiny-v2-turbo", "--prompt", "a red circle",
+                 "--seed", "3", "--out", str(out), "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert "512x512, 1 steps, turbo, seed 3" in r.stdout
+        assert Image.open(out).size == (512, 512)
+    finally:
+        assert server.stop() == 0
