@@ -372,9 +372,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("dir")
     init.add_argument("--arch", required=True, choices=_Archs(), metavar="ARCH",
                       help="%(choices)s. shapes: the model Kiln trained (default demo); tiny, sd-v1 and their "
-                           "-inpainting (9-channel UNet) variants: random weights; tiny-v2 (and -inpainting), tiny-v2-768 "
-                           "(v-prediction): "
-                           "the SD 2.x design at tiny size; sd-v2, sd-v2-768, sd-turbo: SD 2.x at real size")
+                           "-inpainting (9-channel UNet) variants: random weights; tiny-v2 (and -inpainting), "
+                           "tiny-v2-768 (v-prediction): the SD 2.x design at tiny size; sd-v2, sd-v2-768, sd-turbo: "
+                           "SD 2.x at real size")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_models_init)
     ls = models.add_parser("list", help="list the models a server serves")

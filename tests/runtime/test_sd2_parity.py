@@ -199,11 +199,11 @@ def test_inpainting_matches_diffusers(sd2: Sd2, monkeypatch: pytest.MonkeyPatch,
 @pytest.fixture(scope="module")
 def sd2_inpainting(sd2_store: tuple[Path, dict[str, Path]]) -> Sd2:
     """`tiny-v2-inpainting`: the tiny SD 2.x model with a 9-channel inpainting UNet (as SD 2 inpainting)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
     from compiler.compile import compile_model
     from compiler.config import CompileConfig
     from compiler.source import init_model
-    from diffusers import StableDiffusionInpaintPipeline
-
     from tests.conftest import load_latest
 
     store, sources = sd2_store
@@ -242,10 +242,10 @@ def test_9_channel_inpainting_matches_diffusers(sd2_inpainting: Sd2, monkeypatch
 @pytest.fixture(scope="module")
 def turbo(sd2_store: tuple[Path, dict[str, Path]]) -> Sd2:
     """tiny-v2 compiled as an SD-Turbo would be (`kiln compile --preset turbo`); its graphs are tiny-v2's."""
-    from compiler.compile import compile_model
-    from compiler.config import CompileConfig
     from diffusers import StableDiffusionPipeline
 
+    from compiler.compile import compile_model
+    from compiler.config import CompileConfig
     from tests.conftest import load_latest
 
     store, sources = sd2_store
