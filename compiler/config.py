@@ -135,7 +135,9 @@ class CompileConfig:
                     "sampler": self.default_sampler, "size": self.default_size}
         builtin = {**BUILTIN_DEFAULTS, "size": native_size}
         out = {k: explicit[k] if explicit[k] is not None else recommended.get(k, v) for k, v in builtin.items()}
-        size = int(out["size"])  # type: ignore[call-overload]
+        size = out["size"]
+        if not isinstance(size, int) or isinstance(size, bool):  # kiln.json may say 512.0 or "512"
+            raise ValueError(f"default size={size!r} must be a whole number of pixels")
         CompileConfig(name=self.name, default_steps=int(out["steps"]),  # type: ignore[call-overload]
                       default_guidance_scale=float(out["guidance_scale"]),  # type: ignore[arg-type]
                       default_sampler=str(out["sampler"]), max_steps=self.max_steps,

@@ -68,6 +68,9 @@ def test_kiln_json_size_then_default_size(tiny_source: Path, tmp_path: Path) -> 
     (src / "kiln.json").write_text(json.dumps({"defaults": {"size": 100}}))
     with pytest.raises(ValueError, match="default_size=100 must be a multiple of 8"):
         compile_model(src, store, CompileConfig(name="c"), progress=False)
+    (src / "kiln.json").write_text(json.dumps({"defaults": {"size": "512"}}))
+    with pytest.raises(ValueError, match="default size='512' must be a whole number of pixels"):
+        compile_model(src, store, CompileConfig(name="c"), progress=False)
     (src / "kiln.json").write_text(json.dumps({"defaults": {"width": 512}}))
     with pytest.raises(ValueError, match=r"unknown defaults \['width'\]; allowed: steps, guidance_scale, sampler, "
                                          "size"):
