@@ -129,7 +129,7 @@ def _ancestral_noise(n: int, seed: int = 99):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("sampler", "negative", "num_images"), [("euler", "", 1), ("dpmpp_2m_karras", "blurry", 2)])
 def test_text_to_image_matches_diffusers(sd2: Sd2, sampler: str, negative: str, num_images: int) -> None:
-    prompt, steps, guidance, size = "a red circle on a blue background", 10, 7.5, sd2.size
+    prompt, steps, guidance, size = "a red circle on a blue background", 8, 7.5, sd2.size
     latents = np.random.default_rng(5).standard_normal((num_images, 4, size // 8, size // 8), dtype=np.float32)
     with torch.inference_mode():
         ref = sd2.pipe("StableDiffusionPipeline", sampler)(
@@ -151,7 +151,7 @@ def test_text_to_image_matches_diffusers(sd2: Sd2, sampler: str, negative: str, 
 def test_img2img_matches_diffusers(sd2: Sd2, monkeypatch: pytest.MonkeyPatch, sampler: str, strength: float) -> None:
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
 
-    steps, guidance, image = 10, 7.5, init_image(sd2.size)
+    steps, guidance, image = 8, 7.5, init_image(sd2.size)
     g_ref, retrieve, noise_fn, encode_noise_fn = streams()
     monkeypatch.setattr(module, "retrieve_latents", retrieve)
     m = sd2.model.manifest  # type: ignore[attr-defined]
