@@ -1,10 +1,11 @@
 """SD 2.x against diffusers in all three modes, epsilon and v-prediction, and a turbo request (issue 23).
 
-Two tiny models of the SD 2.x design (`kiln models init`): `tiny-v2` (OpenCLIP-style text encoder, "!" padding,
-linear attention projections, upcast attention; epsilon) and `tiny-v2-768` (as SD 2.1 768-v: per-block head
-counts, v-prediction, a larger native size). Each is compiled once; its images must match diffusers'
-StableDiffusion, Img2Img and Inpaint pipelines on the same folder with the same latents and noise within 1/255
-mean and 3/255 max, as SD v1's do (tests/runtime/test_diffusers_parity.py, test_image_editing.py).
+Tiny models of the SD 2.x design (`kiln models init`): `tiny-v2` (OpenCLIP-style text encoder, "!" padding,
+linear attention projections, upcast attention; epsilon), `tiny-v2-768` (as SD 2.1 768-v: per-block head counts,
+v-prediction, a larger native size) and `tiny-v2-inpainting` (a 9-channel UNet). Each is compiled once, into one
+store; its images must match diffusers' StableDiffusion, Img2Img and Inpaint pipelines on the same folder with the
+same latents and noise within 1/255 mean and 3/255 max, as SD v1's do (tests/runtime/test_diffusers_parity.py,
+test_image_editing.py). `tiny-v2` compiled with `--preset turbo` serves a turbo request as SD-Turbo's setup does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from compiler.source.init import CONFIGS
 from proto.kiln.v1 import kiln_pb2 as pb
 from runtime.pipeline import Pipeline
 from runtime.validate import validate
@@ -92,8 +94,6 @@ def sd2(request: pytest.FixtureRequest, sd2_store: tuple[Path, dict[str, Path]])
 def test_the_tiny_models_have_the_sd2_features(sd2: Sd2) -> None:
     """What the real SD 2.x configs (compiler/source/configs/sd-v2, sd-v2-768) have, the tiny ones have too."""
     unet = json.loads((sd2.source / "unet/config.json").read_text())
-    from compiler.source.init import CONFIGS
-
     real = json.loads((CONFIGS / "sd-v2-768/unet/config.json").read_text())
     assert unet["use_linear_projection"] is real["use_linear_projection"] is True
     assert unet["upcast_attention"] is real["upcast_attention"] is True
