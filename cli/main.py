@@ -55,7 +55,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
                            reuse_exports=not args.no_reuse, tome=args.tome, attention_slicing=args.attention_slicing,
                            default_steps=args.default_steps, default_guidance_scale=args.default_guidance,
-                           default_sampler=args.default_sampler, quantize=quantize,
+                           default_sampler=args.default_sampler, default_size=args.default_size,
+                           preset=args.preset, quantize=quantize,
                            lora_inputs=args.lora_inputs, max_loras=args.max_loras)
     if args.parity_threshold:
         config.parity_threshold.update(_key_values(args.parity_threshold, "--parity-threshold"))
@@ -99,6 +100,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"bundle vs fp32: PSNR {f['psnr']:.1f} dB (min {f['psnr_min']:.1f}), SSIM {f['ssim']:.4f} over "
               f"{len(f['prompts'])} prompts at {f['steps']} steps"
               + ("  LOW FIDELITY: " + "; ".join(f["failures"]) if f["low_fidelity"] else ""))
+    d, preset = m.defaults, m.compile_config.get("preset")
+    print(f"request defaults: {d['width']}x{d['height']}, {d['sampler']}, {d['steps']} steps, guidance "
+          f"{d['guidance_scale']:g}" + (f" (preset {preset})" if preset else ""))
     print(f"bundle {m.name} version {m.version} at {result.path}")
     return 0
 
@@ -336,6 +340,21 @@ class _Archs:
         return iter(self._names())
 
 
+class _Presets:
+    """`--preset` choices, read from the compile config only when `compile` is parsed (as `_Archs`)."""
+
+    def _names(self) -> list[str]:
+        from compiler.config import PRESETS
+
+        return sorted(PRESETS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._names())
+
+
 def _api_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY", ""),
                    help="API key for servers with accounts (default: $KILN_API_KEY)")
@@ -354,7 +373,9 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument("dir")
     init.add_argument("--arch", required=True, choices=_Archs(), metavar="ARCH",
                       help="%(choices)s. shapes: the model Kiln trained (default demo); tiny, sd-v1 and their "
-                           "-inpainting (9-channel UNet) variants: random weights")
+                           "-inpainting (9-channel UNet) variants: random weights; tiny-v2 (and -inpainting), "
+                           "tiny-v2-768 (v-prediction): the SD 2.x design at tiny size; sd-v2, sd-v2-768, sd-turbo: "
+                           "SD 2.x at real size")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_models_init)
     ls = models.add_parser("list", help="list the models a server serves")
@@ -427,6 +448,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--default-guidance", type=float, help="request default (else kiln.json, else 7.5)")
     c.add_argument("--default-sampler", choices=list(SAMPLERS),
                    help="request default (else kiln.json, else dpmpp_2m_karras)")
+    c.add_argument("--default-size", type=int, metavar="PX",
+                   help="request default width and height, a multiple of 8 (else kiln.json's size, else the UNet's "
+                        "sample_size x 8)")
+    c.add_argument("--preset", choices=_Presets(), metavar="NAME",
+                   help="request defaults for a kind of model, recorded in the manifest; explicit --default-* flags "
+                        "win. turbo (SD-Turbo, SDXL-Turbo): steps 1, guidance 0, sampler turbo, size 512 "
+                        "(compiler/config.py PRESETS)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

@@ -63,6 +63,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     try:
         prepared = prepare.prepare(source_path, options, work, steps.stage)
         source = load_source(prepared.path)
+        _request_defaults(config, source)  # a bad default fails here, before any export
         if options.tiny_decoder:
             from compiler.source import vae
 
@@ -290,6 +291,21 @@ def _write_tokenizer(src: Path, dst: Path, folder: str = "tokenizer") -> dict:
     }
 
 
+def _request_defaults(config: CompileConfig, source) -> tuple[dict[str, object], int]:  # type: ignore[no-untyped-def]
+    """The bundle's request defaults (steps, guidance_scale, sampler) and default size, checked against the
+    model: its VAE's factor, and the default sampler's step limit on its schedule."""
+    defaults = config.resolve_defaults(source.recommended_defaults(), source.default_size)
+    size = int(defaults.pop("size"))  # type: ignore[call-overload]
+    if size < 8 * source.vae_scale_factor or size % source.vae_scale_factor:
+        raise ValueError(f"default size={size} must be a multiple of the VAE's factor {source.vae_scale_factor} "
+                         f"and at least {8 * source.vae_scale_factor}; give --default-size")
+    most = SAMPLERS[str(defaults["sampler"])].max_steps(NoiseSchedule.from_config(source.scheduler_config))
+    if int(defaults["steps"]) > most:  # type: ignore[call-overload]
+        raise ValueError(f"default steps={defaults['steps']} must be between 1 and {most} for default sampler "
+                         f"{defaults['sampler']!r}; give --default-steps")
+    return defaults, size
+
+
 def _manifest(config: CompileConfig, source, source_hash: str, components, tokenizer,  # type: ignore[no-untyped-def]
               tiny_sha256: str | None = None) -> Manifest:
     import onnxruntime
@@ -305,12 +321,7 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             # diffusers' SDXL pipelines: an empty negative prompt is all-zero embeddings, not the encoded ""
             "force_zeros_for_empty_prompt": bool(source.model_index.get("force_zeros_for_empty_prompt", True)),
         }
-    defaults = config.resolve_defaults(source.recommended_defaults())
-    most = SAMPLERS[str(defaults["sampler"])].max_steps(NoiseSchedule.from_config(source.scheduler_config))
-    if int(defaults["steps"]) > most:  # type: ignore[call-overload]
-        raise ValueError(f"default steps={defaults['steps']} must be between 1 and {most} for default sampler "
-                         f"{defaults['sampler']!r}; give --default-steps")
-    size = source.default_size
+    defaults, size = _request_defaults(config, source)
     key = f"{source_hash}:{config.hash()}"
     if tiny_sha256:  # the tiny decoder is not part of the source folder's hash (vae.check_tiny_decoder hashed it)
         key += f":tiny={tiny_sha256}"

@@ -16,6 +16,13 @@ PRECISIONS = precision_plan.PRECISIONS
 SAMPLER_NAMES = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "lcm", "turbo")
 """The runtime's sampler names (runtime.samplers.SAMPLERS; a test keeps the two equal)."""
 BUILTIN_DEFAULTS = {"steps": 20, "guidance_scale": 7.5, "sampler": "dpmpp_2m_karras"}
+MIN_DEFAULT_SIZE = 64
+"""The smallest default size a config may name (a bundle's min_size is 8 latent pixels: 64 for SD's VAE)."""
+PRESETS: dict[str, dict[str, object]] = {
+    # SD-Turbo, SDXL-Turbo: adversarially distilled for 1-4 steps at 512x512, without classifier-free guidance
+    "turbo": {"default_steps": 1, "default_guidance_scale": 0.0, "default_sampler": "turbo", "default_size": 512},
+}
+"""Named sets of request defaults (`kiln compile --preset NAME`); a field given explicitly wins over its preset."""
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -55,6 +62,13 @@ class CompileConfig:
     """Guidance when a request leaves it unset (0 to 30). None: `kiln.json`'s, else 7.5."""
     default_sampler: str | None = None
     """Sampler when a request leaves it unset. None: `kiln.json`'s, else dpmpp_2m_karras."""
+    default_size: int | None = None
+    """Width and height when a request leaves them unset (a multiple of 8, 64 to max_size). None: `kiln.json`'s
+    `defaults.size`, else the UNet's sample_size times the VAE's factor (SD 2.1's UNet says 768: SD-Turbo, its
+    distillation, is meant for 512)."""
+    preset: str | None = None
+    """Request defaults for a kind of model (PRESETS): `turbo` is steps 1, guidance 0, sampler turbo, size 512.
+    It fills the default_* fields left None; the manifest's compile_config keeps both."""
     reuse_exports: bool = True
     """Copy fp32 graphs already exported from the same source by the same exporter from a bundle in the
     store instead of exporting them again (compiler/reuse.py); their parity figures come along unless a pass
@@ -77,6 +91,12 @@ class CompileConfig:
                 "starting with a letter or digit"
             )
         self.plan = precision_plan.parse(self.precision)
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset={self.preset!r} is not one of: {', '.join(PRESETS)}")
+            for key, value in PRESETS[self.preset].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
         tome.check_args(self.tome)
         if self.attention_slicing != "off":
             self.attention_slicing = str(attention_slicing.parse(self.attention_slicing))
@@ -92,6 +112,10 @@ class CompileConfig:
             raise ValueError(f"default_guidance_scale={self.default_guidance_scale} must be between 0 and 30")
         if self.default_sampler is not None and self.default_sampler not in SAMPLER_NAMES:
             raise ValueError(f"default_sampler={self.default_sampler!r} is not one of: {', '.join(SAMPLER_NAMES)}")
+        if self.default_size is not None and (self.default_size % 8 or
+                                              not MIN_DEFAULT_SIZE <= self.default_size <= self.max_size):
+            raise ValueError(f"default_size={self.default_size} must be a multiple of 8 between {MIN_DEFAULT_SIZE} "
+                             f"and max_size={self.max_size}")
         if not 1 <= self.max_images <= 16:
             raise ValueError(f"max_images={self.max_images} must be between 1 and 16")
         if not 1 <= self.max_loras <= 16:
@@ -104,13 +128,21 @@ class CompileConfig:
         if unknown:
             raise ValueError(f"parity_threshold names {sorted(unknown)}; components are {COMPONENT_NAMES}")
 
-    def resolve_defaults(self, recommended: dict[str, object]) -> dict[str, object]:
-        """Request defaults: explicit config first, then the source's recommendation, then Kiln's."""
+    def resolve_defaults(self, recommended: dict[str, object], native_size: int) -> dict[str, object]:
+        """Request defaults (steps, guidance_scale, sampler, size): explicit config or preset first, then the
+        source's recommendation (`kiln.json`), then Kiln's; the size last from the model (`native_size`)."""
         explicit = {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale,
-                    "sampler": self.default_sampler}
-        out = {k: explicit[k] if explicit[k] is not None else recommended.get(k, v) for k, v in BUILTIN_DEFAULTS.items()}
-        CompileConfig(name=self.name, default_steps=int(out["steps"]), default_guidance_scale=float(out["guidance_scale"]),
-                      default_sampler=str(out["sampler"]), max_steps=self.max_steps)  # validates them
+                    "sampler": self.default_sampler, "size": self.default_size}
+        builtin = {**BUILTIN_DEFAULTS, "size": native_size}
+        out = {k: explicit[k] if explicit[k] is not None else recommended.get(k, v) for k, v in builtin.items()}
+        size = out["size"]
+        if not isinstance(size, int) or isinstance(size, bool):  # kiln.json may say 512.0 or "512"
+            raise ValueError(f"default size={size!r} must be a whole number of pixels")
+        CompileConfig(name=self.name, default_steps=int(out["steps"]),  # type: ignore[call-overload]
+                      default_guidance_scale=float(out["guidance_scale"]),  # type: ignore[arg-type]
+                      default_sampler=str(out["sampler"]), max_steps=self.max_steps,
+                      default_size=size if size != native_size else None,  # the model's own may pass max_size
+                      max_size=self.max_size)  # validates them
         return out
 
     def graph_fields(self) -> dict[str, object]:

@@ -10,7 +10,8 @@ CONFIGS = Path(__file__).parent / "configs"
 TOKENIZER_DIR = CONFIGS / "sd-v1" / "tokenizer"
 PRETRAINED = Path(__file__).parent / "pretrained"
 
-# arch name -> (unet config folder, vae/text encoder/scheduler config folder); random weights
+# arch name -> (unet config folder, vae/text encoder/scheduler config folder); random weights. The UNet's folder
+# may hold its own scheduler/ (a variant's prediction type or timestep spacing) and kiln.json (request defaults).
 RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     "tiny": ("tiny", "tiny"),
     "sd-v1": ("sd-v1", "sd-v1"),
@@ -19,11 +20,21 @@ RANDOM_ARCHS: dict[str, tuple[str, str]] = {
     "sd-v1-inpainting": ("sd-v1-inpainting", "sd-v1"),
     # the SD 2.x design at tiny size (OpenCLIP-style text encoder, linear attention projections, "!" padding)
     "tiny-v2": ("tiny-v2", "tiny-v2"),
+    "tiny-v2-inpainting": ("tiny-v2-inpainting", "tiny-v2"),
+    # SD 2.1 768-v at tiny size: v-prediction, per-block head counts, upcast attention
+    "tiny-v2-768": ("tiny-v2-768", "tiny-v2"),
+    # real-size SD 2.x (OpenCLIP-H text encoder, 23 layers): 512 base (epsilon), 768-v, and SD-Turbo (the 2.1
+    # architecture, distilled for 1-4 steps without guidance; its kiln.json says so)
+    "sd-v2": ("sd-v2", "sd-v2"),
+    "sd-v2-768": ("sd-v2-768", "sd-v2"),
+    "sd-turbo": ("sd-turbo", "sd-v2"),
     # SDXL: two text encoders (CLIP ViT-L, OpenCLIP bigG with projection), text_time added conditioning
     "tiny-sdxl": ("tiny-sdxl", "tiny-sdxl"),
     "sdxl": ("sdxl", "sdxl"),
     "tiny-sdxl-inpainting": ("tiny-sdxl-inpainting", "tiny-sdxl"),
     "sdxl-inpainting": ("sdxl-inpainting", "sdxl"),
+    # SDXL-Turbo: the SDXL design at 512 (sample_size 64), distilled for 1-4 steps without guidance
+    "sdxl-turbo": ("sdxl-turbo", "sdxl"),
 }
 TRAINED_ARCHS = ("shapes",)
 """Models Kiln trained itself and ships (fp16 safetensors in `pretrained/NAME/`, tokenizer added on init)."""
@@ -59,7 +70,7 @@ def _read(path: Path) -> dict:
 
 def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = True) -> Path:
     """Write a diffusers folder for `arch`: the shipped trained weights (`shapes`), or weights drawn from
-    `torch.manual_seed(seed)` (`tiny`, `sd-v1`).
+    `torch.manual_seed(seed)` (`tiny`, `sd-v1`, `sd-v2`, ...).
 
     The same (arch, seed) always gives the same weights, so tests and benchmarks can rebuild
     a model instead of downloading one.
@@ -105,7 +116,10 @@ def init_model(out_dir: str | Path, arch: str, seed: int = 0, progress: bool = T
         shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer_2")
         shutil.copytree(rest_dir / "tokenizer_2", tmp / "tokenizer_2", dirs_exist_ok=True)
     (tmp / "scheduler").mkdir()
-    shutil.copy(rest_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
+    scheduler_dir = unet_dir if (unet_dir / "scheduler").is_dir() else rest_dir
+    shutil.copy(scheduler_dir / "scheduler/scheduler_config.json", tmp / "scheduler/scheduler_config.json")
+    if (unet_dir / "kiln.json").exists():
+        shutil.copy(unet_dir / "kiln.json", tmp / "kiln.json")
     import diffusers
 
     index = {**(SDXL_MODEL_INDEX if sdxl else MODEL_INDEX), "_diffusers_version": diffusers.__version__}

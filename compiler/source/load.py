@@ -105,14 +105,16 @@ class SourceModel:
         self._modules.clear()
 
     def recommended_defaults(self) -> dict[str, Any]:
-        """`kiln.json` beside `model_index.json` may recommend request defaults (steps, guidance_scale, sampler)."""
+        """`kiln.json` beside `model_index.json` may recommend request defaults (steps, guidance_scale, sampler,
+        and size: the width and height, e.g. 512 for SD-Turbo, whose SD 2.1 UNet says 768)."""
         path = self.path / "kiln.json"
         if not path.exists():
             return {}
         data = json.loads(path.read_text()).get("defaults", {})
-        unknown = set(data) - {"steps", "guidance_scale", "sampler"}
+        unknown = set(data) - {"steps", "guidance_scale", "sampler", "size"}
         if unknown:
-            raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; allowed: steps, guidance_scale, sampler")
+            raise ValueError(f"{path}: unknown defaults {sorted(unknown)}; allowed: steps, guidance_scale, sampler, "
+                             "size")
         return data
 
     def content_hash(self) -> str:

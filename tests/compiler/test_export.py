@@ -25,7 +25,8 @@ def test_init_is_deterministic_per_seed(tiny_source: Path, tmp_path: Path) -> No
 
 
 def test_init_rejects_unknown_arch_and_nonempty_dir(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"arch=.sd-v9. is not one of: sd-v1, sd-v1-inpainting, shapes, tiny, tiny-inpainting"):
+    with pytest.raises(ValueError, match=r"arch=.sd-v9. is not one of: sd-turbo, sd-v1, sd-v1-inpainting, sd-v2, sd-v2-768, sdxl, "
+                                         "sdxl-inpainting, sdxl-turbo, shapes, tiny, tiny-inpainting"):
         init_model(tmp_path / "x", "sd-v9")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("x")
@@ -54,6 +55,54 @@ def test_sd_v1_configs_build_the_real_architecture() -> None:
     assert inpaint.config.in_channels == 9 and count(inpaint) == 859_520_964 + 5 * 320 * 3 * 3
     assert count(vae) == 83_653_863
     assert count(text) == 123_060_480
+
+
+def test_sd_v2_configs_build_the_real_architecture() -> None:
+    """The shipped SD 2.x configs (`models init --arch sd-v2`, `sd-v2-768`, `sd-turbo`): SD 2's 866M-parameter UNet
+    and the 23-layer OpenCLIP-H text encoder (on the meta device: no weights)."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device("meta"):
+        for name in ("sd-v2", "sd-v2-768", "sd-turbo"):
+            unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / name / "unet/config.json").read_text()))
+            assert count(unet) == 865_910_724, name
+        te = json.loads((CONFIGS / "sd-v2/text_encoder/config.json").read_text())
+        text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in te.items() if not k.startswith("_")}))
+    assert te["num_hidden_layers"] == 23 and count(text) == 340_387_840
+    scheduler = json.loads((CONFIGS / "sd-v2-768/scheduler/scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    turbo = json.loads((CONFIGS / "sd-turbo/kiln.json").read_text())["defaults"]
+    assert turbo == {"steps": 1, "guidance_scale": 0.0, "sampler": "turbo", "size": 512}
+
+
+def test_sdxl_configs_build_the_real_architecture() -> None:
+    """The shipped SDXL configs (`models init --arch sdxl`, `sdxl-turbo`, `sdxl-inpainting`): the 2.57B-parameter
+    UNet and the 695M-parameter OpenCLIP bigG text encoder with projection (on the meta device: no weights)."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    read = lambda path: json.loads((CONFIGS / path).read_text())  # noqa: E731
+    with torch.device("meta"):
+        for name in ("sdxl", "sdxl-turbo"):
+            assert count(UNet2DConditionModel.from_config(read(f"{name}/unet/config.json"))) == 2_567_463_684, name
+        inpaint = UNet2DConditionModel.from_config(read("sdxl-inpainting/unet/config.json"))
+        te = read("sdxl/text_encoder_2/config.json")
+        text = CLIPTextModelWithProjection(CLIPTextConfig(**{k: v for k, v in te.items() if not k.startswith("_")}))
+    assert count(inpaint) == 2_567_463_684 + 5 * 320 * 3 * 3
+    assert count(text) == 694_659_840
+    assert read("sdxl-turbo/kiln.json")["defaults"] == {"steps": 1, "guidance_scale": 0.0, "sampler": "turbo",
+                                                         "size": 512}
+    turbo = read("sdxl-turbo/scheduler/scheduler_config.json")
+    assert (turbo["_class_name"], turbo["timestep_spacing"]) == ("EulerAncestralDiscreteScheduler", "trailing")
 
 
 def test_large_models_get_exactly_one_external_data_file(tiny_bundle: Path, tmp_path: Path) -> None:
