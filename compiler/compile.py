@@ -265,8 +265,13 @@ def _decoders(source) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
 
 
 def _is_sdxl(source_path: str | Path) -> bool:
-    """A diffusers folder with SDXL's second text encoder (for the progress count; single files are SD 1.x/2.x)."""
-    return (Path(source_path) / "text_encoder_2").is_dir()
+    """A diffusers folder with SDXL's second text encoder, or a single file with one (for the progress count)."""
+    path = Path(source_path)
+    if path.is_file():
+        from compiler.source.single_file import names_sdxl
+
+        return names_sdxl(path)
+    return (path / "text_encoder_2").is_dir()
 
 
 def _write_tokenizer(src: Path, dst: Path, folder: str = "tokenizer") -> dict:
