@@ -53,6 +53,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     """Compile a local diffusers folder or single-file checkpoint, with `options` (LoRAs, embeddings, a VAE)
     applied, into a new bundle version; nothing is published on failure."""
     options = options or SourceOptions()
+    if config.lora_inputs:
+        lora_inputs.check_architecture(source_path, _is_sdxl(source_path))
     store = Store(store_root)
     quantize_stages = 1 + stage.stage_count(config.plan, _components(source_path)) if config.quantized else 0
     tiny = bool(options.tiny_decoder)
@@ -63,6 +65,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     try:
         prepared = prepare.prepare(source_path, options, work, steps.stage)
         source = load_source(prepared.path)
+        if config.lora_inputs:  # a pickle's family is known only now
+            lora_inputs.check_architecture(source_path, source.sdxl)
         if options.tiny_decoder:
             from compiler.source import vae
 

@@ -159,6 +159,17 @@ def wrap(inner: Any, module: Any, found: tuple[Target, ...], base_inputs: int) -
     return WithLoraInputs().eval()
 
 
+def check_architecture(source: object, sdxl: bool) -> None:
+    """Per-request LoRA inputs are built for SD 1.x / 2.x (one text encoder); an SDXL source raises SourceError
+    (nothing is published) pointing at compile-time fusing."""
+    if sdxl:
+        from compiler.source.errors import SourceError
+
+        raise SourceError(f"{source}: an SDXL model; --lora-inputs (per-request LoRA) is for SD 1.x / 2.x models "
+                          "so far (SDXL's second text encoder takes no LoRA inputs yet). Fuse SDXL LoRAs at compile "
+                          "time with --lora FILE[:SCALE]")
+
+
 def check_config(precision_plan: dict[str, str], tome: float, attention_slicing: str) -> None:
     """LoRA inputs combine with neither quantized UNet / text encoder weights nor the UNet's attention passes;
     raises ValueError saying which and why."""
