@@ -156,6 +156,9 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             if prepared.info.get("embeddings"):  # textual inversion: the tokens prompts write and what they expand to
                 tokenizer["embeddings"] = embeddings.tokenizer_section(staging / tokenizer["file"],
                                                                        prepared.info["embeddings"])
+                if source.sdxl:  # SDXL embeddings add the same tokens to the second tokenizer
+                    tokenizer["second"]["embeddings"] = embeddings.tokenizer_section(
+                        staging / tokenizer["second"]["file"], prepared.info["embeddings"], ids="token_ids_2")
             manifest = _manifest(config, source, source_hash, components, tokenizer,
                                  prepared.info.get("tiny_decoder", {}).get("sha256"))
             manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}

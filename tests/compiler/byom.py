@@ -22,7 +22,7 @@ def diffusers_pipe(folder: Path) -> Any:
     return pipe
 
 
-def kiln_image(bundle: Path, latents: np.ndarray, prompt: str, steps: int = 8) -> np.ndarray:
+def kiln_image(bundle: Path, latents: np.ndarray, prompt: str, steps: int = 8, decoder: str = "") -> np.ndarray:
     from model_store import BundleRef, Manifest
     from proto.kiln.v1 import kiln_pb2 as pb
     from runtime.model import load_bundle
@@ -32,8 +32,9 @@ def kiln_image(bundle: Path, latents: np.ndarray, prompt: str, steps: int = 8) -
     model = load_bundle(BundleRef(bundle, Manifest.read(bundle)))
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
     request = pb.GenerateRequest(model=model.manifest.name, prompt=prompt, width=w, height=h, steps=steps,
-                                 guidance_scale=7.5, sampler="euler", seed=0)
-    params = validate(request, model.manifest.defaults, model.manifest.limits, schedule=model.schedule)
+                                 guidance_scale=7.5, sampler="euler", seed=0, decoder=decoder)
+    params = validate(request, model.manifest.defaults, model.manifest.limits, schedule=model.schedule,
+                      decoders=tuple(model.manifest.model.get("decoders", {"full": None})))
     images, _ = Pipeline(model).run(params, latents=latents)
     return images[0]
 
