@@ -183,7 +183,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
 def _merging(name: str, source, config: CompileConfig):  # type: ignore[no-untyped-def]
     """Token merging patched into the PyTorch UNet (for export and for the parity reference), else nothing."""
     if name == "unet" and config.tome:
-        return tome.patched(source.module("unet"), config.tome)
+        unet = source.module("unet")  # SDXL's first level has no attention: merge at its first that has
+        return tome.patched(unet, config.tome, max_downsample=tome.first_attention_downsample(unet))
     return contextlib.nullcontext()
 
 
