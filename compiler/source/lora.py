@@ -2,9 +2,9 @@
 
 diffusers reads the file (kohya / AUTOMATIC1111 `lora_unet_*` / `lora_te_*` names, SDXL's `lora_te1_*` /
 `lora_te2_*` for its two text encoders, LoCon convolutions and `alpha` included, or the diffusers / PEFT layout)
-and PEFT fuses it. PEFT skips keys that name no layer of the
-model without a word, so every low-rank pair is first checked against the pipeline's modules and shapes: a LoRA
-for another architecture fails naming its first key that does not fit.
+and PEFT fuses it. PEFT skips keys that name no layer of the model without a word, so every low-rank pair is
+first checked against the pipeline's modules and shapes: a LoRA for another architecture fails naming its first
+key that does not fit.
 """
 
 from __future__ import annotations
