@@ -53,8 +53,6 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     """Compile a local diffusers folder or single-file checkpoint, with `options` (LoRAs, embeddings, a VAE)
     applied, into a new bundle version; nothing is published on failure."""
     options = options or SourceOptions()
-    if config.lora_inputs:
-        lora_inputs.check_architecture(source_path, _is_sdxl(source_path))
     store = Store(store_root)
     quantize_stages = 1 + stage.stage_count(config.plan, _components(source_path)) if config.quantized else 0
     tiny = bool(options.tiny_decoder)
@@ -65,8 +63,6 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     try:
         prepared = prepare.prepare(source_path, options, work, steps.stage)
         source = load_source(prepared.path)
-        if config.lora_inputs:  # a pickle's family is known only now
-            lora_inputs.check_architecture(source_path, source.sdxl)
         if options.tiny_decoder:
             from compiler.source import vae
 
@@ -82,7 +78,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         for name, spec in components_for(source).items():
             out = staging / f"{name}.onnx"
             if config.lora_inputs and name in lora_inputs.COMPONENTS:
-                spec = lora_inputs.extend_spec(spec, lora_inputs.targets(name, source.module(spec.source_module)))
+                spec = lora_inputs.extend_spec(spec, lora_inputs.targets(name, source.module(spec.source_module),
+                                                                         spec.kind))
             # the source hash does not cover the tiny decoder: a donor's may be another one
             given = donor.manifest.components.get(name) if donor and name in COMPONENTS else None
             unet_passes = name == "unet" and config.unet_passes
@@ -250,9 +247,12 @@ def _write_lora_configs(source, staging: Path, manifest: Manifest, config: Compi
     shutil.copy(source.path / "text_encoder/config.json", folder / "text_encoder_config.json")
     manifest.model["lora_inputs"] = {
         "targets": {n: sum(i.startswith(lora_inputs.DOWN) for i in manifest.components[n].inputs)
-                    for n in lora_inputs.COMPONENTS},
+                    for n in lora_inputs.COMPONENTS if n in manifest.components},
         "unet_config": "lora/unet_config.json", "text_encoder_config": "lora/text_encoder_config.json",
     }
+    if source.sdxl:  # the second text encoder's shapes, for `kiln lora add`
+        shutil.copy(source.path / "text_encoder_2/config.json", folder / "text_encoder_2_config.json")
+        manifest.model["lora_inputs"]["text_encoder_2_config"] = "lora/text_encoder_2_config.json"
     manifest.limits["max_loras"] = config.max_loras
 
 

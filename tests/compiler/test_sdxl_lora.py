@@ -1,6 +1,7 @@
 """`kiln compile --lora` on SDXL: kohya files (`lora_unet_*`, `lora_te1_*`, `lora_te2_*`, LoCon convolutions,
 alpha) and diffusers / PEFT files, fused into the UNet and both text encoders, against diffusers' SDXL pipeline
-loading the same files; LoRAs of the other family refused by key; `--lora-inputs` refused for SDXL."""
+loading the same files; LoRAs of the other family refused by key (per-request LoRA on SDXL:
+tests/compiler/test_sdxl_lora_inputs.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from compiler.source.errors import SourceError
 from compiler.source.options import LoraSpec, SourceOptions
 from model_store import Manifest, Store, sha256_file
 from tests.compiler.byom import assert_images_match, diffusers_image, diffusers_pipe, kiln_image
-from tests.conftest import kiln
 from tests.lora_files import LOCON_TARGETS, UNET_TARGETS, write_kohya, write_peft
 
 PROMPT = "a small green square, on the left"
@@ -92,14 +92,3 @@ def test_loras_of_the_other_family_are_refused_by_key(tiny_source: Path, tiny_sd
         compile_model(tiny_source, store, CompileConfig(name="bad"), progress=False,
                       options=SourceOptions(loras=[LoraSpec(str(sdxl_loras["kohya"]))]))
     assert Store(store).versions("bad") == []
-
-
-def test_lora_inputs_are_refused_for_sdxl(tiny_sdxl_source: Path, tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match=r"an SDXL model; --lora-inputs \(per-request LoRA\) is for SD 1\.x / 2\.x "
-                                          r"models so far .* --lora FILE\[:SCALE\]"):
-        compile_model(tiny_sdxl_source, tmp_path / "store", CompileConfig(name="x", lora_inputs=True),
-                      progress=False)
-    r = kiln("compile", str(tiny_sdxl_source), "--name", "x", "--store", str(tmp_path / "store"), "--lora-inputs",
-             "--quiet")
-    assert r.returncode == 5 and "nothing was published" in r.stderr and "--lora-inputs" in r.stderr
-    assert not (tmp_path / "store/x").exists() or list((tmp_path / "store/x").iterdir()) == []
