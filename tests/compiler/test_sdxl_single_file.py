@@ -17,7 +17,7 @@ from compiler.compile import compile_model
 from compiler.config import CompileConfig
 from compiler.source.errors import SourceError
 from compiler.source.options import SourceOptions
-from compiler.source.single_file import CONFIGS, detect
+from compiler.source.single_file import CONFIGS, detect, load_pipeline
 from model_store import Manifest, Store, sha256_file
 from tests.compiler.byom import assert_images_match, diffusers_image, kiln_image
 from tests.compiler.ldm_layout import modules_to_ldm, to_ldm
@@ -31,7 +31,7 @@ def sdxl_ldm(tiny_sdxl_source: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sdxl_ckpt(sdxl_ldm: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sdxl-ckpt") / "tiny-sdxl-model.safetensors"
-    save_file({k: v.half() for k, v in sdxl_ldm.items()}, str(path))  # shared files are fp16
+    save_file(sdxl_ldm, str(path))
     return path
 
 
@@ -41,38 +41,23 @@ def sdxl_file_bundle(sdxl_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) 
     return compile_model(sdxl_ckpt, store, CompileConfig(name="sdxl-file"), progress=False).path
 
 
-@pytest.fixture(scope="module")
-def half_folder(tiny_sdxl_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny SDXL folder with its weights rounded through fp16, as the fp16 file holds them."""
-    from tests.compiler.byom import diffusers_pipe
-
-    pipe = diffusers_pipe(tiny_sdxl_source)
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        getattr(pipe, part).to(torch.float16).to(torch.float32)
-    out = tmp_path_factory.mktemp("sdxl-half") / "half"
-    pipe.save_pretrained(out)
-    (out / "scheduler/scheduler_config.json").write_text(
-        (tiny_sdxl_source / "scheduler/scheduler_config.json").read_text())
-    return out
-
-
 def _outputs(bundle: Path, component: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     s = ort.InferenceSession(str(bundle / f"{component}.onnx"), providers=["CPUExecutionProvider"])
     types = {i.name: np.int64 if i.type == "tensor(int64)" else np.float32 for i in s.get_inputs()}
     return s.run(None, {k: v.astype(types[k]) for k, v in feeds.items()})
 
 
-def test_sdxl_file_bundle_equals_the_folder_bundle(sdxl_file_bundle: Path, sdxl_ckpt: Path, half_folder: Path,
-                                                   tmp_path: Path) -> None:
-    """Every component of the bundle compiled from the fp16 file computes what the folder's (with the same
-    weights rounded to fp16) does, within the compile's parity thresholds."""
+def test_sdxl_file_bundle_equals_the_folder_bundle(sdxl_file_bundle: Path, sdxl_ckpt: Path,
+                                                   tiny_sdxl_store: Path) -> None:
+    """Every component of the bundle compiled from the file computes what the folder's does, within the
+    compile's parity thresholds."""
     m = Manifest.read(sdxl_file_bundle)
     assert (m.source["family"], m.source["file_sha256"]) == ("tiny-sdxl", sha256_file(sdxl_ckpt))
-    assert m.source["file_dtypes"] == ["float16"] and m.source["prediction_type"] == "epsilon"
+    assert m.source["file_dtypes"] == ["float32"] and m.source["prediction_type"] == "epsilon"
     assert m.model["architecture"] == "sdxl" and m.model["sdxl"]["force_zeros_for_empty_prompt"] is True
     assert set(m.components) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
     assert m.tokenizer["second"]["pad_id"] == 0  # "!": OpenCLIP's padding, from the shipped tokenizer_2 settings
-    folder_bundle = compile_model(half_folder, tmp_path / "store", CompileConfig(name="half"), progress=False).path
+    folder_bundle = Store(tiny_sdxl_store).latest("tiny-sdxl").path
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 49408, (1, 77)).astype(np.int64)
     feeds = {
@@ -92,20 +77,38 @@ def test_sdxl_file_bundle_equals_the_folder_bundle(sdxl_file_bundle: Path, sdxl_
 
 
 def test_sdxl_file_image_matches_diffusers_loading_the_same_file(sdxl_file_bundle: Path, sdxl_ckpt: Path,
-                                                                 tiny_sdxl_source: Path, half_folder: Path) -> None:
+                                                                 tiny_sdxl_source: Path) -> None:
     """diffusers' own from_single_file for the UNet, VAE and first text encoder. Its second text encoder comes
-    from the fp16-rounded folder: diffusers picks the checkpoint's CLIP for it when both encoders have the same
-    width (only at tiny size: 32 and 32; real SDXL has 768 and 1280) and leaves the projection unloaded."""
+    from the folder: diffusers picks the checkpoint's CLIP for it when both encoders have the same width (only
+    at tiny size: 32 and 32; real SDXL has 768 and 1280) and leaves the projection unloaded."""
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(sdxl_ckpt), config=str(tiny_sdxl_source), local_files_only=True, torch_dtype=torch.float32,
-        add_watermarker=False, text_encoder_2=CLIPTextModelWithProjection.from_pretrained(half_folder / "text_encoder_2"))
+        add_watermarker=False,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_source / "text_encoder_2"))
     pipe.set_progress_bar_config(disable=True)
     latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8), dtype=np.float32)
     prompt = "a red circle on a blue background"
     assert_images_match(kiln_image(sdxl_file_bundle, latents, prompt), diffusers_image(pipe, latents, prompt))
+
+
+def test_fp16_sdxl_file_loads_every_part_upcast(sdxl_ldm: dict[str, torch.Tensor], tiny_sdxl_source: Path,
+                                                tmp_path: Path) -> None:
+    """Shared SDXL files are fp16: every part of the pipeline holds the file's values upcast to fp32."""
+    from tests.compiler.byom import diffusers_pipe
+
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half() for k, v in sdxl_ldm.items()}, str(path))
+    pipe, info, _ = load_pipeline(path, SourceOptions())
+    assert info["file_dtypes"] == ["float16"] and info["family"] == "tiny-sdxl"
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    want = diffusers_pipe(tiny_sdxl_source)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got = getattr(pipe, part).state_dict()
+        for k, v in getattr(want, part).state_dict().items():
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()), (part, k)
 
 
 def _real_size_shapes(config: str, refiner: bool = False) -> dict[str, torch.Tensor]:
