@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.config import NAME_RE
+from compiler.lora_inputs import unused_layer
 from compiler.source.errors import SourceError
 from model_store import Store, sha256_file
 from runtime.adapters import ADAPTERS_DIR, COMPONENTS, DOWN, UP, tensor_key
@@ -55,13 +56,20 @@ def add_adapter(file: str | Path, store_root: str | Path, model: str, name: str 
         raise FileExistsError(f"adapter {name!r} of {model} exists ({out}); remove it first or pass another --name")
     modules = {"unet": _empty_unet(ref.path / lora["unet_config"]),
                "text_encoder": _empty_text_encoder(ref.path / lora["text_encoder_config"])}
+    if lora.get("text_encoder_2_config"):  # SDXL
+        modules["text_encoder_2"] = _empty_text_encoder(ref.path / lora["text_encoder_2_config"], projection=True)
     pairs = _read_lora(path, modules)
-    inputs = {c: set(ref.manifest.components[c].inputs) for c in COMPONENTS}
+    present = [c for c in COMPONENTS if c in modules]
+    inputs = {c: set(ref.manifest.components[c].inputs) for c in present}
     tensors: dict[str, Any] = {}
-    targets: dict[str, int] = {c: 0 for c in COMPONENTS}
+    targets: dict[str, int] = {c: 0 for c in present}
     rank = 0
+    # SDXL's first text encoder ends at its penultimate layer: pairs in its last change nothing (no inputs there)
+    unused = {"text_encoder": unused_layer(modules["text_encoder"])} if "text_encoder_2" in modules else {}
     for component, layers in pairs.items():
         for layer, (down, up) in layers.items():
+            if component in unused and layer.startswith(unused[component]):
+                continue
             if DOWN + layer not in inputs[component]:
                 raise SourceError(f"{path}: layer {component}.{layer} has no LoRA input in bundle {model} "
                                   f"{ref.manifest.version} (per-request LoRA covers the attention, feed-forward and "
@@ -105,13 +113,14 @@ def _empty_unet(config: Path) -> Any:
     return unet.to_empty(device="cpu").eval()
 
 
-def _empty_text_encoder(config: Path) -> Any:
+def _empty_text_encoder(config: Path, projection: bool = False) -> Any:
+    """CLIPTextModel, or CLIPTextModelWithProjection (`projection`: SDXL's second text encoder)."""
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = {k: v for k, v in json.loads(config.read_text()).items() if k not in ("architectures",)}
     with init_empty_weights():
-        te = CLIPTextModel(CLIPTextConfig(**cfg))
+        te = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**cfg))
     return te.to_empty(device="cpu").eval()
 
 
@@ -131,11 +140,13 @@ class _Unexpected(logging.Handler):
 def _read_lora(path: Path, modules: dict[str, Any]) -> dict[str, dict[str, tuple[Any, Any]]]:
     """component -> layer path -> (down [r, in], up [out, r] with the scaling folded in), as numpy float32."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.tuners.lora import LoraLayer
 
+    sdxl = "text_encoder_2" in modules
+    loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline  # SDXL: lora_te1_/lora_te2_ names
     try:
-        state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+        state, alphas = loader.lora_state_dict(str(path))
     except Exception as e:  # noqa: BLE001 -- any reader failure means the file is no LoRA Kiln can read
         raise SourceError(f"{path}: not a LoRA file diffusers can read ({type(e).__name__}: {e})") from None
     if not state:
@@ -145,9 +156,12 @@ def _read_lora(path: Path, modules: dict[str, Any]) -> dict[str, dict[str, tuple
     logger.addHandler(handler)
     try:
         with torch.no_grad():
-            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=ADAPTER_NAME)
-            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=modules["text_encoder"],
-                                                                adapter_name=ADAPTER_NAME)
+            loader.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=ADAPTER_NAME)
+            loader.load_lora_into_text_encoder(state, alphas, text_encoder=modules["text_encoder"],
+                                               prefix="text_encoder", adapter_name=ADAPTER_NAME)
+            if sdxl:
+                loader.load_lora_into_text_encoder(state, alphas, text_encoder=modules["text_encoder_2"],
+                                                   prefix="text_encoder_2", adapter_name=ADAPTER_NAME)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"{path}: does not fit this model's UNet / text encoder: {first}") from None

@@ -79,7 +79,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
         for name, spec in components_for(source).items():
             out = staging / f"{name}.onnx"
             if config.lora_inputs and name in lora_inputs.COMPONENTS:
-                spec = lora_inputs.extend_spec(spec, lora_inputs.targets(name, source.module(spec.source_module)))
+                spec = lora_inputs.extend_spec(spec, lora_inputs.targets(name, source.module(spec.source_module),
+                                                                         spec.kind))
             # the source hash does not cover the tiny decoder: a donor's may be another one
             given = donor.manifest.components.get(name) if donor and name != TINY_DECODER.name else None
             unet_passes = name == "unet" and config.unet_passes
@@ -153,6 +154,9 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
             if prepared.info.get("embeddings"):  # textual inversion: the tokens prompts write and what they expand to
                 tokenizer["embeddings"] = embeddings.tokenizer_section(staging / tokenizer["file"],
                                                                        prepared.info["embeddings"])
+                if source.sdxl:  # SDXL embeddings add the same tokens to the second tokenizer
+                    tokenizer["second"]["embeddings"] = embeddings.tokenizer_section(
+                        staging / tokenizer["second"]["file"], prepared.info["embeddings"], ids="token_ids_2")
             manifest = _manifest(config, source, source_hash, components, tokenizer,
                                  prepared.info.get("tiny_decoder", {}).get("sha256"))
             manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}
@@ -177,7 +181,8 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
 def _merging(name: str, source, config: CompileConfig):  # type: ignore[no-untyped-def]
     """Token merging patched into the PyTorch UNet (for export and for the parity reference), else nothing."""
     if name == "unet" and config.tome:
-        return tome.patched(source.module("unet"), config.tome)
+        unet = source.module("unet")  # SDXL's first level has no attention: merge at its first that has
+        return tome.patched(unet, config.tome, max_downsample=tome.first_attention_downsample(unet))
     return contextlib.nullcontext()
 
 
@@ -243,9 +248,12 @@ def _write_lora_configs(source, staging: Path, manifest: Manifest, config: Compi
     shutil.copy(source.path / "text_encoder/config.json", folder / "text_encoder_config.json")
     manifest.model["lora_inputs"] = {
         "targets": {n: sum(i.startswith(lora_inputs.DOWN) for i in manifest.components[n].inputs)
-                    for n in lora_inputs.COMPONENTS},
+                    for n in lora_inputs.COMPONENTS if n in manifest.components},
         "unet_config": "lora/unet_config.json", "text_encoder_config": "lora/text_encoder_config.json",
     }
+    if source.sdxl:  # the second text encoder's shapes, for `kiln lora add`
+        shutil.copy(source.path / "text_encoder_2/config.json", folder / "text_encoder_2_config.json")
+        manifest.model["lora_inputs"]["text_encoder_2_config"] = "lora/text_encoder_2_config.json"
     manifest.limits["max_loras"] = config.max_loras
 
 
@@ -266,8 +274,13 @@ def _decoders(source) -> dict[str, dict[str, object]]:  # type: ignore[no-untype
 
 
 def _is_sdxl(source_path: str | Path) -> bool:
-    """A diffusers folder with SDXL's second text encoder (for the progress count; single files are SD 1.x/2.x)."""
-    return (Path(source_path) / "text_encoder_2").is_dir()
+    """A diffusers folder with SDXL's second text encoder, or a single file with one (for the progress count)."""
+    path = Path(source_path)
+    if path.is_file():
+        from compiler.source.single_file import names_sdxl
+
+        return names_sdxl(path)
+    return (path / "text_encoder_2").is_dir()
 
 
 def _write_tokenizer(src: Path, dst: Path, folder: str = "tokenizer") -> dict:

@@ -1,4 +1,4 @@
-"""`kiln compile --lora-inputs`: every LoRA-targetable layer of the UNet and text encoder gets a low-rank delta
+"""`kiln compile --lora-inputs`: every LoRA-targetable layer of the UNet and text encoder(s) gets a low-rank delta
 fed as graph inputs, so LoRA adapters can be chosen per request without recompiling.
 
 Each target computes `y = layer(x) + up(down(x))`, where `down` [r, in] and `up` [out, r] are graph inputs
@@ -7,7 +7,7 @@ is a dynamic axis: r = 0 (empty arrays) is the bundle as compiled, several adapt
 with their scales folded into `up` (runtime/adapters.py). The targets are the layers kohya's and diffusers'
 LoRA trainers adapt: in the UNet every Linear and 1x1 Conv2d inside a Transformer2DModel (attention
 to_q/to_k/to_v/to_out.0, the feed-forward's net.0.proj and net.2, proj_in/proj_out), in the text encoder every
-Linear of its layers (self_attn q/k/v/out_proj, mlp fc1/fc2).
+Linear of its layers (self_attn q/k/v/out_proj, mlp fc1/fc2); SDXL's second text encoder the same way.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 DOWN, UP = "lora_down.", "lora_up."
 """Prefixes of a target's two input names (then its module path)."""
-COMPONENTS = ("text_encoder", "unet")
-"""Components that get LoRA inputs."""
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+"""Components that get LoRA inputs (text_encoder_2: SDXL's, where the bundle has one)."""
 EXAMPLE_RANK = 2
 """Rank of the random deltas used for tracing and for the parity check (the exported graph takes any rank)."""
 
@@ -43,12 +43,27 @@ class Target:
         return UP + self.path
 
 
-def targets(component: str, module: Any) -> tuple[Target, ...]:
-    """The LoRA-targetable layers of a loaded UNet or CLIP text encoder, in module order."""
+def unused_layer(module: Any) -> str:
+    """The module-path prefix of a CLIP text encoder's last layer, which SDXL's first text encoder does not use
+    (its penultimate hidden states are the output): LoRA pairs there change nothing and get no inputs."""
+    import re
+
+    found = [(int(m.group(2)), m.group(1)) for path, _ in module.named_modules()
+             if (m := re.fullmatch(r"(.*\.)?(\d+)", path)) and path.rsplit(".", 2)[-2:-1] == ["layers"]]
+    index, prefix = max(found)
+    return f"{prefix}{index}."
+
+
+def targets(component: str, module: Any, kind: str = "") -> tuple[Target, ...]:
+    """The LoRA-targetable layers of a loaded UNet or CLIP text encoder, in module order; `kind`: the export
+    spec's (`sdxl_text_encoder`: the last layer, which the output does not use, is left out)."""
     import torch
 
+    skip = unused_layer(module) if kind == "sdxl_text_encoder" else None
     out: list[Target] = []
     for path, m in module.named_modules():
+        if skip is not None and path.startswith(skip):
+            continue
         if component == "unet":
             inside = ".attentions." in f".{path}" and (".transformer_blocks." in path or path.endswith(("proj_in", "proj_out")))
         else:
@@ -164,9 +179,11 @@ def check_config(precision_plan: dict[str, str], tome: float, attention_slicing:
     raises ValueError saying which and why."""
     from quantize.precision import resolved
 
-    low = [c for c in COMPONENTS if resolved(precision_plan[c]) != "fp32"]
+    # text_encoder_2 (SDXL) follows text_encoder unless the plan gives it its own entry
+    plan = precision_plan
+    low = [c for c in COMPONENTS if c in plan and resolved(plan[c]) != "fp32"]
     if low:
-        raise ValueError(f"lora_inputs: {', '.join(low)} at precision {precision_plan[low[0]]!r}; per-request LoRA "
+        raise ValueError(f"lora_inputs: {', '.join(low)} at precision {plan[low[0]]!r}; per-request LoRA "
                          "inputs need fp32 UNet and text encoder graphs (the quantizers would rewrite the LoRA "
                          "MatMuls and the layers they add to). Quantize only the VAE (e.g. --precision "
                          "vae_decoder=int8), or fuse LoRAs at compile time with --lora FILE:SCALE")

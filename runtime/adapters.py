@@ -29,7 +29,8 @@ ADAPTERS_DIR = "adapters"
 """Folder under `STORE/NAME/` holding the model's adapters (the store's version listing skips it: no manifest)."""
 DOWN, UP = "lora_down.", "lora_up."
 """Input-name prefixes of a targeted layer's two LoRA inputs (compiler/lora_inputs.py writes the same)."""
-COMPONENTS = ("text_encoder", "unet")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+"""Components with LoRA inputs (text_encoder_2: SDXL bundles')."""
 SCALE_RANGE = (-4.0, 4.0)
 """Scales a request may give an adapter."""
 CACHED_SELECTIONS = 8

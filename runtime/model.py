@@ -143,7 +143,8 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
                                     {e["token"]: e["tokens"] for e in tok.get("embeddings", [])})
         second = tok.get("second")
         tokenizer_2 = PromptTokenizer(path / second["file"], second["max_length"], second["bos_id"], second["eos_id"],
-                                      second["pad_id"]) if second else None
+                                      second["pad_id"], {e["token"]: e["tokens"] for e in second.get("embeddings", [])}
+                                      ) if second else None
     except ValueError as e:
         raise ManifestError(f"bundle {path}: {e}") from None
     if m.model.get("architecture") == "sdxl" and (tokenizer_2 is None or "text_encoder_2" not in sessions):

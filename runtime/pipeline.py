@@ -291,7 +291,8 @@ def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[tuple[
     pooled = None
     if model.sdxl:
         hidden = model.sessions["text_encoder"].run(feed)["hidden_states"]
-        second = model.sessions["text_encoder_2"].run({"input_ids": np.stack([t.ids for g in gens for t in g.tokens_2])})
+        second = model.sessions["text_encoder_2"].run({"input_ids": np.stack([t.ids for g in gens for t in g.tokens_2]),
+                                                       **model.lora_feeds("text_encoder_2", _one_selection(gens))})
         hidden = np.concatenate([hidden, second["hidden_states"]], axis=-1)
         pooled = second["text_embeds"]
     else:

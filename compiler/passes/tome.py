@@ -158,6 +158,15 @@ def _transformers_by_downsample(unet: torch.nn.Module) -> list[tuple[int, torch.
     return found
 
 
+def first_attention_downsample(unet: torch.nn.Module) -> int:
+    """The downsampling factor of the UNet's highest-resolution level that has attention: 1 for SD 1.x/2.x,
+    2 for SDXL (its first level has none), where ToMe for SD merges (`patched`'s `max_downsample`)."""
+    factors = [factor for factor, _ in _transformers_by_downsample(unet)]
+    if not factors:
+        raise ValueError("token merging needs self-attention; this UNet has no transformer blocks")
+    return min(factors)
+
+
 def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 

@@ -6,6 +6,10 @@ Formats (what diffusers' loader reads): AUTOMATIC1111 `.pt` (`string_to_param`) 
 tokens `TOKEN`, `TOKEN_1` ... `TOKEN_{n-1}`; prompts write `TOKEN` alone and the runtime expands it (the manifest's
 `tokenizer.embeddings` records each expansion). Pickles (`.pt`, `.bin`) are read only through PyTorch's
 `weights_only` loader, as diffusers does: a pickle holding anything but tensors and plain data is refused.
+
+SDXL models take SDXL embeddings: `clip_l` and `clip_g` tensors (the same number of vectors for each of its two
+text encoders), added with the same loader to each tokenizer and text encoder; the manifest records the second
+tokenizer's ids too (`token_ids_2`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from model_store import sha256_file
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".bin")
 A1111_PT, A1111_SAFETENSORS, DIFFUSERS = "automatic1111-pt", "automatic1111-safetensors", "diffusers"
+SDXL = "sdxl"
+"""An SDXL embedding: `clip_l` (the first text encoder's vectors) and `clip_g` (the second's)."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,13 @@ def add(pipe: Any, specs: list[EmbeddingSpec]) -> list[dict[str, Any]]:
     dict per file. All files are read and checked before the pipeline changes; SourceError names the file and
     what does not fit (unreadable, not weights, another text encoder's width, a token the tokenizer has)."""
     width = int(pipe.text_encoder.get_input_embeddings().weight.shape[1])
+    second = getattr(pipe, "text_encoder_2", None)
+    width_2 = int(second.get_input_embeddings().weight.shape[1]) if second is not None else None
     vocab = set(pipe.tokenizer.get_vocab())
     taken: dict[str, Path] = {}
     read = []
     for spec in specs:
-        emb = _read(spec, width, vocab)
+        emb = _read(spec, width, vocab, width_2)
         for t in emb.tokens:
             if t.lower() in taken:
                 raise SourceError(f"embedding {emb.path}: token {t!r} is also added by {taken[t.lower()]}; "
@@ -61,26 +69,36 @@ def add(pipe: Any, specs: list[EmbeddingSpec]) -> list[dict[str, Any]]:
         read.append(emb)
     info = []
     for emb in read:
-        pipe.load_textual_inversion(emb.state, token=emb.token, tokenizer=pipe.tokenizer,
-                                    text_encoder=pipe.text_encoder)
+        if emb.format == SDXL:
+            pipe.load_textual_inversion(emb.state["clip_l"], token=emb.token, tokenizer=pipe.tokenizer,
+                                        text_encoder=pipe.text_encoder)
+            pipe.load_textual_inversion(emb.state["clip_g"], token=emb.token, tokenizer=pipe.tokenizer_2,
+                                        text_encoder=pipe.text_encoder_2)
+        else:
+            pipe.load_textual_inversion(emb.state, token=emb.token, tokenizer=pipe.tokenizer,
+                                        text_encoder=pipe.text_encoder)
         ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in emb.tokens]
         info.append({
             "file": emb.path.name, "path": str(emb.path.resolve()), "sha256": sha256_file(emb.path),
             "format": emb.format, "token": emb.token, "vectors": len(emb.tokens), "tokens": emb.tokens,
             "token_ids": ids,
+            **({"token_ids_2": [pipe.tokenizer_2.convert_tokens_to_ids(t) for t in emb.tokens]}
+               if emb.format == SDXL else {}),
         })
     return info
 
 
-def tokenizer_section(tokenizer_json: Path, embeddings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def tokenizer_section(tokenizer_json: Path, embeddings: list[dict[str, Any]],
+                      ids: str = "token_ids") -> list[dict[str, Any]]:
     """The manifest's `tokenizer.embeddings`, in the order they were added: each token prompts write and the
     tokens it stands for (`{"token": "tok", "tokens": ["tok", "tok_1"]}`), after checking that the bundle's
-    `tokenizer.json` encodes every added token as the id its row was written at."""
+    `tokenizer.json` encodes every added token as the id its row was written at (`ids`: `token_ids_2` for
+    SDXL's second tokenizer)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     for e in embeddings:
-        for t, want in zip(e["tokens"], e["token_ids"], strict=True):
+        for t, want in zip(e["tokens"], e[ids], strict=True):
             got = tok.encode(t, add_special_tokens=False).ids
             if got != [want]:
                 raise SourceError(f"embedding {e['file']}: {tokenizer_json} encodes token {t!r} as {got}, not as "
@@ -88,10 +106,15 @@ def tokenizer_section(tokenizer_json: Path, embeddings: list[dict[str, Any]]) ->
     return [{"token": e["token"], "tokens": list(e["tokens"])} for e in embeddings]
 
 
-def _read(spec: EmbeddingSpec, width: int, vocab: set[str]) -> Embedding:
+def _read(spec: EmbeddingSpec, width: int, vocab: set[str], width_2: int | None = None) -> Embedding:
+    """`width_2`: an SDXL model's second text encoder's width (None: the model has one text encoder)."""
     path = Path(spec.path)
     state = _load(path)
-    fmt, own_token, vectors = _identify(path, state)
+    if width_2 is not None or _is_sdxl_embedding(state):
+        state = _check_sdxl(path, state, width, width_2)
+        fmt, own_token, vectors = SDXL, None, state["clip_l"]
+    else:
+        fmt, own_token, vectors = _identify(path, state)
     token = spec.token or own_token or path.stem
     vectors = _check_vectors(path, vectors, width)
     _check_token(path, token, vocab)
@@ -142,6 +165,30 @@ def _unpickler_reason(message: str) -> str:
     keep = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue",
                                                      "Check the documentation"))]
     return (keep or lines or ["unpickling failed"])[0]
+
+
+def _is_sdxl_embedding(state: Any) -> bool:
+    return isinstance(state, dict) and bool({"clip_l", "clip_g"} & set(map(str, state)))
+
+
+def _check_sdxl(path: Path, state: Any, width: int, width_2: int | None) -> dict[str, Any]:
+    """An SDXL model takes SDXL embeddings only (and an SDXL embedding needs an SDXL model): `clip_l` and
+    `clip_g` with the same number of vectors, each as wide as its text encoder's token embeddings."""
+    if width_2 is None:
+        raise SourceError(f"embedding {path}: keys {sorted(map(str, state))[:6]} are an SDXL embedding (clip_l/clip_g, "
+                          "for two text encoders); this model has one (SD 1.x/2.x embeddings hold string_to_param, "
+                          "emb_params or one token key)")
+    if not _is_sdxl_embedding(state) or not {"clip_l", "clip_g"} <= set(map(str, state)):
+        keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise SourceError(f"embedding {path}: an SDXL model takes SDXL embeddings (clip_l and clip_g tensors, one "
+                          f"set of vectors per text encoder); this file holds {keys}: an embedding for SD 1.x/2.x "
+                          "or an incomplete one")
+    clip_l = _check_vectors(path, state["clip_l"], width)
+    clip_g = _check_vectors(path, state["clip_g"], width_2)
+    if clip_l.reshape(-1, width).shape[0] != clip_g.reshape(-1, width_2).shape[0]:
+        raise SourceError(f"embedding {path}: clip_l has {clip_l.reshape(-1, width).shape[0]} vectors, clip_g "
+                          f"{clip_g.reshape(-1, width_2).shape[0]}; an SDXL embedding has as many for each encoder")
+    return {"clip_l": clip_l, "clip_g": clip_g}
 
 
 def _identify(path: Path, state: Any) -> tuple[str, str | None, Any]:

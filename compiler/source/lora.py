@@ -1,9 +1,10 @@
 """LoRA files fused into the UNet and text encoder weights before export (`kiln compile --lora FILE[:SCALE]`).
 
-diffusers reads the file (kohya / AUTOMATIC1111 `lora_unet_*` / `lora_te_*` names, LoCon convolutions and
-`alpha` included, or the diffusers / PEFT layout) and PEFT fuses it. PEFT skips keys that name no layer of the
-model without a word, so every low-rank pair is first checked against the pipeline's modules and shapes: a LoRA
-for another architecture fails naming its first key that does not fit.
+diffusers reads the file (kohya / AUTOMATIC1111 `lora_unet_*` / `lora_te_*` names, SDXL's `lora_te1_*` /
+`lora_te2_*` for its two text encoders, LoCon convolutions and `alpha` included, or the diffusers / PEFT layout)
+and PEFT fuses it. PEFT skips keys that name no layer of the model without a word, so every low-rank pair is
+first checked against the pipeline's modules and shapes: a LoRA for another architecture fails naming its first
+key that does not fit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from model_store import sha256_file
 
 PARTS = ("unet", "text_encoder")
 """Pipeline modules an SD 1.x / 2.x LoRA may change."""
+SDXL_PARTS = (*PARTS, "text_encoder_2")
+"""An SDXL LoRA's: the second text encoder (OpenCLIP bigG) too."""
+
+
+def parts(pipe: Any) -> tuple[str, ...]:
+    """The modules of `pipe` a LoRA may change."""
+    return SDXL_PARTS if getattr(pipe, "text_encoder_2", None) is not None else PARTS
 
 
 def read(path: Path, pipe: Any) -> tuple[dict[str, Any], dict[str, float] | None]:
@@ -35,14 +43,16 @@ def pairs(path: Path, state_dict: dict[str, Any], pipe: Any) -> dict[str, dict[s
     from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
     found: dict[str, dict[str, tuple[int, ...]]] = {}
+    names = parts(pipe)
     if not any("lora" in k.lower() for k in state_dict):
         first = sorted(state_dict)[0] if state_dict else "none"
         raise SourceError(f"{path}: holds no LoRA weights (no key names a lora pair; first key: {first})")
-    other = sorted(k for k in state_dict if k.split(".", 1)[0] not in PARTS)
+    other = sorted(k for k in state_dict if k.split(".", 1)[0] not in names)
     if other:
+        guess = "SD 1.x/2.x" if names == SDXL_PARTS else "SDXL?"
         raise SourceError(f"{path}: LoRA key {other[0]} is for a model part this model does not have "
-                          f"(it has {', '.join(PARTS)}): a LoRA for another architecture (SDXL?)")
-    for part in PARTS:
+                          f"(it has {', '.join(names)}): a LoRA for another architecture ({guess})")
+    for part in names:
         sub = {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + ".")}
         if not sub:
             continue
@@ -71,7 +81,7 @@ def pairs(path: Path, state_dict: dict[str, Any], pipe: Any) -> dict[str, dict[s
                 if side == ".lora_A.":
                     mods[name] = w
     if not any(found.values()):
-        raise SourceError(f"{path}: holds no LoRA pairs for {' or '.join(PARTS)}")
+        raise SourceError(f"{path}: holds no LoRA pairs for {' or '.join(names)}")
     return found
 
 
@@ -104,7 +114,7 @@ def fuse(pipe: Any, specs: list[LoraSpec]) -> list[dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's "several adapters in one model": that is the point here
         pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
-        pipe.fuse_lora(components=[p for p in PARTS if hasattr(pipe, p)], lora_scale=1.0, adapter_names=names)
+        pipe.fuse_lora(components=list(parts(pipe)), lora_scale=1.0, adapter_names=names)
         pipe.unload_lora_weights()
     return infos
 

@@ -92,11 +92,17 @@ def prepare(source: str | Path, options: SourceOptions, work: Path, stage: Stage
 
 
 def _load_folder(path: Path) -> Any:
-    """The folder's pipeline in fp32 (StableDiffusionPipeline, or the inpainting one for 9-channel UNets)."""
+    """The folder's pipeline in fp32 (StableDiffusionPipeline, or the inpainting one for 9-channel UNets; the
+    SDXL ones for an SDXL design)."""
     import torch
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     unet = json.loads((path / "unet/config.json").read_text())
+    if unet.get("addition_embed_type") == "text_time":
+        from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+        xl = StableDiffusionXLInpaintPipeline if int(unet.get("in_channels", 4)) == 9 else StableDiffusionXLPipeline
+        return xl.from_pretrained(path, torch_dtype=torch.float32, add_watermarker=False, local_files_only=True)
     cls = StableDiffusionInpaintPipeline if int(unet.get("in_channels", 4)) == 9 else StableDiffusionPipeline
     return cls.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False, local_files_only=True)

@@ -27,6 +27,14 @@ UNET_PREFIX = "model.diffusion_model."
 FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+"""SDXL (Stability's SGM layout): CLIP ViT-L in transformers' names."""
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+"""SDXL: OpenCLIP bigG, with its text projection."""
+REFINER_PREFIX = "conditioner.embedders.0.model."
+"""The SDXL refiner: OpenCLIP bigG as its only text encoder."""
+ADD_EMBEDDING = UNET_PREFIX + "label_emb.0.0.weight"
+"""SDXL's `text_time` added conditioning: pooled text embedding and size/crop embeddings in, time embedding out."""
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CROSS_ATTENTION_KEY = re.compile(r"^model\.diffusion_model\..*\.attn2\.to_k\.weight$")
@@ -40,7 +48,8 @@ class Family:
     rest: str
     """Config folder of the text encoder, VAE, scheduler and tokenizer."""
     text_encoder: str
-    """`clip` (SD 1.x: the checkpoint holds transformers' CLIP keys) or `open_clip` (SD 2.x)."""
+    """`clip` (SD 1.x: the checkpoint holds transformers' CLIP keys), `open_clip` (SD 2.x) or `sdxl` (both:
+    CLIP ViT-L and OpenCLIP bigG with projection, under `conditioner.embedders.*`)."""
     prediction_type: str | None
     """What the UNet predicts, or None where the tensors cannot tell (SD 2.x: the 512 base predicts epsilon,
     the 768 model v)."""
@@ -54,6 +63,8 @@ FAMILIES = (
     Family("tiny", "tiny", "tiny", "clip", "epsilon"),
     Family("tiny-inpainting", "tiny-inpainting", "tiny", "clip", "epsilon"),
     Family("tiny-v2", "tiny-v2", "tiny-v2", "open_clip", None),
+    Family("sdxl", "sdxl", "sdxl", "sdxl", "epsilon"),
+    Family("tiny-sdxl", "tiny-sdxl", "tiny-sdxl", "sdxl", "epsilon"),
 )
 V_FAMILY_UNET = {"sd-v2": "sd-v2-768"}
 """v-prediction variants with their own default size (SD 2.x 768-v)."""
@@ -93,37 +104,72 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
+def names_sdxl(path: Path) -> bool:
+    """Whether a `.safetensors` file's header names SDXL's second text encoder (read without loading any
+    tensor; other files: False). Only for counting compile stages: `detect` decides."""
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in f.keys())  # noqa: SIM118 - a safe_open handle, not a dict
+    except Exception:  # noqa: BLE001 - a damaged file is refused by read_checkpoint, with its reason
+        return False
+
+
 def detect(path: Path, ckpt: dict[str, Any], options: SourceOptions) -> tuple[Family, str, str]:
     """(family, prediction type, where the prediction type came from) for the checkpoint's tensors."""
     if FIRST_CONV not in ckpt:
-        if any(k.startswith("conditioner.embedders.") for k in ckpt):
-            raise SourceError(f"{path}: an SDXL checkpoint (conditioner.embedders.*); Kiln compiles SD 1.x and "
-                              "SD 2.x single files so far")
         first = ", ".join(sorted(ckpt)[:3]) or "no tensors at all"
-        raise SourceError(f"{path}: unknown layout: no {FIRST_CONV} (first tensors: {first}); expected an SD 1.x "
-                          "or SD 2.x checkpoint in the original layout (model.diffusion_model.*, "
-                          "first_stage_model.*, cond_stage_model.*)")
+        raise SourceError(f"{path}: unknown layout: no {FIRST_CONV} (first tensors: {first}); expected an SD 1.x, "
+                          "SD 2.x or SDXL checkpoint in the original layout (model.diffusion_model.*, "
+                          "first_stage_model.*, cond_stage_model.* or conditioner.embedders.*)")
     conv = tuple(ckpt[FIRST_CONV].shape)
     context = next((int(ckpt[k].shape[1]) for k in sorted(ckpt) if CROSS_ATTENTION_KEY.match(k)), None)
-    text = "open_clip" if any(k.startswith(OPEN_CLIP_PREFIX) for k in ckpt) else \
-        "clip" if any(k.startswith(CLIP_PREFIX) for k in ckpt) else None
-    if text is None:
-        raise SourceError(f"{path}: no text encoder (neither {CLIP_PREFIX}* nor {OPEN_CLIP_PREFIX}*)")
+    added = int(ckpt[ADD_EMBEDDING].shape[1]) if ADD_EMBEDDING in ckpt and ckpt[ADD_EMBEDDING].ndim == 2 else None
+    text = _text_encoders(path, ckpt)
     if options.model_config:
         family = Family("custom", "", "", text, None)
     else:
         for family in FAMILIES:
             unet = _read(CONFIGS / family.unet / "unet/config.json")
             if (family.text_encoder == text and len(conv) == 4 and conv[0] == unet["block_out_channels"][0]
-                    and conv[1] == unet["in_channels"] and context == unet["cross_attention_dim"]):
+                    and conv[1] == unet["in_channels"] and context == unet["cross_attention_dim"]
+                    and added == unet.get("projection_class_embeddings_input_dim")):
                 break
         else:
+            more = f", added-conditioning width {added}" if added is not None else ""
+            encoders = "SDXL's two text encoders" if text == "sdxl" else f"a {text} text encoder"
             raise SourceError(
-                f"{path}: {FIRST_CONV} has shape {list(conv)} with cross-attention width {context} and a "
-                f"{text} text encoder, which fits none of the families Kiln ships configs for "
+                f"{path}: {FIRST_CONV} has shape {list(conv)} with cross-attention width {context}{more} and "
+                f"{encoders}, which fits none of the families Kiln ships configs for "
                 f"({', '.join(f.name for f in FAMILIES)}); pass --model-config DIR with a diffusers folder's configs")
     prediction, origin = _prediction_type(path, family, options)
     return family, prediction, origin
+
+
+def _text_encoders(path: Path, ckpt: dict[str, Any]) -> str:
+    """`clip`, `open_clip` or `sdxl`, from the text encoders' key prefixes."""
+    has = {p: any(k.startswith(p) for k in ckpt)
+           for p in (CLIP_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX, REFINER_PREFIX)}
+    if has[REFINER_PREFIX] and not has[SDXL_OPEN_CLIP_PREFIX]:
+        raise SourceError(f"{path}: an SDXL refiner checkpoint (OpenCLIP bigG as its only text encoder, "
+                          f"{REFINER_PREFIX}*); Kiln compiles SDXL base-design checkpoints (two text encoders), "
+                          "not the refiner")
+    if has[SDXL_CLIP_PREFIX] or has[SDXL_OPEN_CLIP_PREFIX]:
+        lacking = [p for p in (SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX) if not has[p]]
+        if lacking:
+            which = "first" if lacking[0] == SDXL_CLIP_PREFIX else "second"
+            raise SourceError(f"{path}: an SDXL checkpoint without its {which} text encoder (no {lacking[0]}* "
+                              "tensors); is the file complete?")
+        return "sdxl"
+    if has[OPEN_CLIP_PREFIX]:
+        return "open_clip"
+    if has[CLIP_PREFIX]:
+        return "clip"
+    raise SourceError(f"{path}: no text encoder (none of {CLIP_PREFIX}*, {OPEN_CLIP_PREFIX}*, "
+                      f"{SDXL_CLIP_PREFIX}* with {SDXL_OPEN_CLIP_PREFIX}*)")
 
 
 def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -153,37 +199,60 @@ def load_pipeline(path: Path, options: SourceOptions) -> tuple[Any, dict[str, An
             AutoencoderKL,
             StableDiffusionInpaintPipeline,
             StableDiffusionPipeline,
+            StableDiffusionXLPipeline,
             UNet2DConditionModel,
         )
-        from diffusers.schedulers import PNDMScheduler
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from diffusers.schedulers import EulerDiscreteScheduler, PNDMScheduler
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        sdxl = family.text_encoder == "sdxl"
         with init_empty_weights():
             unet = UNet2DConditionModel.from_config(unet_cfg)
             vae = AutoencoderKL.from_config(vae_cfg)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_cfg.items()
-                                                           if not k.startswith("_") and k != "architectures"}))
-        if family.text_encoder == "clip":
-            text_sd = sfu.convert_ldm_clip_checkpoint(ckpt)
-        else:
+            text_encoder = CLIPTextModel(_text_config(text_cfg))
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(_read(configs / "text_encoder_2/config.json"))) \
+                if sdxl else None
+        if family.text_encoder == "open_clip":
             text_sd = sfu.convert_open_clip_checkpoint(text_encoder, ckpt)
-        text_sd.pop("text_model.embeddings.position_ids", None)
-        if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):  # transformers >= 5
-            text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+        else:  # SD 1.x's cond_stage_model.transformer.* or SDXL's conditioner.embedders.0.transformer.*
+            text_sd = sfu.convert_ldm_clip_checkpoint(ckpt)
+        parts = [(unet, unet_sd, "unet"), (vae, vae_sd, "vae"), (text_encoder, text_sd, "text_encoder")]
+        if text_encoder_2 is not None:
+            parts.append((text_encoder_2, sfu.convert_open_clip_checkpoint(text_encoder_2, ckpt,
+                                                                           prefix=SDXL_OPEN_CLIP_PREFIX),
+                          "text_encoder_2"))
         del ckpt
-        for module, sd, name in ((unet, unet_sd, "unet"), (vae, vae_sd, "vae"), (text_encoder, text_sd, "text_encoder")):
+        for module, sd, name in parts:
+            if name.startswith("text_encoder"):
+                sd.pop("text_model.embeddings.position_ids", None)
+                if not any(k.startswith("text_model.") for k in module.state_dict()):  # CLIPTextModel, transformers 5
+                    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
             _load_checked(path, family, name, module, sd)
         scheduler_config = _read(configs / "scheduler/scheduler_config.json")
-        scheduler = PNDMScheduler.from_config(scheduler_config)
         tokenizer = CLIPTokenizer.from_pretrained(str(configs / "tokenizer"))
-    cls = StableDiffusionInpaintPipeline if int(unet_cfg["in_channels"]) == 9 else StableDiffusionPipeline
-    pipe = cls(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe: Any
+        if text_encoder_2 is not None:
+            pipe = StableDiffusionXLPipeline(
+                vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+                tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(str(configs / "tokenizer_2")),
+                unet=unet.eval(), scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
+                force_zeros_for_empty_prompt=True, add_watermarker=False)
+        else:
+            cls = StableDiffusionInpaintPipeline if int(unet_cfg["in_channels"]) == 9 else StableDiffusionPipeline
+            pipe = cls(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                       scheduler=PNDMScheduler.from_config(scheduler_config), safety_checker=None,
+                       feature_extractor=None, requires_safety_checker=False)
     info = {"family": family.name, "file": path.name, "file_sha256": sha256_file(path), "file_dtypes": dtypes,
             "ema": ema, "prediction_type": prediction, "prediction_type_from": origin}
     if options.model_config:
         info["model_config"] = str(Path(options.model_config).resolve())
     return pipe, info, scheduler_config
+
+
+def _text_config(config: dict[str, Any]) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"})
 
 
 def _load_checked(path: Path, family: Family, name: str, module: Any, sd: dict[str, Any]) -> None:
@@ -258,12 +327,19 @@ def _config_dir(family: Family, prediction: str, options: SourceOptions, tmp: Pa
         rest = CONFIGS / family.rest
     for part in ("vae", "text_encoder", "scheduler"):
         shutil.copytree(rest / part, tmp / part)
+    if family.text_encoder == "sdxl":
+        if not (rest / "text_encoder_2/config.json").is_file():
+            raise SourceError(f"--model-config {rest}: lacks text_encoder_2/config.json (an SDXL checkpoint)")
+        shutil.copytree(rest / "text_encoder_2", tmp / "text_encoder_2")
     shutil.copytree(unet_dir / "unet", tmp / "unet")
-    tokenizer = rest / "tokenizer" if (rest / "tokenizer").is_dir() else CLIP_TOKENIZER
-    shutil.copytree(tokenizer, tmp / "tokenizer")
-    for f in ("vocab.json", "merges.txt"):  # families share CLIP's vocabulary
-        if not (tmp / "tokenizer" / f).exists() and not (tmp / "tokenizer/tokenizer.json").exists():
-            shutil.copy(CLIP_TOKENIZER / f, tmp / "tokenizer" / f)
+    for name in ("tokenizer", "tokenizer_2") if family.text_encoder == "sdxl" else ("tokenizer",):
+        # families share CLIP's vocabulary; a family's folder may hold its own settings (SDXL's second: "!" padding)
+        if (rest / name / "tokenizer.json").exists() or (rest / name / "vocab.json").exists():
+            shutil.copytree(rest / name, tmp / name)
+        else:
+            shutil.copytree(CLIP_TOKENIZER, tmp / name)
+            if (rest / name).is_dir():
+                shutil.copytree(rest / name, tmp / name, dirs_exist_ok=True)
     sched = _read(tmp / "scheduler/scheduler_config.json")
     sched["prediction_type"] = prediction
     (tmp / "scheduler/scheduler_config.json").write_text(json.dumps(sched, indent=2))

@@ -66,10 +66,25 @@ def swap(pipe: Any, path: Path) -> dict[str, Any]:
     want = latent_space(own)
     if path.is_dir():
         vae, info = load_folder(path, want, VAE_CLASSES)
+        _check_scaling(path, dict(vae.config), own)
     else:
         vae, info = load_single_file(path, want, own)
     pipe.vae = vae.eval()
     return info
+
+
+def _check_scaling(path: Path, new: dict[str, Any], own: dict[str, Any]) -> None:
+    """Two AutoencoderKLs with the same shapes but other latent scalings are for different latent spaces (SD
+    1.x/2.x's 0.18215, SDXL's 0.13025): the UNet's latents would decode to noise. (TAESD's 1.0 is its own
+    design: it decodes the UNet's scaled latents.)"""
+    kl = "AutoencoderKL"
+    if new.get("_class_name", kl) != kl or own.get("_class_name", kl) != kl:
+        return
+    got, want = float(new.get("scaling_factor", 0.18215)), float(own.get("scaling_factor", 0.18215))
+    if abs(got - want) > 1e-6:
+        raise SourceError(f"VAE {path}: its config scales latents by {got}, the model's VAE by {want}: a VAE for "
+                          "another model family's latent space (an SD 1.x/2.x VAE on an SDXL model, or the other "
+                          "way round?); pass a VAE of the model's family (SDXL: an SDXL VAE such as the fp16-fix one)")
 
 
 def check_tiny_decoder(path: Path, vae_config: dict[str, Any]) -> dict[str, Any]:

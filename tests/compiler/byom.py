@@ -10,15 +10,19 @@ import numpy as np
 
 
 def diffusers_pipe(folder: Path) -> Any:
-    from diffusers import StableDiffusionPipeline
+    """The folder's diffusers pipeline: StableDiffusionXLPipeline for an SDXL design, else StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    if (folder / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def kiln_image(bundle: Path, latents: np.ndarray, prompt: str, steps: int = 8) -> np.ndarray:
+def kiln_image(bundle: Path, latents: np.ndarray, prompt: str, steps: int = 8, decoder: str = "") -> np.ndarray:
     from model_store import BundleRef, Manifest
     from proto.kiln.v1 import kiln_pb2 as pb
     from runtime.model import load_bundle
@@ -28,8 +32,9 @@ def kiln_image(bundle: Path, latents: np.ndarray, prompt: str, steps: int = 8) -
     model = load_bundle(BundleRef(bundle, Manifest.read(bundle)))
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
     request = pb.GenerateRequest(model=model.manifest.name, prompt=prompt, width=w, height=h, steps=steps,
-                                 guidance_scale=7.5, sampler="euler", seed=0)
-    params = validate(request, model.manifest.defaults, model.manifest.limits)
+                                 guidance_scale=7.5, sampler="euler", seed=0, decoder=decoder)
+    params = validate(request, model.manifest.defaults, model.manifest.limits, schedule=model.schedule,
+                      decoders=tuple(model.manifest.model.get("decoders", {"full": None})))
     images, _ = Pipeline(model).run(params, latents=latents)
     return images[0]
 

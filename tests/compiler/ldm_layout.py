@@ -1,4 +1,5 @@
-"""Test helper: write a diffusers SD model as a single-file checkpoint in the original (LDM) key layout.
+"""Test helper: write a diffusers SD model as a single-file checkpoint in the original (LDM) key layout, and an
+SDXL model in Stability's SGM layout (`conditioner.embedders.0/1.*` for its two text encoders).
 
 Product code never maps keys by hand (diffusers' converters do it); tests need the opposite direction to build
 real-format files from tiny models, and a round trip through diffusers' converter checks this map.
@@ -6,7 +7,6 @@ real-format files from tiny models, and a round trip through diffusers' converte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ def unet_map(cfg: dict[str, Any]) -> list[tuple[str, str]]:
              ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
              ("middle_block.1.", "mid_block.attentions.0."), ("middle_block.0.", "mid_block.resnets.0."),
              ("middle_block.2.", "mid_block.resnets.1.")]
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + size/crop embeddings -> time embedding
+        pairs += [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
     for i in range(n):
         down_attn = cfg["down_block_types"][i].startswith("CrossAttn")
         up_attn = cfg["up_block_types"][i].startswith("CrossAttn")
@@ -94,8 +96,9 @@ OPEN_CLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
              (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj.")]
 
 
-def open_clip(text: dict[str, Any]) -> dict[str, Any]:
-    """A CLIP text encoder's tensors in SD 2.x's OpenCLIP layout (q, k, v packed as `in_proj`)."""
+def open_clip(text: dict[str, Any], prefix: str = "cond_stage_model.model.") -> dict[str, Any]:
+    """A CLIP text encoder's tensors in SD 2.x's OpenCLIP layout (q, k, v packed as `in_proj`); SDXL's second
+    encoder's projection as OpenCLIP stores it (`text_projection`, applied as x @ P: the transpose)."""
     import torch
 
     out: dict[str, Any] = {}
@@ -109,20 +112,35 @@ def open_clip(text: dict[str, Any]) -> dict[str, Any]:
             kind = key.rsplit(".", 1)[1]
             key = key.replace(".self_attn.q_proj." + kind, f".attn.in_proj_{kind}")
             t = torch.cat(parts)
+        if key == "text_projection.weight":
+            key, t = "text_projection", t.T
         for hf, ldm in OPEN_CLIP:
             key = key.replace(hf, ldm)
-        out["cond_stage_model.model." + key] = t
+        out[prefix + key] = t
     return out
 
 
 def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
-    """The diffusers folder's UNet, VAE and CLIP text encoder as one original-layout state dict."""
+    """The diffusers folder's UNet, VAE and CLIP text encoder as one original-layout state dict (SDXL: with its
+    second text encoder, in the SGM layout)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    text_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2") \
+        if (folder / "text_encoder_2").is_dir() else None
+    out = modules_to_ldm(UNet2DConditionModel.from_pretrained(folder / "unet"),
+                         AutoencoderKL.from_pretrained(folder / "vae"),
+                         CLIPTextModel.from_pretrained(folder / "text_encoder"), text_2)
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def modules_to_ldm(unet: Any, vae: Any, text: Any, text_2: Any = None) -> dict[str, Any]:
+    """The modules' tensors under the original layout's names (meta tensors stay meta: shapes of real-size
+    models without their weights)."""
     out: dict[str, Any] = {}
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    pairs = unet_map(json.loads((folder / "unet/config.json").read_text()))
+    pairs = unet_map(dict(unet.config))
     for key, t in unet.state_dict().items():
         new = _rename(key, pairs)
         if new is None:
@@ -131,15 +149,14 @@ def to_ldm(folder: Path, dtype: Any = None) -> dict[str, Any]:
             for ldm, hf in RESNET:
                 new = new.replace(f".{hf}", f".{ldm}")
         out["model.diffusion_model." + new] = t
-    vae = AutoencoderKL.from_pretrained(folder / "vae")
-    vae_sd = vae_to_ldm(vae.state_dict(), json.loads((folder / "vae/config.json").read_text()))
+    vae_sd = vae_to_ldm(vae.state_dict(), dict(vae.config))
     out.update({"first_stage_model." + k: t for k, t in vae_sd.items()})
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    if json.loads((folder / "text_encoder/config.json").read_text())["hidden_act"] == "gelu":
+    if text_2 is not None:
+        out.update(open_clip(text_2.state_dict(), prefix="conditioner.embedders.1.model."))
+    if text_2 is None and text.config.hidden_act == "gelu":
         out.update(open_clip(text.state_dict()))  # SD 2.x
     else:
+        clip = "conditioner.embedders.0.transformer." if text_2 is not None else "cond_stage_model.transformer."
         for key, t in text.state_dict().items():  # transformers 5 names them without the `text_model.` level
-            out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = t
-    if dtype is not None:
-        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
-    return {k: v.contiguous() for k, v in out.items()}
+            out[clip + "text_model." + key.removeprefix("text_model.")] = t
+    return out

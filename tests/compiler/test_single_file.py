@@ -158,9 +158,10 @@ def _bad_files(ldm: dict[str, torch.Tensor], good: Path, d: Path) -> dict[str, t
     with p.open("wb") as f:
         pickle.dump({"state_dict": {"x": NotWeights()}}, f)
     out["pickle with code"] = (p, "weights_only loader refused it")
-    p = d / "sdxl.safetensors"
-    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.ones(4)}, str(p))
-    out["sdxl"] = (p, "an SDXL checkpoint")
+    p = d / "sdxl-refiner.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4, 3, 3),
+               "conditioner.embedders.0.model.text_projection": torch.ones(4, 4)}, str(p))
+    out["sdxl refiner"] = (p, "an SDXL refiner checkpoint")
     p = d / "other.safetensors"
     save_file({"encoder.weight": torch.ones(4)}, str(p))
     out["unknown layout"] = (p, "unknown layout: no model.diffusion_model.input_blocks.0.0.weight")
