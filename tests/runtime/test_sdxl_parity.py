@@ -15,7 +15,14 @@ from proto.kiln.v1 import kiln_pb2 as pb
 from runtime.pipeline import Pipeline, time_ids
 from runtime.validate import validate
 from tests.runtime.test_image_editing import (
-    SIZE, assert_images_close, assert_latents_close, init_image, left_half_mask, png, request, streams,
+    SIZE,
+    assert_images_close,
+    assert_latents_close,
+    init_image,
+    left_half_mask,
+    png,
+    request,
+    streams,
 )
 
 TWINS = {
@@ -138,7 +145,7 @@ def test_inpainting_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model, monkeyp
     assert_latents_close(gen.latents, ref.numpy())
     keep = mask < 128
     np.testing.assert_array_equal(images[0][keep], image[keep])
-    assert SIZE == image.shape[0]
+    assert image.shape[0] == SIZE
 
 
 def test_size_conditioning_matches_diffusers(tiny_sdxl_source, tiny_sdxl_model) -> None:  # type: ignore[no-untyped-def]
