@@ -91,7 +91,7 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
             feeds = run_pipeline(model, calibration_texts, config.calibration_steps or steps,
                                  size=config.calibration_size).feeds
     with stage(f"fp32 reference ({len(fidelity_texts)} prompts)"):
-        ref = run_pipeline(model, fidelity_texts, steps, seed=FIDELITY_SEED)
+        ref = run_pipeline(model, fidelity_texts, steps, seed=FIDELITY_SEED, size=config.fidelity_size)
 
     fp32_dir = staging / ".fp32"
     fp32_dir.mkdir()
@@ -121,7 +121,8 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
                 if c in shared or c == component:
                     final_sessions[c] = model.sessions[c]
             session = _gate_session(component, dst, result.quantization)
-            result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps)
+            result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps,
+                                                  config.fidelity_size)
             problem = _problem(result.fidelity, config)
         if problem and want.endswith("?"):
             _remove(dst)
@@ -140,7 +141,7 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
 
     with stage("fidelity of the bundle"):
         final = dataclasses.replace(model, sessions=final_sessions)
-        got = run_pipeline(final, fidelity_texts, steps, seed=FIDELITY_SEED, record=False)
+        got = run_pipeline(final, fidelity_texts, steps, seed=FIDELITY_SEED, record=False, size=config.fidelity_size)
         overall = ImageFidelity.compare(ref.images, got.images).as_dict()
     failures = [f"{c} ({r.precision}): {r.fidelity['problem']}" for c, r in results.items() if "problem" in r.fidelity]
     if overall["psnr"] < config.min_psnr:
@@ -224,7 +225,7 @@ def _int8_embeddings(path: Path, result: ComponentResult) -> None:
 
 
 def _component_fidelity(component: str, session: Any, model: Any, ref: Run, texts: list[str],
-                        steps: int) -> dict[str, Any]:
+                        steps: int, size: int | None = None) -> dict[str, Any]:
     """Relative error on recorded inputs, and final images with only this component quantized."""
     fp32 = model.sessions[component]
     errors = []
@@ -235,7 +236,7 @@ def _component_fidelity(component: str, session: Any, model: Any, ref: Run, text
     out: dict[str, Any] = {"rel_error": round(float(np.mean(errors)), 6)}
     if component in ("text_encoder", "text_encoder_2", "unet"):
         swapped = dataclasses.replace(model, sessions={**model.sessions, component: session})
-        images = run_pipeline(swapped, texts, steps, seed=FIDELITY_SEED, record=False).images
+        images = run_pipeline(swapped, texts, steps, seed=FIDELITY_SEED, record=False, size=size).images
     elif component == "vae_decoder":
         images = [_decode(model, session, z) for z in ref.latents]
     else:  # vae_encoder: round trip through the fp32 decoder, against the fp32 encoder's round trip
