@@ -148,7 +148,8 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
         failures.append(f"bundle: final-image PSNR {overall['psnr']:.1f} dB vs fp32 is below min_psnr="
                         f"{config.min_psnr:g} dB")
     summary = {
-        **overall, "prompts": fidelity_texts, "seed": FIDELITY_SEED, "steps": steps, "min_psnr": config.min_psnr,
+        **overall, "prompts": fidelity_texts, "seed": FIDELITY_SEED, "steps": steps,
+        "size": config.fidelity_size or int(model.manifest.defaults["width"]), "min_psnr": config.min_psnr,
         "max_rel_error": config.max_rel_error, "passed": not failures, "low_fidelity": bool(failures),
         "failures": failures,
     }
