@@ -28,7 +28,7 @@ PIPELINES = (*venvs.PIPELINES, *ENV_OF)
 LABELS = {"diffusers": "diffusers StableDiffusionPipeline (PyTorch fp32)",
           "optimum": "Optimum ORTStableDiffusionPipeline (ONNX Runtime fp32)",
           "openvino": "optimum-intel OVStableDiffusionPipeline (OpenVINO, default precision)",
-          "openvino-static": "optimum-intel OVStableDiffusionPipeline, static shapes (`reshape`, as FastSD CPU)"}
+          "openvino-static": "optimum-intel OVStableDiffusionPipeline, static image size (`reshape`, as FastSD CPU)"}
 """Row labels for result tables (SDXL's: `label`)."""
 
 

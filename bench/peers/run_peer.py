@@ -7,8 +7,10 @@ e.g. `bench/work/venvs/optimum/bin/python bench/peers/run_peer.py --pipeline opt
 - `optimum`: Optimum's `ORTStableDiffusionPipeline` (ONNX Runtime, fp32, default session options, CPU provider).
 - `openvino`: optimum-intel's `OVStableDiffusionPipeline` with OpenVINO's default CPU settings (its default
   inference precision: bf16 on AMX CPUs, fp32 elsewhere).
-- `openvino-static`: the same, with its models reshaped to the request's static shapes before they are compiled
-  (`pipe.reshape(batch_size=1, height, width, num_images_per_prompt=1)`, then `compile()`), as FastSD CPU runs it.
+- `openvino-static`: the same, with its models reshaped to the request's image size before they are compiled
+  (`pipe.reshape(batch_size=-1, height, width, num_images_per_prompt=1)`, then `compile()`), as FastSD CPU runs it:
+  static spatial shapes, the batch left dynamic (a static batch would be 2, classifier-free guidance's, and could
+  not run a guidance-0 turbo request).
 
 An SDXL folder (`text_encoder_2` beside `text_encoder`) runs through the SDXL classes of the same libraries:
 `StableDiffusionXLPipeline`, `OVStableDiffusionXLPipeline`, `ORTStableDiffusionXLPipeline`.
@@ -185,7 +187,7 @@ def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         pipe = cls.from_pretrained(args.export_dir, export=False, compile=not static,
                                    ov_config={"INFERENCE_NUM_THREADS": args.threads})
         if static:  # FastSD CPU's OpenVINO setup: static shapes for the one size it serves, then compile
-            pipe.reshape(batch_size=1, height=args.size, width=args.size, num_images_per_prompt=1)
+            pipe.reshape(batch_size=-1, height=args.size, width=args.size, num_images_per_prompt=1)
             pipe.compile()
     # from the diffusers folder's own scheduler config, not the export's: the exporters write out every default of
     # the original scheduler class (PNDM's timestep_spacing="leading"), which Euler would then inherit
