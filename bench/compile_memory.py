@@ -31,11 +31,19 @@ STAGE = re.compile(r"^\[\d+/\d+\] (.*?) (\.\.\.|done in)")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="sd-v1", choices=["tiny", "sd-v1"])
+    p.add_argument("--arch", default="sd-v1", choices=["tiny", "sd-v1", "tiny-sdxl", "sdxl"])
     p.add_argument("--source", help="a local diffusers folder instead of a random-weight --arch model")
     p.add_argument("--precisions", default="fp32,int8", help="comma-separated `--precision` values")
     p.add_argument("--rss-cap-gb", type=float, default=20.0,
                    help="stop a compile whose RSS passes this (GiB); its row then says so")
+    p.add_argument("--calibration-size", type=int, metavar="PX",
+                   help="int8: `kiln compile --calibration-size` (default: the bundle's default size)")
+    p.add_argument("--fidelity-size", type=int, metavar="PX",
+                   help="int8: `kiln compile --fidelity-size` (default: the bundle's default size)")
+    p.add_argument("--keep", action="store_true",
+                   help="compile into the benchmarks' store (bench-<arch>, bench-<arch>-int8, as `python -m bench "
+                        "latency --variants` names them) and keep the bundles, instead of scratch stores; a later "
+                        "precision then reuses the first one's exports (the manifest says so)")
     p.add_argument("--out", default="", help="result file name (default compile-memory-<arch>)")
 
 
@@ -46,23 +54,28 @@ def run(args: argparse.Namespace) -> Path:
     results = {}
     load_before = os.getloadavg()[0]
     for precision in precisions:
-        store = scratch / precision
-        shutil.rmtree(store, ignore_errors=True)
-        flags = ["--precision", precision, *(INT8_FLAGS if precision != "fp32" else ())]
-        try:
-            results[precision] = _measure(source, store, flags, args.rss_cap_gb)
-        finally:
+        store = workspace.WORK / "store" if args.keep else scratch / precision
+        name = f"bench-{args.arch}" + ("" if precision == "fp32" else f"-{precision}") if args.keep else "bench-memory"
+        if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
+        flags = _flags(precision, args)
+        try:
+            results[precision] = _measure(source, store, flags, args.rss_cap_gb, name)
+        finally:
+            if not args.keep:
+                shutil.rmtree(store, ignore_errors=True)
     load_after = os.getloadavg()[0]
 
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
     rows = []
     for precision, r in results.items():
-        flags = " ".join(["--precision", precision, *(INT8_FLAGS if precision != "fp32" else ())])
+        flags = " ".join(_flags(precision, args))
         if not r["ok"]:
             rows.append([precision, f"`{flags}`", "-", r["why"], "-", "-"])
             continue
         stats = r["stats"]
+        if r.get("reused"):
+            flags += f" (exports reused from {r['reused']})"
         top = max(stats["stages"], key=lambda s: s["peak_rss_bytes"] or 0)
         rows.append([precision, f"`{flags}`", f"{r['seconds']:.0f}", gib(stats["peak_rss_bytes"]),
                      f"{top['stage']}", gib(r["sampled_peak"])])
@@ -79,10 +92,11 @@ def run(args: argparse.Namespace) -> Path:
             row += [f"{s['seconds']:.1f}", gib(s["peak_rss_bytes"])] if s else ["-", "-"]
         stage_rows.append(row)
     stage_header = ["stage"] + [h for p in results for h in (f"{p} s", f"{p} peak RSS GiB")]
+    where = ("into the benchmarks' store, kept (`--keep`): a precision after the first reuses its exports where the "
+             "flags say so" if args.keep else "afresh per precision into an empty store (no graphs reused)")
     body = (
         f"Model: `{args.arch if not args.source else args.source}` ({'random weights' if not args.source else 'as given'}"
-        "), compiled afresh per precision into an empty store (no graphs reused), one `kiln compile` process each, "
-        "one after another.\n\n"
+        f"), compiled {where}, one `kiln compile` process each, one after another.\n\n"
         "`peak RSS`: the largest of the per-stage peaks the compile records in its manifest (`compile_stats`: the "
         "process's VmHWM, reset at the start of each stage); `sampled`: the largest RSS of the compile's process "
         "tree sampled every 0.1 s from outside, between stages included (a check on the first). GiB = 2^30 bytes.\n\n"
@@ -96,12 +110,20 @@ def run(args: argparse.Namespace) -> Path:
     return report.write(args.out or f"compile-memory-{args.arch}", title, body)
 
 
-def _measure(source: Path, store: Path, flags: list[str], cap_gb: float) -> dict:
+def _flags(precision: str, args: argparse.Namespace) -> list[str]:
+    """`kiln compile` flags of one precision's run."""
+    if precision == "fp32":
+        return ["--precision", precision]
+    sizes = [f for flag, v in (("--calibration-size", args.calibration_size), ("--fidelity-size", args.fidelity_size))
+             if v for f in (flag, str(v))]
+    return ["--precision", precision, *INT8_FLAGS, *sizes]
+
+
+def _measure(source: Path, store: Path, flags: list[str], cap_gb: float, name: str = "bench-memory") -> dict:
     """One `kiln compile` in a child process, sampled; its manifest's compile_stats, or why there is none."""
     from model_store import Store
 
-    cmd = [sys.executable, "-m", "cli.main", "compile", str(source), "--name", "bench-memory", "--store", str(store),
-           *flags]
+    cmd = [sys.executable, "-m", "cli.main", "compile", str(source), "--name", name, "--store", str(store), *flags]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=workspace.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stage = ["(start)"]
@@ -131,9 +153,10 @@ def _measure(source: Path, store: Path, flags: list[str], cap_gb: float) -> dict
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         return {"ok": False, "why": f"failed (exit {proc.returncode}): {' / '.join(tail)}"}
-    manifest = Store(store).latest("bench-memory").manifest
+    manifest = Store(store).latest(name).manifest
     return {"ok": True, "seconds": seconds, "sampled_peak": highest, "sampled_anon_peak": highest_anon,
-            "stats": json.loads(json.dumps(manifest.compile_stats))}
+            "stats": json.loads(json.dumps(manifest.compile_stats)),
+            "reused": manifest.source.get("reused_exports_from")}
 
 
 def _tree_rss(root: int, field: str = "VmRSS") -> int:

@@ -27,7 +27,7 @@ DIFFUSERS_SCHEDULERS = {"euler": ("EulerDiscreteScheduler", {}),
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="tiny", choices=["tiny", "sd-v1"])
+    p.add_argument("--arch", default="tiny", choices=["tiny", "sd-v1", "tiny-sdxl", "sdxl"])
     p.add_argument("--source", help="a local diffusers folder instead of a random-weight --arch model")
     p.add_argument("--size", type=int, default=0, help="width and height (0: the model's default)")
     p.add_argument("--steps", type=int, default=4)
@@ -42,8 +42,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="cold-start mode: comma-separated, from " + ", ".join(COLD_VARIANTS) + "; each runs in a fresh "
                         "process (cold start, warm runs, peak RSS); peers in their own virtual environments")
     p.add_argument("--calibration-prompts", type=int, default=2, help="int8 bundles of the cold-start mode")
+    p.add_argument("--calibration-size", type=int, help="int8 bundles of the cold-start mode (default: the model's)")
+    p.add_argument("--fidelity-size", type=int, help="int8 bundles of the cold-start mode (default: the model's)")
 
 
+COLD_SAMPLERS = ("euler", "turbo")
+"""The samplers the cold-start mode gives every pipeline (bench/peers/run_peer.py SAMPLERS)."""
 COLD_VARIANTS = {
     # name: (bundle suffix, compile flags, engine, OpenVINO precision)
     "kiln-fp32": ("", (), "onnxruntime", ""),
@@ -56,7 +60,7 @@ COLD_VARIANTS = {
     "kiln-openvino-tome0.5": ("-tome0.5", ("--tome", "0.5"), "openvino", ""),
     "kiln-openvino-int8": ("-int8", ("--precision", "int8"), "openvino", ""),
     "kiln-openvino-int8-tome0.5": ("-int8-tome0.5", ("--precision", "int8", "--tome", "0.5"), "openvino", ""),
-    "diffusers": None, "optimum": None, "openvino": None,
+    "diffusers": None, "optimum": None, "openvino": None, "openvino-static": None,
 }
 """Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers
 (bench/peers)."""
@@ -150,6 +154,9 @@ def _kiln_bundle(source: Path, arch: str, variant: str, args: argparse.Namespace
     if "--precision" in flags:  # as bench/precision.py compiles them, so its cached bundles serve here too
         flags += ["--default-steps", str(args.steps), "--calibration-prompts", str(args.calibration_prompts),
                   "--calibration-steps", str(args.steps), "--fidelity-prompts", "1", "--allow-low-fidelity"]
+        for flag, value in (("--calibration-size", args.calibration_size), ("--fidelity-size", args.fidelity_size)):
+            if value:
+                flags += [flag, str(value)]
     return workspace.bundle(source, f"bench-{arch}{suffix}", *flags)
 
 
@@ -166,8 +173,9 @@ def run_cold(args: argparse.Namespace) -> Path:
     unknown = [v for v in variants if v not in COLD_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; choose from {', '.join(COLD_VARIANTS)}")
-    if args.sampler != "euler":
-        raise SystemExit("cold-start mode runs every pipeline with the Euler sampler (--sampler euler)")
+    if args.sampler not in COLD_SAMPLERS:
+        raise SystemExit(f"cold-start mode runs every pipeline with one of the samplers {', '.join(COLD_SAMPLERS)}; "
+                         f"got --sampler {args.sampler}")
     source = workspace.source_model(args.arch, args.source)
     size = args.size or 512
     latents = peers.latents(source, size, 1)
@@ -178,21 +186,25 @@ def run_cold(args: argparse.Namespace) -> Path:
         print(f"[latency] {v} ...", file=sys.stderr, flush=True)
         if COLD_VARIANTS[v] is None:
             results[v] = peers.measure(v, source, size=size, steps=args.steps, guidance=args.guidance, seed=1,
-                                       repeats=args.repeats)
+                                       repeats=args.repeats, sampler=args.sampler)
             path = _cold_report(args, size, results, bundles)
             continue
         _, _, engine, ov_precision = COLD_VARIANTS[v]  # type: ignore[misc]
-        out = workspace.WORK / "latency" / f"{v}-{size}px-{args.steps}steps.json"
+        out = workspace.WORK / "latency" / f"{v}-{args.arch}-{size}px-{args.steps}steps-{args.sampler}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "bench.kiln_worker", "--bundle", str(bundles[v]), "--engine", engine,
                "--size", str(size), "--steps", str(args.steps), "--guidance", str(args.guidance),
-               "--latents", str(latents), "--repeats", str(args.repeats), "--out", str(out)]
+               "--sampler", args.sampler, "--latents", str(latents), "--repeats", str(args.repeats), "--out", str(out)]
         if ov_precision:
             cmd += ["--openvino-precision", ov_precision]
         subprocess.run(cmd, check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
         results[v] = json.loads(out.read_text())
         path = _cold_report(args, size, results, bundles)  # after every variant: a cut-short run keeps its rows
     return path
+
+
+SAMPLER_NOTES = {"euler": "Euler: diffusers' EulerDiscreteScheduler",
+                 "turbo": "SDXL-Turbo's: EulerAncestralDiscreteScheduler, trailing timesteps"}
 
 
 def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], bundles: dict[str, Path]) -> Path:
@@ -205,15 +217,18 @@ def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], 
         diff = "(reference)" if v == "diffusers" else (
             "max {}/255, mean {:.2f}/255".format(*peers.image_diff(base["image"], r["image"])) if base else "")
         rows.append([
-            peers.LABELS.get(v, f"Kiln `{v}`"), f"{warm:.2f}", f"{base['median_warm_s'] / warm:.2f}x" if base else "",
+            peers.label(v, (workspace.source_model(args.arch, args.source) / "text_encoder_2").is_dir())
+            if v in peers.LABELS else f"Kiln `{v}`", f"{warm:.2f}", f"{base['median_warm_s'] / warm:.2f}x" if base else "",
             f"{cold:.1f}", f"{cold / base['cold_start_s']:.2f}x" if base else "",
             f"{r['peak_rss_bytes'] / 2**30:.2f}", diff,
         ])
     phases = "; ".join(f"{v}: " + ", ".join(f"{k.removesuffix('_s')} {x:.1f}" for k, x in r["phases"].items())
                        for v, r in results.items())
     body = (
-        f"Model: `{args.arch}` architecture (random weights), {size}x{size}, {args.steps} steps, Euler, guidance "
-        f"{args.guidance:g} (batch 2 per UNet call), 1 image, the same starting latents everywhere. Each variant runs "
+        f"Model: `{args.arch}` architecture (random weights), {size}x{size}, {args.steps} steps, sampler "
+        f"`{args.sampler}` ({SAMPLER_NOTES[args.sampler]}), guidance {args.guidance:g} "
+        f"({'batch 2 per UNet call' if args.guidance > 1 else 'no classifier-free guidance: batch 1 per UNet call'}), "
+        "1 image, the same starting latents everywhere. Each variant runs "
         f"in a fresh process, one at a time: cold start = process start to the first image (interpreter, imports, "
         f"loading, one generation; exports made beforehand and cached), then {args.repeats} warm runs (median). "
         "Peak RSS is the process's VmHWM. Kiln runs in-process (bench/kiln_worker.py, no gRPC); peers run in their "

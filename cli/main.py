@@ -49,7 +49,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         int8_activations=args.int8_activations, int8_weight_bits=args.int8_weight_bits,
         nf4_block_size=args.nf4_block_size, int4_block_size=args.int4_block_size,
         int4_accuracy_level=args.int4_accuracy_level, weight_min_elements=args.weight_min_elements,
-        fidelity_prompts=args.fidelity_prompts,
+        fidelity_prompts=args.fidelity_prompts, fidelity_size=args.fidelity_size,
         min_psnr=args.min_psnr, max_rel_error=args.max_rel_error, allow_low_fidelity=args.allow_low_fidelity,
     )
     config = CompileConfig(name=args.name, precision=args.precision, opset=args.opset, fusions=not args.no_fusions,
@@ -428,6 +428,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--int4-accuracy-level", type=int, default=4)
     q.add_argument("--weight-min-elements", type=int, default=4096,
                    help="nf4/int4: smallest MatMul weight (K*N) converted (default 4096)")
+    q.add_argument("--fidelity-size", type=int, metavar="PX",
+                   help="width and height of the fidelity gate's images (default: the bundle's default size)")
     q.add_argument("--fidelity-prompts", type=int, default=2, help="prompts the fidelity gate generates")
     q.add_argument("--min-psnr", type=float, default=25.0, help="fidelity gate: dB vs fp32 (default 25)")
     q.add_argument("--max-rel-error", type=float, default=0.25,

@@ -28,20 +28,27 @@ def prompts(path: str | Path | None = None) -> list[str]:
 
 
 class RecordingSession:
-    """A ModelSession that keeps a copy of every feed it runs (up to `limit`)."""
+    """A ModelSession that keeps a copy of every feed it runs (up to `limit`), and with `keep_outputs` of what it
+    returned for each."""
 
-    def __init__(self, inner, limit: int | None = None):  # type: ignore[no-untyped-def]
+    def __init__(self, inner, limit: int | None = None, keep_outputs: bool = False):  # type: ignore[no-untyped-def]
         self.inner = inner
         self.name = inner.name
         self.input_names = inner.input_names
         self.output_names = inner.output_names
         self.limit = limit
+        self.keep_outputs = keep_outputs
         self.feeds: list[dict[str, np.ndarray]] = []
+        self.outputs: list[dict[str, np.ndarray]] = []
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.limit is None or len(self.feeds) < self.limit:
+        keep = self.limit is None or len(self.feeds) < self.limit
+        if keep:
             self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
-        return self.inner.run(inputs)
+        out = self.inner.run(inputs)
+        if keep and self.keep_outputs:
+            self.outputs.append({k: np.array(v, copy=True) for k, v in out.items()})
+        return out
 
 
 @dataclass
@@ -50,6 +57,8 @@ class Run:
 
     feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
     """Inputs each component was fed, in call order (the VAE encoder's: the decoded images, in [-1, 1])."""
+    outputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    """With `run_pipeline(..., outputs=True)`: what each component returned for each feed (not the VAE encoder)."""
     images: list[np.ndarray] = field(default_factory=list)
     """uint8 [H, W, 3] per prompt."""
     latents: list[np.ndarray] = field(default_factory=list)
@@ -57,7 +66,7 @@ class Run:
 
 
 def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: bool = True,  # type: ignore[no-untyped-def]
-                 size: int | None = None) -> Run:
+                 size: int | None = None, outputs: bool = False) -> Run:
     """Text-to-image over `texts` at the bundle's default size (or `size` x `size`), sampler and guidance; seed + i
     per prompt."""
     from proto.kiln.v1 import kiln_pb2 as pb
@@ -67,7 +76,7 @@ def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: boo
     sessions = dict(model.sessions)
     recorders = {}
     if record:
-        recorders = {n: RecordingSession(s) for n, s in sessions.items() if n != "vae_encoder"}
+        recorders = {n: RecordingSession(s, keep_outputs=outputs) for n, s in sessions.items() if n != "vae_encoder"}
         model.sessions.update(recorders)
     result = Run()
     try:
@@ -83,6 +92,8 @@ def run_pipeline(model, texts: list[str], steps: int, seed: int = 0, record: boo
         model.sessions.clear()
         model.sessions.update(sessions)
     result.feeds = {n: r.feeds for n, r in recorders.items()}
+    if outputs:
+        result.outputs = {n: r.outputs for n, r in recorders.items()}
     if record:
         result.feeds["vae_encoder"] = [{"sample": to_vae_input(im)} for im in result.images]
     return result

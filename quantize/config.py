@@ -37,6 +37,10 @@ class QuantizeConfig:
     """nf4/int4, and the weight-only int8 of the MatMul/Gemm nodes int8 keeps in fp32 arithmetic: smallest
     weight (K*N) converted; smaller ones stay fp32 (they save little and add error). Every SD v1 linear layer
     is at least 320x320."""
+    fidelity_size: int | None = None
+    """Width and height (pixels, a multiple of 8) of the fidelity gate's fp32 and quantized runs. None: the
+    bundle's default size. A smaller size bounds the gate's time and memory on large models (SDXL's default is
+    1024, where one gate runs the UNet at 128x128 latents some twenty times); the gate then judges that size."""
     fidelity_prompts: int = 2
     """Prompts (held out from calibration, one seed each) the gate generates with fp32 and quantized
     components at the bundle's default steps (1 to 64)."""
@@ -55,6 +59,8 @@ class QuantizeConfig:
         if self.calibration_size is not None and not (
                 self.calibration_size % 8 == 0 and 8 <= self.calibration_size <= 4096):
             raise ValueError(f"calibration_size={self.calibration_size} must be a multiple of 8 between 8 and 4096")
+        if self.fidelity_size is not None and not (self.fidelity_size % 8 == 0 and 8 <= self.fidelity_size <= 4096):
+            raise ValueError(f"fidelity_size={self.fidelity_size} must be a multiple of 8 between 8 and 4096")
         if self.int8_activations not in ACTIVATIONS:
             raise ValueError(f"int8_activations={self.int8_activations!r} is not one of: {', '.join(ACTIVATIONS)}")
         if self.int8_weight_bits not in WEIGHT_BITS:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,9 +119,7 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
     With `int8_kept_weights`, the MatMul/Gemm nodes KEEP_FP32 keeps in fp32 get weight-only int8 storage
     (weights of `min_elements` or more).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static as ort_quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization import QuantType
 
     from quantize.calibration import activation_ranges
 
@@ -135,17 +132,14 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
     kept = kept_nodes(model, op_types)
     kept_products = kept_nodes(model, [t for t in op_types if t in ("MatMul", "Gemm")])
     del model
-    with _typed_copy(model_path) as typed, _quiet(), tempfile.TemporaryDirectory(prefix="kiln-int8-") as tmp:
+    with _typed_copy(model_path) as typed, _quiet():
         # the ranges ONNX Runtime's MinMax calibrator would find, without the copies of the weights it loads
-        ranges = Path(tmp) / "ranges.json"
-        save_tensors_data(activation_ranges(typed, calibration, op_types), ranges)
-        ort_quantize_static(
-            str(typed), str(out_path), None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(op_types), per_channel=True,
+        ranges = activation_ranges(typed, calibration, op_types)
+        qdq_from_disk(
+            typed, out_path, ranges, op_types=op_types,
             activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=list(kept), use_external_data_format=external_data,
+            nodes_to_exclude=list(kept), external_data=external_data,
             reduce_range=weight_bits == 7,  # weights only: the calibrated activations keep their 8 bits
-            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges),
             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": activations == "s8",
                            "WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -158,6 +152,36 @@ def quantize_static(model_path: Path, out_path: Path, calibration: Sequence[dict
         report["kept_weights"] = weight_int8.apply(quantized, kept_products, min_elements)
         save_model(quantized, out_path, external=external_data)  # as the quantizer wrote it
     return report
+
+
+def qdq_from_disk(model_path: Path, out_path: Path, ranges: Any, op_types: Sequence[str], activation_type: Any,
+                  nodes_to_exclude: Sequence[str], external_data: bool, reduce_range: bool,
+                  extra_options: dict[str, Any]) -> None:
+    """ONNX Runtime's static QDQ quantizer (`quantize_static` with `QuantFormat.QDQ`, per-channel int8 weights and
+    the calibrated `ranges`, a `TensorsData`) run on the graph in `model_path` with its weights left on disk.
+
+    `quantize_static` loads the whole model with its weights (10.3 GB for the SDXL UNet, held to the end beside the
+    int8 copies it makes). Here its QDQQuantizer gets the graph without them: `onnx.numpy_helper.to_array` reads an
+    external tensor from the working directory (the model's folder) into a copy of its own, without writing it
+    back into the graph, so each weight is in memory only while it is quantized, and the tensors the quantizer
+    leaves alone (norms, the fp32 nodes' weights) are copied from the source data file one at a time on save.
+    The steps around the quantizer are `quantize_static`'s: ONNX shape inference and its mark, the opset update."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
+    from onnxruntime.quantization.quantize import check_static_quant_arguments
+
+    weight_type = QuantType.QInt8
+    check_static_quant_arguments(QuantFormat.QDQ, activation_type, weight_type)
+    with contextlib.chdir(model_path.parent):  # external tensors' locations are relative to the model's folder
+        model = onnx.shape_inference.infer_shapes(load_graph(model_path))
+        add_infer_metadata(model)
+        model = update_opset_version(model, weight_type, activation_type)
+        quantizer = QDQQuantizer(model, True, reduce_range, weight_type, activation_type, ranges, [],
+                                 list(nodes_to_exclude), list(op_types), extra_options)
+        quantizer.quantize_model()
+        quantizer.model.topological_sort()
+    save_model(quantizer.model.model, out_path, external=external_data, base_dir=model_path.parent)
 
 
 def quantize_dynamic(model_path: Path, out_path: Path, external_data: bool = False,

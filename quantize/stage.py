@@ -91,12 +91,14 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
             feeds = run_pipeline(model, calibration_texts, config.calibration_steps or steps,
                                  size=config.calibration_size).feeds
     with stage(f"fp32 reference ({len(fidelity_texts)} prompts)"):
-        ref = run_pipeline(model, fidelity_texts, steps, seed=FIDELITY_SEED)
+        # its outputs too: a component's relative error then needs no fp32 session of it beside the quantized one
+        ref = run_pipeline(model, fidelity_texts, steps, seed=FIDELITY_SEED, size=config.fidelity_size, outputs=True)
 
     fp32_dir = staging / ".fp32"
     fp32_dir.mkdir()
     results: dict[str, ComponentResult] = {}
     final_sessions = dict(model.sessions)
+    names = list(model.sessions)  # a gate leaves its component's fp32 session closed: model.sessions lacks it then
     for component, want in wanted.items():
         src, dst = fp32_dir / files[component], staging / files[component]
         _move(dst, src)
@@ -107,7 +109,7 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
             # for the fidelity check, so the quantizer's copy and the sessions are never in memory together
             # an fp32 graph is in .fp32/ once its component was quantized (and back in staging if it fell back)
             fp32 = {c: fp32_dir / files[c] if (fp32_dir / files[c]).exists() else staging / files[c]
-                    for c in model.sessions}
+                    for c in names}
             shared = {c for c, s in model.sessions.items() if final_sessions.get(c) is s}
             model.sessions.clear()
             for c in shared:
@@ -117,15 +119,20 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
                 _int8_embeddings(dst, result)  # SD's only lookup tables: token and position embeddings
         with stage(f"fidelity {component}"):
             for c, path in fp32.items():
+                if c == component and ref.outputs.get(c):
+                    continue  # its relative error reads the reference run's outputs (SDXL's UNet alone is 10 GB)
                 model.sessions[c] = OrtSession(c, path)
                 if c in shared or c == component:
                     final_sessions[c] = model.sessions[c]
             session = _gate_session(component, dst, result.quantization)
-            result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps)
+            result.fidelity = _component_fidelity(component, session, model, ref, fidelity_texts, steps,
+                                                  config.fidelity_size)
             problem = _problem(result.fidelity, config)
         if problem and want.endswith("?"):
             _remove(dst)
             _move(src, dst)
+            if component not in model.sessions:  # not reopened for the gate: the fp32 graph serves again
+                final_sessions[component] = OrtSession(component, dst)
             result = ComponentResult("fp32", {"fallback": f"{precision} failed the fidelity gate: {problem}",
                                               "tried": result.quantization}, result.fidelity)
         else:
@@ -140,14 +147,15 @@ def run(staging: Path, files: dict[str, str], model: Any, plan: dict[str, str], 
 
     with stage("fidelity of the bundle"):
         final = dataclasses.replace(model, sessions=final_sessions)
-        got = run_pipeline(final, fidelity_texts, steps, seed=FIDELITY_SEED, record=False)
+        got = run_pipeline(final, fidelity_texts, steps, seed=FIDELITY_SEED, record=False, size=config.fidelity_size)
         overall = ImageFidelity.compare(ref.images, got.images).as_dict()
     failures = [f"{c} ({r.precision}): {r.fidelity['problem']}" for c, r in results.items() if "problem" in r.fidelity]
     if overall["psnr"] < config.min_psnr:
         failures.append(f"bundle: final-image PSNR {overall['psnr']:.1f} dB vs fp32 is below min_psnr="
                         f"{config.min_psnr:g} dB")
     summary = {
-        **overall, "prompts": fidelity_texts, "seed": FIDELITY_SEED, "steps": steps, "min_psnr": config.min_psnr,
+        **overall, "prompts": fidelity_texts, "seed": FIDELITY_SEED, "steps": steps,
+        "size": config.fidelity_size or int(model.manifest.defaults["width"]), "min_psnr": config.min_psnr,
         "max_rel_error": config.max_rel_error, "passed": not failures, "low_fidelity": bool(failures),
         "failures": failures,
     }
@@ -224,18 +232,20 @@ def _int8_embeddings(path: Path, result: ComponentResult) -> None:
 
 
 def _component_fidelity(component: str, session: Any, model: Any, ref: Run, texts: list[str],
-                        steps: int) -> dict[str, Any]:
+                        steps: int, size: int | None = None) -> dict[str, Any]:
     """Relative error on recorded inputs, and final images with only this component quantized."""
-    fp32 = model.sessions[component]
+    fp32 = model.sessions.get(component)  # None when the reference run recorded its outputs
     errors = []
-    for feed in ref.feeds[component][:: max(1, len(ref.feeds[component]) // REL_ERROR_FEEDS)][:REL_ERROR_FEEDS]:
-        want = next(iter(fp32.run(feed).values()))
+    every = max(1, len(ref.feeds[component]) // REL_ERROR_FEEDS)
+    recorded = ref.outputs.get(component) or [None] * len(ref.feeds[component])
+    for feed, out in list(zip(ref.feeds[component], recorded, strict=True))[::every][:REL_ERROR_FEEDS]:
+        want = next(iter((out if out is not None else fp32.run(feed)).values()))
         got = next(iter(session.run(feed).values()))
         errors.append(rel_error(want, got))
     out: dict[str, Any] = {"rel_error": round(float(np.mean(errors)), 6)}
     if component in ("text_encoder", "text_encoder_2", "unet"):
         swapped = dataclasses.replace(model, sessions={**model.sessions, component: session})
-        images = run_pipeline(swapped, texts, steps, seed=FIDELITY_SEED, record=False).images
+        images = run_pipeline(swapped, texts, steps, seed=FIDELITY_SEED, record=False, size=size).images
     elif component == "vae_decoder":
         images = [_decode(model, session, z) for z in ref.latents]
     else:  # vae_encoder: round trip through the fp32 decoder, against the fp32 encoder's round trip

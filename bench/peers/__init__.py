@@ -22,11 +22,20 @@ from bench import workspace
 from bench.peers import venvs
 
 RUN_PEER = Path(__file__).with_name("run_peer.py")
-PIPELINES = venvs.PIPELINES
+ENV_OF = {"openvino-static": "openvino"}
+"""Peer pipelines that run in another one's environment, on its export."""
+PIPELINES = (*venvs.PIPELINES, *ENV_OF)
 LABELS = {"diffusers": "diffusers StableDiffusionPipeline (PyTorch fp32)",
           "optimum": "Optimum ORTStableDiffusionPipeline (ONNX Runtime fp32)",
-          "openvino": "optimum-intel OVStableDiffusionPipeline (OpenVINO, default precision)"}
-"""Row labels for result tables."""
+          "openvino": "optimum-intel OVStableDiffusionPipeline (OpenVINO, default precision)",
+          "openvino-static": "optimum-intel OVStableDiffusionPipeline, static image size (`reshape`, as FastSD CPU)"}
+"""Row labels for result tables (SDXL's: `label`)."""
+
+
+def label(pipeline: str, sdxl: bool = False) -> str:
+    """A peer's row label; an SDXL model runs through the libraries' XL classes."""
+    text = LABELS[pipeline]
+    return text.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline") if sdxl else text
 PROMPT = "a photograph of an astronaut riding a horse"
 """bench/latency.py's prompt."""
 
@@ -113,7 +122,8 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def measure(pipeline: str, model: Path, size: int = 512, steps: int = 4, guidance: float = 7.5, seed: int = 1,
-            repeats: int = 3, threads: int = 2, prompt: str = PROMPT, log: Callable[[str], None] = _say) -> dict:
+            repeats: int = 3, threads: int = 2, prompt: str = PROMPT, log: Callable[[str], None] = _say,
+            sampler: str = "euler") -> dict:
     """Cold start, warm latencies and peak RSS of one peer pipeline on `model` (a local diffusers SD folder), measured
     in a fresh process: makes the peer's environment and export first if needed (neither is part of the cold start).
 
@@ -123,15 +133,17 @@ def measure(pipeline: str, model: Path, size: int = 512, steps: int = 4, guidanc
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline={pipeline!r} is not one of {', '.join(PIPELINES)}")
     model = Path(model).resolve()
-    python = venvs.ensure(pipeline, log)
-    export_args = ["--export-dir", str(export(pipeline, model, log))] if pipeline in venvs.ENVS else []
+    env = ENV_OF.get(pipeline, pipeline)
+    python = venvs.ensure(env, log)
+    export_args = ["--export-dir", str(export(env, model, log))] if env in venvs.ENVS else []
     runs = workspace.WORK / "peers" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    out = runs / f"{pipeline}-{model.name}-{size}px-{steps}steps-seed{seed}.json"
+    out = runs / f"{pipeline}-{model.name}-{size}px-{steps}steps-{sampler}-seed{seed}.json"
     out.unlink(missing_ok=True)
     log_path = out.with_suffix(".log")
     cmd = [str(python), str(RUN_PEER), "--pipeline", pipeline, "--model", str(model), *export_args,
-           "--size", str(size), "--steps", str(steps), "--guidance", str(guidance), "--seed", str(seed),
+           "--size", str(size), "--steps", str(steps), "--guidance", str(guidance), "--sampler", sampler,
+           "--seed", str(seed),
            "--latents", str(latents(model, size, seed)), "--repeats", str(repeats), "--threads", str(threads),
            "--prompt", prompt, "--out", str(out)]
     log(f"measuring {pipeline}: {size}x{size}, {steps} steps, 1 cold + {repeats} warm runs")

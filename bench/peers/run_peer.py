@@ -7,13 +7,21 @@ e.g. `bench/work/venvs/optimum/bin/python bench/peers/run_peer.py --pipeline opt
 - `optimum`: Optimum's `ORTStableDiffusionPipeline` (ONNX Runtime, fp32, default session options, CPU provider).
 - `openvino`: optimum-intel's `OVStableDiffusionPipeline` with OpenVINO's default CPU settings (its default
   inference precision: bf16 on AMX CPUs, fp32 elsewhere).
+- `openvino-static`: the same, with its models reshaped to the request's image size before they are compiled
+  (`pipe.reshape(batch_size=-1, height, width, num_images_per_prompt=1)`, then `compile()`), as FastSD CPU runs it:
+  static spatial shapes, the batch left dynamic (a static batch would be 2, classifier-free guidance's, and could
+  not run a guidance-0 turbo request).
+
+An SDXL folder (`text_encoder_2` beside `text_encoder`) runs through the SDXL classes of the same libraries:
+`StableDiffusionXLPipeline`, `OVStableDiffusionXLPipeline`, `ORTStableDiffusionXLPipeline`.
 
 Optimum and OpenVINO need the diffusers folder exported first (ONNX / OpenVINO IR). That one-time step runs in its
 own process (`--export-only`) and is cached in `--export-dir`, so it is not part of the cold start, which is measured
 from this process's start (the kernel's start time) to the first image: interpreter start, importing the library,
 loading the pipeline (and, for OpenVINO, compiling the models), then one full generation.
 
-Every pipeline gets the same Euler sampler (`EulerDiscreteScheduler` from the model's scheduler config), the same
+Every pipeline gets the same sampler (`--sampler euler`: `EulerDiscreteScheduler` from the model's scheduler config;
+`turbo`: `EulerAncestralDiscreteScheduler` with trailing timesteps, as SDXL-Turbo and Kiln's `turbo` run), the same
 starting latents (`--latents`, an .npy the caller makes; else drawn from `--seed` with numpy), the same prompt,
 steps and guidance, and `--threads` CPU threads.
 """
@@ -47,7 +55,10 @@ import sys  # noqa: E402
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PIPELINES = ("diffusers", "optimum", "openvino")
+PIPELINES = ("diffusers", "optimum", "openvino", "openvino-static")
+SAMPLERS = {"euler": ("EulerDiscreteScheduler", {}),
+            "turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"})}
+"""`--sampler`: the diffusers scheduler class and the config overrides (bench/latency.py's DIFFUSERS_SCHEDULERS)."""
 VERSIONED = ("torch", "diffusers", "transformers", "numpy", "optimum", "optimum-onnx", "onnxruntime", "onnx",
              "optimum-intel", "openvino", "nncf")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -63,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=512, help="width and height in pixels")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--latents", type=Path, help=".npy of starting latents (1, 4, size/f, size/f); default: from --seed")
     p.add_argument("--prompt", default=PROMPT)
@@ -81,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_only and args.pipeline == "diffusers":
         p.error("--export-only is for optimum and openvino; diffusers loads the diffusers folder itself")
     return args
+
+
+def is_sdxl(model: Path) -> bool:
+    """An SDXL diffusers folder: a second text encoder."""
+    return (model / "text_encoder_2").is_dir()
 
 
 def transformers4_view(model: Path, out: Path) -> Path:
@@ -124,10 +141,11 @@ def export(pipeline: str, model: Path, out: Path) -> None:
             main_export(model_name_or_path=str(source), output=out, task="text-to-image", device="cpu",
                         no_post_process=True, do_validation=False)
         else:
-            from optimum.intel import OVStableDiffusionPipeline
+            from optimum import intel
 
             # default export settings: OpenVINO IR with the library's default weight format
-            OVStableDiffusionPipeline.from_pretrained(str(source), export=True, compile=False).save_pretrained(out)
+            cls = intel.OVStableDiffusionXLPipeline if is_sdxl(model) else intel.OVStableDiffusionPipeline
+            cls.from_pretrained(str(source), export=True, compile=False).save_pretrained(out)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # an SD v1 export is GBs: do not leave half of one behind
         raise
@@ -139,32 +157,43 @@ def load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The pipeline with its Euler scheduler, ready to generate; imports its library here so the import is timed."""
     import torch
     import transformers
-    from diffusers import EulerDiscreteScheduler
     from diffusers.utils import logging as diffusers_logging
 
     torch.set_num_threads(args.threads)
     diffusers_logging.disable_progress_bar()  # loading bars: noise in the run's log
     transformers.utils.logging.disable_progress_bar()
-    if args.pipeline == "diffusers":
-        from diffusers import StableDiffusionPipeline
+    import diffusers
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+    xl = is_sdxl(args.model)
+    if args.pipeline == "diffusers":
+        if xl:
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(args.model)
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
+                                                                     requires_safety_checker=False)
     elif args.pipeline == "optimum":
         import onnxruntime as ort
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
+        from optimum import onnxruntime as ortp
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        pipe = ORTStableDiffusionPipeline.from_pretrained(args.export_dir, export=False, session_options=so,
-                                                          provider="CPUExecutionProvider")
+        cls = ortp.ORTStableDiffusionXLPipeline if xl else ortp.ORTStableDiffusionPipeline
+        pipe = cls.from_pretrained(args.export_dir, export=False, session_options=so, provider="CPUExecutionProvider")
     else:
-        from optimum.intel import OVStableDiffusionPipeline
+        from optimum import intel
 
-        pipe = OVStableDiffusionPipeline.from_pretrained(args.export_dir, export=False, compile=True,
-                                                         ov_config={"INFERENCE_NUM_THREADS": args.threads})
+        cls = intel.OVStableDiffusionXLPipeline if xl else intel.OVStableDiffusionPipeline
+        static = args.pipeline == "openvino-static"
+        pipe = cls.from_pretrained(args.export_dir, export=False, compile=not static,
+                                   ov_config={"INFERENCE_NUM_THREADS": args.threads})
+        if static:  # FastSD CPU's OpenVINO setup: static shapes for the one size it serves, then compile
+            pipe.reshape(batch_size=-1, height=args.size, width=args.size, num_images_per_prompt=1)
+            pipe.compile()
     # from the diffusers folder's own scheduler config, not the export's: the exporters write out every default of
     # the original scheduler class (PNDM's timestep_spacing="leading"), which Euler would then inherit
-    pipe.scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(args.model / "scheduler"))
+    name, overrides = SAMPLERS[args.sampler]
+    cls = getattr(diffusers, name)
+    pipe.scheduler = cls.from_config(cls.load_config(args.model / "scheduler"), **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -214,7 +243,7 @@ def versions() -> dict[str, str]:
 
 
 def precision(pipe, pipeline: str) -> str:  # type: ignore[no-untyped-def]
-    if pipeline != "openvino":
+    if not pipeline.startswith("openvino"):
         return "fp32"
     try:
         hint = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type, e.g. bf16
@@ -271,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model),
         "export_dir": str(args.export_dir) if args.export_dir else None,
         "size": args.size, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "prompt": args.prompt, "scheduler": type(pipe.scheduler).__name__, "threads": args.threads,
+        "prompt": args.prompt, "scheduler": type(pipe.scheduler).__name__, "sampler": args.sampler,
+        "threads": args.threads,
         "precision": precision(pipe, args.pipeline),
         "cold_start_s": round(sum(phases.values()), 3),
         "phases": {k: round(v, 3) for k, v in phases.items()},

@@ -69,3 +69,34 @@ def test_diffusers_peer_matches_in_process_diffusers(tiny_source: Path, tmp_path
 def test_measure_rejects_unknown_pipeline(tiny_source: Path) -> None:
     with pytest.raises(ValueError, match="pipeline='tensorrt' is not one of diffusers, optimum, openvino"):
         peers.measure("tensorrt", tiny_source)
+
+
+def test_diffusers_peer_runs_sdxl_turbo_as_diffusers_does(tiny_sdxl_source: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SDXL folder runs through StableDiffusionXLPipeline, and `sampler="turbo"` is SDXL-Turbo's setting
+    (EulerAncestral, trailing timesteps), here at 1 step without guidance: the same image as in-process diffusers."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+    from PIL import Image
+
+    monkeypatch.setattr("bench.workspace.WORK", tmp_path / "work")
+    size, seed = 64, 2
+    result = peers.measure("diffusers", tiny_sdxl_source, size=size, steps=1, guidance=0.0, seed=seed, repeats=1,
+                           sampler="turbo", log=lambda _: None)
+    assert result["scheduler"] == "EulerAncestralDiscreteScheduler" and result["sampler"] == "turbo"
+    assert (result["steps"], result["guidance"]) == (1, 0.0)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_source)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+    lat = np.load(peers.latents(tiny_sdxl_source, size, seed))
+    with torch.inference_mode():
+        out = pipe(peers.PROMPT, height=size, width=size, num_inference_steps=1, guidance_scale=0.0,
+                   latents=torch.from_numpy(lat), generator=torch.Generator().manual_seed(seed),
+                   output_type="np").images[0]
+    ref = (out * 255).round().astype(np.uint8)
+    ours = np.asarray(Image.open(result["image"]))
+    assert ours.shape == ref.shape == (size, size, 3)
+    assert np.array_equal(ours, ref), f"max diff {np.abs(ours.astype(int) - ref.astype(int)).max()}"
+    assert ours.std() > 1
+    assert peers.label("openvino-static", sdxl=True).startswith("optimum-intel OVStableDiffusionXLPipeline, static image size")

@@ -100,10 +100,33 @@ def test_int8_graphs_and_manifest(int8_store: Path, tiny_bundle: Path, tmp_path:
     # fidelity recorded per component and for the bundle
     f = m.fidelity
     assert f["passed"] and not f["low_fidelity"] and f["steps"] == 4 and len(f["prompts"]) == 1
+    assert f["size"] == m.defaults["width"] == 64  # the gate runs at the bundle's default size unless told
     assert f["psnr"] >= f["min_psnr"] and 0 < f["ssim"] <= 1
     assert 0 < unet.fidelity["rel_error"] <= f["max_rel_error"]
     for c in m.components.values():
         assert c.precision == "fp32" or c.fidelity["passed"]
+
+
+def test_fidelity_size_sets_the_gates_image_size(tiny_source: Path, tmp_path: Path) -> None:
+    """`fidelity_size` (SDXL's 1024 default would make the gate run for an hour on 2 cores): the gate's fp32
+    reference and quantized images are made at that size, and the manifest says which."""
+    import quantize.stage as stage
+    from quantize.calibration import run_pipeline
+
+    sizes: list[tuple[int, int]] = []
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        run = run_pipeline(*args, **kwargs)
+        sizes.extend(im.shape[:2] for im in run.images)
+        return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage, "run_pipeline", recording)
+        bundle = _compile(tiny_source, tmp_path, "tiny-int8-96", "int8", fidelity_size=96, calibration_size=64)
+    m = Manifest.read(bundle)
+    assert m.fidelity["size"] == 96 and m.defaults["width"] == 64
+    # calibration at 64, then the reference, the text encoder's, the UNet's and the bundle's images at 96
+    assert sizes[0] == (64, 64) and set(sizes[1:]) == {(96, 96)} and len(sizes) >= 4
 
 
 def test_int8_bundle_serves_over_grpc(int8_store: Path, tmp_path: Path) -> None:
