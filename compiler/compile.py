@@ -25,7 +25,7 @@ from compiler.verify import Reference, check_parity, reference
 from model_store import ComponentEntry, Manifest, Store
 from model_store.onnx_files import load_graph, save_model
 from quantize import stage
-from quantize.precision import for_components, resolved
+from quantize.precision import FOLLOWERS, for_components, resolved
 from runtime.samplers import SAMPLERS, NoiseSchedule
 
 # release a source module once the last component that needs it is done
@@ -54,16 +54,18 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
     applied, into a new bundle version; nothing is published on failure."""
     options = options or SourceOptions()
     store = Store(store_root)
-    quantize_stages = 1 + stage.stage_count(config.plan, _components(source_path)) if config.quantized else 0
+    sdxl = _is_sdxl(source_path)  # read before the source is (the progress count needs it)
+    exported = [*COMPONENTS, *(("text_encoder_2",) if sdxl else ())]
+    quantize_stages = 1 + stage.stage_count(config.plan, exported) if config.quantized else 0
     tiny = bool(options.tiny_decoder)
-    steps = Progress(total=3 + 3 * (len(COMPONENTS) + tiny + _is_sdxl(source_path)) + tiny + quantize_stages
+    steps = Progress(total=3 + 3 * (len(exported) + tiny) + tiny + quantize_stages
                      + prepare.stage_count(source_path, options), enabled=progress)
     staging = store.staging_dir(config.name)
     work = staging.with_name(staging.name + "-source")
     try:
         prepared = prepare.prepare(source_path, options, work, steps.stage)
         source = load_source(prepared.path)
-        _request_defaults(config, source)  # a bad default fails here, before any export
+        request_defaults = _request_defaults(config, source)  # a bad default fails here, before any export
         if options.tiny_decoder:
             from compiler.source import vae
 
@@ -157,7 +159,7 @@ def compile_model(source_path: str | Path, store_root: str | Path, config: Compi
                 if source.sdxl:  # SDXL embeddings add the same tokens to the second tokenizer
                     tokenizer["second"]["embeddings"] = embeddings.tokenizer_section(
                         staging / tokenizer["second"]["file"], prepared.info["embeddings"], ids="token_ids_2")
-            manifest = _manifest(config, source, source_hash, components, tokenizer,
+            manifest = _manifest(config, source, source_hash, components, tokenizer, request_defaults,
                                  prepared.info.get("tiny_decoder", {}).get("sha256"))
             manifest.source = {**manifest.source, "path": str(Path(source_path).resolve()), **prepared.info}
             manifest.model["latent_rgb"] = latent_rgb
@@ -226,17 +228,12 @@ def _plan(config: CompileConfig, model) -> dict[str, str]:  # type: ignore[no-un
     return plan
 
 
-def _components(source_path: str | Path) -> list[str]:
-    """The components of the bundle a compile of `source_path` makes (before its configs are read)."""
-    return [*COMPONENTS, *(("text_encoder_2",) if _is_sdxl(source_path) else ())]
-
-
 def _parity_threshold(config: CompileConfig, name: str) -> float:
     """The component's threshold; the tiny decoder's is the full decoder's (same output, an image in [-1, 1]);
-    SDXL's second text encoder's is the first's unless given."""
-    if name == "text_encoder_2":
-        return config.parity_threshold.get(name, config.parity_threshold["text_encoder"])
-    return config.parity_threshold["vae_decoder" if name == "vae_decoder_tiny" else name]
+    SDXL's second text encoder's is the first's unless given (quantize.precision.FOLLOWERS)."""
+    if name not in config.parity_threshold:
+        name = FOLLOWERS.get(name, "vae_decoder" if name == "vae_decoder_tiny" else name)
+    return config.parity_threshold[name]
 
 
 def _write_lora_configs(source, staging: Path, manifest: Manifest, config: CompileConfig) -> None:  # type: ignore[no-untyped-def]
@@ -320,7 +317,8 @@ def _request_defaults(config: CompileConfig, source) -> tuple[dict[str, object],
 
 
 def _manifest(config: CompileConfig, source, source_hash: str, components, tokenizer,  # type: ignore[no-untyped-def]
-              tiny_sha256: str | None = None) -> Manifest:
+              request_defaults: tuple[dict[str, object], int], tiny_sha256: str | None = None) -> Manifest:
+    """`request_defaults`: `_request_defaults`' (request defaults, default size)."""
     import onnxruntime
 
     text_cfg = json.loads((source.path / "text_encoder/config.json").read_text())
@@ -334,7 +332,7 @@ def _manifest(config: CompileConfig, source, source_hash: str, components, token
             # diffusers' SDXL pipelines: an empty negative prompt is all-zero embeddings, not the encoded ""
             "force_zeros_for_empty_prompt": bool(source.model_index.get("force_zeros_for_empty_prompt", True)),
         }
-    defaults, size = _request_defaults(config, source)
+    defaults, size = request_defaults
     key = f"{source_hash}:{config.hash()}"
     if tiny_sha256:  # the tiny decoder is not part of the source folder's hash (vae.check_tiny_decoder hashed it)
         key += f":tiny={tiny_sha256}"

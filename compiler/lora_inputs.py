@@ -46,12 +46,8 @@ class Target:
 def unused_layer(module: Any) -> str:
     """The module-path prefix of a CLIP text encoder's last layer, which SDXL's first text encoder does not use
     (its penultimate hidden states are the output): LoRA pairs there change nothing and get no inputs."""
-    import re
-
-    found = [(int(m.group(2)), m.group(1)) for path, _ in module.named_modules()
-             if (m := re.fullmatch(r"(.*\.)?(\d+)", path)) and path.rsplit(".", 2)[-2:-1] == ["layers"]]
-    index, prefix = max(found)
-    return f"{prefix}{index}."
+    layers = next(path for path, _ in module.named_modules() if path.endswith("encoder.layers"))
+    return f"{layers}.{module.config.num_hidden_layers - 1}."
 
 
 def targets(component: str, module: Any, kind: str = "") -> tuple[Target, ...]:
@@ -179,11 +175,10 @@ def check_config(precision_plan: dict[str, str], tome: float, attention_slicing:
     raises ValueError saying which and why."""
     from quantize.precision import resolved
 
-    # text_encoder_2 (SDXL) follows text_encoder unless the plan gives it its own entry
-    plan = precision_plan
-    low = [c for c in COMPONENTS if c in plan and resolved(plan[c]) != "fp32"]
+    # text_encoder_2 (SDXL) is in the plan only when given its own entry; else it follows text_encoder's
+    low = [c for c in COMPONENTS if c in precision_plan and resolved(precision_plan[c]) != "fp32"]
     if low:
-        raise ValueError(f"lora_inputs: {', '.join(low)} at precision {plan[low[0]]!r}; per-request LoRA "
+        raise ValueError(f"lora_inputs: {', '.join(low)} at precision {precision_plan[low[0]]!r}; per-request LoRA "
                          "inputs need fp32 UNet and text encoder graphs (the quantizers would rewrite the LoRA "
                          "MatMuls and the layers they add to). Quantize only the VAE (e.g. --precision "
                          "vae_decoder=int8), or fuse LoRAs at compile time with --lora FILE:SCALE")

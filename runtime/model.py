@@ -137,14 +137,10 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
         exact = int8_session_configs(m)  # full-range int8 on a CPU whose int8 kernels saturate: runtime/cpu.py
         sessions = {name: OrtSession(name, path / c.file, providers, threads, config=exact.get(name))
                     for name, c in m.components.items()}
-    tok = m.tokenizer
     try:
-        tokenizer = PromptTokenizer(path / tok["file"], tok["max_length"], tok["bos_id"], tok["eos_id"], tok["pad_id"],
-                                    {e["token"]: e["tokens"] for e in tok.get("embeddings", [])})
-        second = tok.get("second")
-        tokenizer_2 = PromptTokenizer(path / second["file"], second["max_length"], second["bos_id"], second["eos_id"],
-                                      second["pad_id"], {e["token"]: e["tokens"] for e in second.get("embeddings", [])}
-                                      ) if second else None
+        tokenizer = _tokenizer(path, m.tokenizer)
+        second = m.tokenizer.get("second")  # SDXL's second tokenizer, described the same way
+        tokenizer_2 = _tokenizer(path, second) if second else None
     except ValueError as e:
         raise ManifestError(f"bundle {path}: {e}") from None
     if m.model.get("architecture") == "sdxl" and (tokenizer_2 is None or "text_encoder_2" not in sessions):
@@ -153,6 +149,12 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
                         tokenizer_2=tokenizer_2)
     model.attach_adapters(path.parent / ADAPTERS_DIR)  # a bundle outside a store: none beside it
     return model
+
+
+def _tokenizer(path: Path, section: dict) -> PromptTokenizer:
+    """The tokenizer a manifest's `tokenizer` section (or its `second`) describes, with its textual-inversion tokens."""
+    return PromptTokenizer(path / section["file"], section["max_length"], section["bos_id"], section["eos_id"],
+                           section["pad_id"], {e["token"]: e["tokens"] for e in section.get("embeddings", [])})
 
 
 def load_store(root: str | Path, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",

@@ -287,12 +287,13 @@ def encode_text_batch(model: LoadedModel, gens: list[Generation]) -> list[tuple[
     negative prompt is all zeros (embeddings and pooled) when the model says `force_zeros_for_empty_prompt`."""
     ids = np.stack([t.ids for g in gens for t in g.tokens])
     t0 = time.perf_counter()
-    feed = {"input_ids": ids, **model.lora_feeds("text_encoder", _one_selection(gens))}
+    selection = _one_selection(gens)
+    feed = {"input_ids": ids, **model.lora_feeds("text_encoder", selection)}
     pooled = None
     if model.sdxl:
         hidden = model.sessions["text_encoder"].run(feed)["hidden_states"]
         second = model.sessions["text_encoder_2"].run({"input_ids": np.stack([t.ids for g in gens for t in g.tokens_2]),
-                                                       **model.lora_feeds("text_encoder_2", _one_selection(gens))})
+                                                       **model.lora_feeds("text_encoder_2", selection)})
         hidden = np.concatenate([hidden, second["hidden_states"]], axis=-1)
         pooled = second["text_embeds"]
     else:

@@ -70,14 +70,13 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def alone(tiny_store: Path, tiny_model: LoadedModel) -> dict[str, list[bytes]]:
-    """Each request run by itself on a server without batching."""
+def run_alone(store: Path, models: dict[str, LoadedModel], requests: list[pb.GenerateRequest]) -> dict[str, list[bytes]]:
+    """Each request run by itself on a server without batching: request id -> its PNGs."""
 
     async def run() -> dict[str, list[bytes]]:
-        async with serving(tiny_store, {"tiny": tiny_model}, batching=False) as server:
+        async with serving(store, models, batching=False) as server:
             out = {}
-            for r in REQUESTS:
+            for r in requests:
                 code, got, _ = await generate(server.port, r)
                 assert code == grpc.StatusCode.OK
                 out[r.request_id] = pngs(got)
@@ -85,6 +84,11 @@ def alone(tiny_store: Path, tiny_model: LoadedModel) -> dict[str, list[bytes]]:
             return out
 
     return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_store: Path, tiny_model: LoadedModel) -> dict[str, list[bytes]]:
+    return run_alone(tiny_store, {"tiny": tiny_model}, REQUESTS)
 
 
 def test_batched_requests_give_the_same_png_bytes_as_alone(tiny_store, tiny_model, alone) -> None:

@@ -13,7 +13,7 @@ import pytest
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
 from runtime.model import LoadedModel
-from tests.server.test_batching import generate, pngs, serving
+from tests.server.test_batching import generate, pngs, run_alone, serving
 
 SC = pb.SizeConditioning
 # one latent size (so they share UNet calls), each with other size conditioning, guidance and negative prompt
@@ -34,16 +34,7 @@ REQUESTS = [*SAME_SIZE, OTHER_SIZE]
 
 @pytest.fixture(scope="module")
 def alone(tiny_sdxl_store: Path, tiny_sdxl_model: LoadedModel) -> dict[str, list[bytes]]:
-    async def run() -> dict[str, list[bytes]]:
-        async with serving(tiny_sdxl_store, {"tiny-sdxl": tiny_sdxl_model}, batching=False) as server:
-            out = {}
-            for r in REQUESTS:
-                code, got, _ = await generate(server.port, r)
-                assert code == grpc.StatusCode.OK
-                out[r.request_id] = pngs(got)
-            return out
-
-    return asyncio.run(run())
+    return run_alone(tiny_sdxl_store, {"tiny-sdxl": tiny_sdxl_model}, REQUESTS)
 
 
 def test_size_conditioning_changes_the_image(alone) -> None:  # type: ignore[no-untyped-def]
