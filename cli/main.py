@@ -156,7 +156,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
                          device=device, **extra)
-    return asyncio.run(serve(config))
+    gateway = None
+    if args.gateway_port is not None:  # the HTTP gateway beside the server, in the same process (a single box)
+        from cli.flags import from_args
+        from gateway.config import GatewayConfig
+
+        gateway = from_args(GatewayConfig, args, port=args.gateway_port, host=args.gateway_host)
+    return asyncio.run(serve(config, gateway))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cli.flags import from_args
+    from gateway.config import GatewayConfig
+    from gateway.server import serve
+
+    return asyncio.run(serve(from_args(GatewayConfig, args)))
 
 
 def _accounts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -360,6 +376,13 @@ def _api_key(p: argparse.ArgumentParser) -> None:
                    help="API key for servers with accounts (default: $KILN_API_KEY)")
 
 
+def _gateway_flags(p, skip: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
+    from cli.flags import add_flags
+    from gateway.config import GatewayConfig
+
+    add_flags(p, GatewayConfig, parse={"api_auth": GatewayConfig.parse_api_auth}, skip=skip)
+
+
 def parser() -> argparse.ArgumentParser:
     from runtime.samplers import SAMPLERS
 
@@ -518,7 +541,17 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a dead server's reservations outlive it before their credits come back")
     a.add_argument("--insecure-open", action="store_true",
                    help="allow a non-loopback --host without --auth-db (anyone who reaches it can generate)")
+    gw = s.add_argument_group("HTTP gateway beside the server (README: HTTP API)")
+    gw.add_argument("--gateway-port", type=int, default=None,
+                    help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
+    gw.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default: 127.0.0.1)")
+    _gateway_flags(gw, skip=("target", "host", "port"))
     s.set_defaults(func=cmd_serve)
+
+    gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "
+                                        "front of a Kiln gRPC server")
+    _gateway_flags(gp)
+    gp.set_defaults(func=cmd_gateway)
 
     k = sub.add_parser("keys", help="API keys in an auth db").add_subparsers(dest="keys_command", required=True)
     for name, helptext, func in (("create", "make a key; prints it as the last line of stdout, once", cmd_keys_create),

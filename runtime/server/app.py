@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +28,9 @@ from runtime.server.interceptors.quota import QuotaInterceptor
 from runtime.server.interceptors.rate import RateInterceptor
 from runtime.server.pricing import resolve
 from runtime.server.servicer import KilnServicer
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 log = logging.getLogger("kiln.serve")
 
@@ -171,16 +175,27 @@ def _log_exposure(host: str) -> None:
         log.warning("NO AUTH and %s is not loopback (--insecure-open): anyone who can reach it can generate", host)
 
 
-async def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM or SIGINT; returns the process exit code."""
+async def serve(config: ServeConfig, gateway: GatewayConfig | None = None) -> int:
+    """Run until SIGTERM or SIGINT; returns the process exit code. With `gateway`, the HTTP gateway runs beside
+    the server in this process, as a client of its gRPC port (the gateway's `target` is set to it)."""
     server = KilnServer(config)
     if not server.models:
         log.warning("no bundles in %s: compile one with `kiln compile`; health stays NOT_SERVING", config.store)
     await server.start()
+    http = None
+    if gateway is not None:
+        from gateway.server import GatewayServer
+
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        gateway.target = f"{host}:{server.port}"
+        http = GatewayServer(gateway)
+        await http.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if http:
+        await http.stop()
     await server.stop()
     return 0

@@ -1,0 +1,337 @@
+"""`/sdapi/v1/*`: AUTOMATIC1111's routes, each turned into Kiln gRPC calls. Fields a request leaves out take the
+model's defaults; fields Kiln has no use for are accepted and ignored; refusals name AUTOMATIC1111's fields."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Body, Depends, Query, Request
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gateway.a1111 import infotext, samplers
+from gateway.a1111.models import (
+    GenerationResponse, Img2Img, PngInfo, PngInfoRequest, Progress, ProgressState, SamplerItem, SDModelItem, Txt2Img,
+)
+from gateway.context import Caller, Gateway, caller, gateway
+from gateway.errors import ApiError, bad_request, from_rpc_error
+from gateway.jobs import run
+from proto.kiln.v1 import kiln_pb2 as pb
+
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
+
+FIELD_NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "num_images": "batch_size",
+               "init_image": "init_images[0]", "mask_image": "mask", "strength": "denoising_strength",
+               "model": "sd_model_checkpoint"}
+"""Kiln's GenerateRequest fields -> AUTOMATIC1111's, for the errors the gRPC server sends back."""
+
+MAX_N_ITER = 100
+MAX_IMAGE_PIXELS = 4096 * 4096
+SEED_RANGE = 1 << 32
+A1111_IMG2IMG_STRENGTH = 0.75
+A1111_MASK_BLUR = 4
+
+
+# ---- model choice ----------------------------------------------------------------------------------------------
+
+async def _models(gw: Gateway, who: Caller) -> list[pb.ModelInfo]:
+    try:
+        return list((await gw.upstream.list_models(who.key)).models)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+
+
+def _checkpoint_name(title: str) -> str:
+    """`name [hash]` (an AUTOMATIC1111 title) -> `name`."""
+    title = title.strip()
+    return title.rsplit(" [", 1)[0] if title.endswith("]") and " [" in title else title
+
+
+def _pick(models: list[pb.ModelInfo], wanted: str, field: str) -> pb.ModelInfo:
+    if not models:
+        raise ApiError(503, "UNAVAILABLE", "the Kiln server serves no models yet", headers={"Retry-After": "5"})
+    if not wanted:
+        return models[0]
+    name = _checkpoint_name(wanted)
+    for m in models:
+        if name in (m.name, f"{m.name}.safetensors"):
+            return m
+    raise bad_request(field, f"{field}={wanted[:60]!r} is not served here; available: "
+                             f"{', '.join(m.name for m in models)}")
+
+
+async def _model_for(gw: Gateway, who: Caller, req: Txt2Img) -> pb.ModelInfo:
+    override = (req.override_settings or {}).get("sd_model_checkpoint")
+    if override is not None and not isinstance(override, str):
+        raise bad_request("override_settings.sd_model_checkpoint", "sd_model_checkpoint must be a string")
+    models = await _models(gw, who)
+    if override:
+        return _pick(models, override, "override_settings.sd_model_checkpoint")
+    return _pick(models, gw.checkpoints.get(who.client, ""), "sd_model_checkpoint")
+
+
+def _model_item(m: pb.ModelInfo) -> SDModelItem:
+    return SDModelItem(title=m.name, model_name=m.name, hash=m.version[:10] or None, sha256=m.version or None,
+                       filename=m.name, config=None)
+
+
+# ---- request translation ---------------------------------------------------------------------------------------
+
+def decode_image(value: str, field: str) -> bytes:
+    """base64 (optionally a `data:image/...;base64,` URL) -> bytes; 422 naming the field when it is not."""
+    if not isinstance(value, str) or not value:
+        raise bad_request(field, f"{field} must be a non-empty base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(field, f"{field} is not valid base64 ({len(value)} characters)") from None
+
+
+def _open(data: bytes, field: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise bad_request(field, f"{field} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        raise bad_request(field, f"{field} is not a PNG, JPEG or WebP image ({str(e)[:80]})") from None
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(req: Img2Img) -> tuple[bytes, bytes, tuple[int, int] | None]:
+    """(init image, mask, the size AUTOMATIC1111 resized to or None). AUTOMATIC1111 stretches the init image to
+    width x height ("Just resize"); Kiln only resizes within 1% of the aspect ratio, so the gateway stretches
+    when the aspect differs, and inverts the mask for `inpainting_mask_invert`."""
+    if not req.init_images:
+        raise bad_request("init_images", "img2img needs init_images: a list with one base64 image")
+    init = decode_image(req.init_images[0], "init_images[0]")
+    mask = decode_image(req.mask, "mask") if req.mask else b""
+    target = (req.width, req.height) if req.width and req.height else None
+    stretch = None
+    if target:
+        image = _open(init, "init_images[0]")
+        if abs(image.width / image.height - target[0] / target[1]) > 0.01 * target[0] / target[1]:
+            stretch = target
+            init = _png(ImageOps.exif_transpose(image).resize(target, Image.Resampling.LANCZOS))
+    if mask and (stretch or req.inpainting_mask_invert):
+        m = ImageOps.exif_transpose(_open(mask, "mask")).convert("L")
+        if stretch:
+            m = m.resize(stretch, Image.Resampling.LANCZOS)
+        if req.inpainting_mask_invert:
+            m = ImageOps.invert(m)
+        mask = _png(m)
+    return init, mask, stretch
+
+
+def _grpc_request(req: Txt2Img, model: pb.ModelInfo, preview_every: int) -> pb.GenerateRequest:
+    if not 0 <= req.seed < SEED_RANGE and req.seed != -1:
+        raise bad_request("seed", f"seed={req.seed} must be -1 (random) or between 0 and {SEED_RANGE - 1}")
+    for name in ("width", "height", "steps"):
+        value = getattr(req, name)
+        if value is not None and value < 0:
+            raise bad_request(name, f"{name}={value} must be 0 (the model's default) or more")
+    if req.batch_size < 1:
+        raise bad_request("batch_size", f"batch_size={req.batch_size} must be at least 1")
+    if not 1 <= req.n_iter <= MAX_N_ITER:
+        raise bad_request("n_iter", f"n_iter={req.n_iter} must be between 1 and {MAX_N_ITER}")
+    sampler = samplers.to_kiln(req.sampler_name or req.sampler_index, req.scheduler, list(model.samplers),
+                               "sampler_name" if req.sampler_name else "sampler_index")
+    steps = req.steps or 0
+    message = pb.GenerateRequest(
+        model=model.name, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width or 0,
+        height=req.height or 0, steps=steps, sampler=sampler, num_images=req.batch_size,
+        preview_every=min(preview_every, steps) if steps else 0)
+    if req.cfg_scale is not None:
+        message.guidance_scale = req.cfg_scale
+    if req.seed != -1:
+        message.seed = req.seed
+    return message
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+
+async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) -> GenerationResponse:
+    gw = gateway(request)
+    model = await _model_for(gw, who, req)
+    message = _grpc_request(req, model, gw.config.preview_every)
+    if isinstance(req, Img2Img):
+        init, mask, stretched = _images(req)
+        message.init_image, message.mask_image = init, mask
+        message.strength = req.denoising_strength if req.denoising_strength is not None else A1111_IMG2IMG_STRENGTH
+        message.mask_blur = (req.mask_blur if req.mask_blur is not None else A1111_MASK_BLUR) if mask else 0
+        if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
+            raise bad_request("mask_blur", f"mask_blur={req.mask_blur} must be between 0 and 64")
+        if stretched:
+            message.width, message.height = stretched
+    if not message.preview_every:
+        message.preview_every = gw.config.preview_every if gw.config.preview_every <= (model.default_steps or 1) else 0
+    images: list[str] = []
+    seeds: list[int] = []
+    infotexts: list[str] = []
+    started = pb.Started()
+    with gw.jobs.track(who.client, req.n_iter) as job:
+        for i in range(req.n_iter):
+            if i:  # AUTOMATIC1111: seeds run on across n_iter
+                message.seed = (started.seed + i * req.batch_size) % SEED_RANGE
+            try:
+                result = await run(gw.upstream, job, message, who.key)
+            except ApiError as e:
+                raise e.renamed(FIELD_NAMES) from None
+            if i == 0:
+                started = result.started
+            for a in sorted(result.artifacts, key=lambda a: a.index):
+                images.append(base64.b64encode(a.data).decode())
+                seeds.append(a.seed)
+                infotexts.append(infotext.png_text(a.data).get("parameters", ""))
+            if result.interrupted:
+                break
+    if not req.send_images:
+        images = []
+    s = started
+    strength = s.strength if img2img else None
+    info = {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds), "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": [req.negative_prompt] * len(seeds), "seed": seeds[0] if seeds else s.seed,
+        "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": s.width, "height": s.height, "sampler_name": samplers.label(s.sampler), "cfg_scale": s.guidance_scale,
+        "steps": s.steps, "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": s.model, "sd_model_hash": s.model_version[:10], "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": strength,
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": job.timestamp, "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "version": "kiln", "interrupted": job.interrupted,
+    }
+    parameters = req.model_dump()
+    if img2img:
+        parameters.update(init_images=None, mask=None)
+    return GenerationResponse(images=images, parameters=parameters, info=json.dumps(info))
+
+
+@router.post("/txt2img", response_model=GenerationResponse)
+async def txt2img(request: Request, req: Txt2Img, who: Caller = Depends(caller)) -> GenerationResponse:
+    return await _generate(request, req, who, img2img=False)
+
+
+@router.post("/img2img", response_model=GenerationResponse)
+async def img2img(request: Request, req: Img2Img, who: Caller = Depends(caller)) -> GenerationResponse:
+    return await _generate(request, req, who, img2img=True)
+
+
+# ---- progress and interrupt ------------------------------------------------------------------------------------
+
+@router.get("/progress", response_model=Progress)
+async def progress(request: Request, skip_current_image: bool = Query(False),
+                   who: Caller = Depends(caller)) -> Progress:
+    job = gateway(request).jobs.current(who.client)
+    if job is None:
+        return Progress(progress=0.0, eta_relative=0.0, state=ProgressState())
+    preview = base64.b64encode(job.preview_png).decode() if job.preview_png and not skip_current_image else None
+    state = ProgressState(interrupted=job.interrupted, job=f"kiln {job.stage}", job_count=job.job_count,
+                          job_timestamp=job.timestamp, job_no=job.job_no, sampling_step=job.step,
+                          sampling_steps=job.total_steps)
+    return Progress(progress=round(job.progress, 4), eta_relative=round(job.eta_s, 3), state=state,
+                    current_image=preview)
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request, who: Caller = Depends(caller)) -> None:
+    gateway(request).jobs.interrupt(who.client)
+
+
+@router.post("/skip")
+async def skip(request: Request, who: Caller = Depends(caller)) -> None:
+    """Kiln cannot skip one image of a batch: skip interrupts, as AUTOMATIC1111 does for a batch of one."""
+    gateway(request).jobs.interrupt(who.client)
+
+
+# ---- listings and options --------------------------------------------------------------------------------------
+
+@router.get("/sd-models", response_model=list[SDModelItem])
+async def sd_models(request: Request, who: Caller = Depends(caller)) -> list[SDModelItem]:
+    return [_model_item(m) for m in await _models(gateway(request), who)]
+
+
+@router.get("/samplers", response_model=list[SamplerItem])
+async def sampler_list(request: Request, who: Caller = Depends(caller)) -> list[SamplerItem]:
+    offered = {s for m in await _models(gateway(request), who) for s in m.samplers}
+    return [SamplerItem(name=label, aliases=[kiln, *aliases], options={})
+            for kiln, (label, aliases) in samplers.SAMPLERS.items() if kiln in offered]
+
+
+@router.get("/schedulers")
+async def schedulers() -> list[dict[str, Any]]:
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+            {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}]
+
+
+@router.get("/scripts")
+async def scripts() -> dict[str, list[str]]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/options")
+async def get_options(request: Request, who: Caller = Depends(caller)) -> dict[str, Any]:
+    gw = gateway(request)
+    models = await _models(gw, who)
+    chosen = _pick(models, gw.checkpoints.get(who.client, ""), "sd_model_checkpoint") if models else None
+    return {"sd_model_checkpoint": chosen.name if chosen else None,
+            "sd_checkpoint_hash": chosen.version if chosen else None,
+            "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+            "live_previews_enable": gw.config.preview_every > 0, "show_progress_every_n_steps": gw.config.preview_every}
+
+
+@router.post("/options")
+async def set_options(request: Request, options: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> None:
+    """Only `sd_model_checkpoint` has an effect: it picks the model for this client's later requests."""
+    gw = gateway(request)
+    wanted = options.get("sd_model_checkpoint")
+    if wanted is None:
+        return
+    if not isinstance(wanted, str):
+        raise bad_request("sd_model_checkpoint", "sd_model_checkpoint must be a string")
+    gw.checkpoints[who.client] = _pick(await _models(gw, who), wanted, "sd_model_checkpoint").name
+
+
+@router.post("/refresh-checkpoints")
+async def refresh_checkpoints(request: Request, who: Caller = Depends(caller)) -> None:
+    await gateway(request).upstream.list_models(who.key, fresh=True)
+
+
+@router.post("/png-info", response_model=PngInfo)
+async def png_info(req: PngInfoRequest) -> PngInfo:
+    try:
+        texts = infotext.png_text(decode_image(req.image, "image"))
+    except ValueError as e:
+        raise bad_request("image", f"image is {e}") from None
+    text = texts.pop("parameters", "")
+    return PngInfo(info=text, items=texts, parameters=infotext.parse(text) if text else {})
+
+
+for _path in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers", "realesrgan-models",
+              "prompt-styles", "loras"):
+    router.add_api_route(f"/{_path}", lambda: [], methods=["GET"], summary="none in Kiln: an empty list")
+
+
+@router.get("/embeddings")
+async def embeddings(request: Request, who: Caller = Depends(caller)) -> dict[str, Any]:
+    tokens = {t for m in await _models(gateway(request), who) for t in m.embedding_tokens}
+    return {"loaded": {t: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 0,
+                           "vectors": 1} for t in sorted(tokens)}, "skipped": {}}
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(request: Request) -> dict[str, Any]:
+    return {"api": True, "nowebui": True, "cors_allow_origins": list(gateway(request).config.cors_allow_origins)}
+

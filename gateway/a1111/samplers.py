@@ -1,0 +1,49 @@
+"""AUTOMATIC1111's sampler names (and its separate `scheduler` field) <-> Kiln's samplers."""
+
+from __future__ import annotations
+
+from gateway.errors import bad_request
+
+SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "euler": ("Euler", ("k_euler",)),
+    "euler_a": ("Euler a", ("k_euler_a", "Euler Ancestral")),
+    "dpmpp_2m": ("DPM++ 2M", ("k_dpmpp_2m",)),
+    "dpmpp_2m_karras": ("DPM++ 2M Karras", ("k_dpmpp_2m_ka",)),
+    "ddim": ("DDIM", ()),
+    "lcm": ("LCM", ("k_lcm",)),
+    "turbo": ("Turbo", ()),
+}
+"""Kiln sampler -> (AUTOMATIC1111 label, aliases). The labels are the ones Kiln writes in PNG infotexts."""
+
+KARRAS = {"dpmpp_2m": "dpmpp_2m_karras"}
+"""With AUTOMATIC1111's `scheduler: "Karras"`, these samplers become their Karras twins."""
+
+_BY_NAME = {n.lower(): kiln for kiln, (label, aliases) in SAMPLERS.items() for n in (kiln, label, *aliases)}
+
+
+def label(kiln: str) -> str:
+    return SAMPLERS[kiln][0] if kiln in SAMPLERS else kiln
+
+
+def to_kiln(name: str | None, scheduler: str | None, available: list[str], field: str = "sampler_name") -> str:
+    """An AUTOMATIC1111 sampler (+ scheduler) -> a Kiln sampler the model has; "" = the model's default."""
+    name = (name or "").strip()
+    if not name:
+        return ""
+    kiln = _BY_NAME.get(name.lower())
+    if kiln is None and name.lower().endswith(" karras"):  # "DPM++ 2M Karras" under another spelling
+        base = _BY_NAME.get(name.lower().removesuffix(" karras"))
+        kiln = KARRAS.get(base or "")
+    offered = ", ".join(f"{label(s)!r}" for s in available)
+    if kiln is None:
+        raise bad_request(field, f"{field}={name[:40]!r} is not a sampler Kiln has; the model offers {offered}")
+    sched = (scheduler or "").strip().lower()
+    if sched == "karras" and kiln in KARRAS:
+        kiln = KARRAS[kiln]
+    elif sched not in ("", "automatic", "default") and not (sched == "karras" and kiln in KARRAS.values()):
+        text = (f"scheduler={(scheduler or '')[:40]!r} is not offered with {label(kiln)!r}; use 'Automatic' (or "
+                "'Karras' with 'DPM++ 2M')")
+        raise bad_request("scheduler", text)
+    if kiln not in available:
+        raise bad_request(field, f"{field}={name[:40]!r} ({kiln}) is not offered by this model; it offers {offered}")
+    return kiln

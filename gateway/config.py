@@ -1,0 +1,52 @@
+"""`GatewayConfig`: every setting of `kiln gateway` (and of the gateway `kiln serve --gateway-port` starts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GatewayConfig:
+    target: str = "127.0.0.1:50051"
+    """The Kiln gRPC server (HOST:PORT) every request is sent to."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = 7861
+    """HTTP port; 0 picks a free one (logged)."""
+    cors_allow_origins: tuple[str, ...] = ()
+    """Origins browsers may call the API from (`*` for any); empty: same origin only."""
+    api_auth: dict[str, str] = field(default_factory=dict)
+    """AUTOMATIC1111's `--api-auth`: basic-auth `user:password` pairs, each mapped to the API key it stands for
+    (`user:password=KEY`). Without a mapping a basic-auth password is taken as the API key itself."""
+    max_body_bytes: int = 24 << 20
+    """Largest request body accepted (base64 images included); larger bodies get 413."""
+    preview_every: int = 1
+    """Denoising steps between the previews `/sdapi/v1/progress` and the SSE stream show (0: none)."""
+    timeout_s: float = 600.0
+    """Deadline of one generation on the gRPC server."""
+    models_ttl_s: float = 5.0
+    """How long the server's model list is reused before it is asked again."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be between 0 and 65535")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes={self.max_body_bytes} must be at least 1024")
+        if self.preview_every < 0:
+            raise ValueError(f"preview_every={self.preview_every} must be 0 (no previews) or more")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be more than 0")
+        if ":" not in self.target:
+            raise ValueError(f"target={self.target!r} must be HOST:PORT")
+
+    @staticmethod
+    def parse_api_auth(text: str) -> dict[str, str]:
+        """`user:pass=KEY,user2:pass2=KEY2` (or `user:pass` alone, whose password is then the key)."""
+        out: dict[str, str] = {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            cred, _, key = item.partition("=")
+            user, sep, password = cred.partition(":")
+            if not sep or not user or not password:
+                raise ValueError(f"--api-auth entry {item!r} must be USER:PASSWORD[=API_KEY]")
+            out[cred] = key or password
+        return out

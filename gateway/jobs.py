@@ -1,0 +1,168 @@
+"""Generations in flight, per client: what `/sdapi/v1/progress` reports (step, ETA, latest preview), what
+`/sdapi/v1/interrupt` cancels, and `run`, the one loop that drives a Generate call and records its events."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.errors import from_rpc_error
+from gateway.upstream import Call, Upstream
+from proto.kiln.v1 import kiln_pb2 as pb
+
+
+@dataclass
+class Job:
+    """One HTTP request's generation, possibly several gRPC calls long (AUTOMATIC1111's `n_iter`)."""
+
+    client: str
+    job_count: int = 1
+    """gRPC calls this job makes (AUTOMATIC1111's n_iter)."""
+    job_no: int = 0
+    """Calls finished so far."""
+    started: float = field(default_factory=time.monotonic)
+    timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
+    stage: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    preview_png: bytes = b""
+    interrupted: bool = False
+    calls: set[Call] = field(default_factory=set)
+
+    @property
+    def progress(self) -> float:
+        """0..1 over all of the job's calls (the current call by its denoising steps)."""
+        within = self.step / self.total_steps if self.total_steps else 0.0
+        return min(1.0, (self.job_no + within) / max(1, self.job_count))
+
+    @property
+    def eta_s(self) -> float:
+        done = self.progress
+        return (time.monotonic() - self.started) * (1 - done) / done if done > 0 else 0.0
+
+    def observe(self, event: pb.GenerateResponse) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            self.stage, self.step = "text_encode", 0
+            self.total_steps = event.started.denoising_steps or event.started.steps
+        elif kind == "progress":
+            p = event.progress
+            self.stage = p.stage
+            if p.total_steps:
+                self.step, self.total_steps = p.step, p.total_steps
+            if p.preview_png:
+                self.preview_png = p.preview_png
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        for call in list(self.calls):
+            call.cancel()
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self._jobs: dict[str, list[Job]] = {}
+
+    def open(self, client: str, job_count: int = 1) -> Job:
+        job = Job(client, job_count)
+        self._jobs.setdefault(client, []).append(job)
+        return job
+
+    def close(self, job: Job) -> None:
+        jobs = self._jobs.get(job.client, [])
+        if job in jobs:
+            jobs.remove(job)
+        if not jobs:
+            self._jobs.pop(job.client, None)
+
+    @contextlib.contextmanager
+    def track(self, client: str, job_count: int = 1) -> Iterator[Job]:
+        job = self.open(client, job_count)
+        try:
+            yield job
+        finally:
+            self.close(job)
+
+    def current(self, client: str) -> Job | None:
+        """The client's oldest running job (AUTOMATIC1111 shows one job at a time)."""
+        jobs = self._jobs.get(client)
+        return jobs[0] if jobs else None
+
+    def count(self, client: str) -> int:
+        return len(self._jobs.get(client, ()))
+
+    def interrupt(self, client: str) -> int:
+        jobs = list(self._jobs.get(client, ()))
+        for job in jobs:
+            job.interrupt()
+        return len(jobs)
+
+
+@dataclass
+class Result:
+    started: pb.Started
+    artifacts: list[pb.Artifact]
+    metadata: dict[str, str]
+    interrupted: bool = False
+
+
+async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest, api_key: str,
+              on_event: Callable[[pb.GenerateResponse], None] | None = None) -> Result:
+    """One Generate call to the end, recorded in `job`; gRPC refusals raise `ApiError`. An interrupt returns what
+    arrived before it (AUTOMATIC1111 returns the images it has)."""
+    events = stream(upstream, job, request, api_key)
+    started, artifacts = pb.Started(), []
+    call: Call | None = None
+    try:
+        async for call, event in events:
+            if on_event:
+                on_event(event)
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                started = event.started
+            elif kind == "artifact":
+                artifacts.append(event.artifact)
+    except Interrupted as e:
+        return Result(started, artifacts, e.metadata, interrupted=True)
+    return Result(started, artifacts, call.metadata if call else {})
+
+
+class Interrupted(Exception):
+    def __init__(self, metadata: dict[str, str]):
+        super().__init__("interrupted")
+        self.metadata = metadata
+
+
+async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
+                 api_key: str) -> AsyncIterator[tuple[Call, pb.GenerateResponse]]:
+    """The call's events, each recorded in `job`. Raises ApiError for a refusal (before the first event, or
+    mid-stream), Interrupted when the client's interrupt cancelled it; cancels the call if the consumer stops."""
+    if job.interrupted:
+        raise Interrupted({})
+    try:
+        call, first = await upstream.start(request, api_key)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    job.calls.add(call)
+    finished = False
+    try:
+        job.observe(first)
+        yield call, first
+        try:
+            async for event in call.events():
+                job.observe(event)
+                yield call, event
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and job.interrupted:
+                raise Interrupted(call.metadata) from None
+            raise from_rpc_error(e) from None
+        finished = True
+        job.job_no += 1
+    finally:
+        job.calls.discard(call)
+        if not finished:
+            call.cancel()

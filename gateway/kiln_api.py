@@ -1,0 +1,122 @@
+"""Kiln's own HTTP surface, a JSON mirror of the gRPC contract: `POST /v1/generate` streams Server-Sent Events
+(started, progress with optional previews, one artifact per image, then done) as the gRPC stream does;
+`GET /v1/models`, `GET /v1/balance`, `POST /v1/interrupt`, `GET /healthz`. Field names are the proto's
+(snake_case or lowerCamelCase), bytes are base64 (a `data:` URL prefix is accepted)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf import json_format
+
+from gateway.context import Caller, caller, gateway
+from gateway.errors import ApiError, bad_request, from_rpc_error
+from gateway.jobs import Interrupted, stream
+from proto.kiln.v1 import kiln_pb2 as pb
+
+router = APIRouter(tags=["kiln"])
+
+BYTES_FIELDS = ("init_image", "initImage", "mask_image", "maskImage")
+
+
+def message_json(message: Any) -> dict[str, Any]:
+    """Proto JSON with the proto's field names, zero values included (an artifact's index 0 is `"index": 0`)."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True)
+
+
+def strip_data_url(value: Any) -> Any:
+    """`data:image/png;base64,AAAA` -> `AAAA`; anything else unchanged."""
+    if isinstance(value, str) and value.startswith("data:"):
+        return value.partition(",")[2]
+    return value
+
+
+def parse_request(body: Any) -> pb.GenerateRequest:
+    """JSON -> kiln.v1.GenerateRequest (unknown fields ignored); a wrong type is a 422 naming the field."""
+    if not isinstance(body, dict):
+        raise bad_request("body", f"the body must be a JSON object (GenerateRequest), not {type(body).__name__}")
+    body = {k: strip_data_url(v) if k in BYTES_FIELDS else v for k, v in body.items()}
+    try:
+        return json_format.ParseDict(body, pb.GenerateRequest(), ignore_unknown_fields=True)
+    except json_format.ParseError as e:
+        text = str(e)
+        m = re.search(r"Failed to parse (\w+) field", text) or re.search(r"field named \"?(\w+)", text)
+        raise bad_request(m.group(1) if m else "body", text[:300]) from None
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@router.post("/v1/generate", summary="Generate, streaming Server-Sent Events",
+             response_description="text/event-stream: started, progress*, artifact*, done (or error)")
+async def generate(request: Request, body: Any = Body(..., examples=[{"model": "tiny", "prompt": "a red circle",
+                                                                     "steps": 4, "preview_every": 1}]),
+                   who: Caller = Depends(caller)) -> StreamingResponse:
+    gw = gateway(request)
+    message = parse_request(body)
+    job = gw.jobs.open(who.client)
+    events = stream(gw.upstream, job, message, who.key)
+    try:
+        call, first = await events.__anext__()  # a refusal is an HTTP status, not an event
+    except BaseException:
+        gw.jobs.close(job)
+        raise
+
+    async def body_stream() -> AsyncIterator[bytes]:
+        try:
+            yield sse("started", message_json(first))
+            try:
+                async for _, event in events:
+                    yield sse(event.WhichOneof("event") or "event", message_json(event))
+            except ApiError as e:
+                yield sse("error", {"status": e.status, **e.body()})
+                return
+            except Interrupted:
+                yield sse("error", {"status": 499, "error": "CANCELLED", "message": "interrupted", "field": None})
+                return
+            yield sse("done", {"metadata": {k: v for k, v in call.metadata.items() if k.startswith("x-")}})
+        finally:
+            await events.aclose()
+            gw.jobs.close(job)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+               **{k: v for k, v in call.metadata.items() if k.startswith("x-")}}
+    return StreamingResponse(body_stream(), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/v1/models", summary="The models the server serves (ListModels)")
+async def models(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    try:
+        listing = await gateway(request).upstream.list_models(who.key)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    return JSONResponse(message_json(listing))
+
+
+@router.get("/v1/balance", summary="The calling key's credits today (GetBalance)")
+async def balance(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    try:
+        b = await gateway(request).upstream.balance(who.key)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    return JSONResponse({f.name: getattr(b, f.name) for f in b.DESCRIPTOR.fields})  # int64 as numbers
+
+
+@router.post("/v1/interrupt", summary="Cancel the caller's running generations")
+async def interrupt(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    return JSONResponse({"interrupted": gateway(request).jobs.interrupt(who.client)})
+
+
+@router.get("/healthz", summary="200 when the gRPC server answers SERVING, else 503")
+async def healthz(request: Request) -> JSONResponse:
+    ok = await gateway(request).upstream.ready()
+    return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING", "target": gateway(request).config.target},
+                        status_code=200 if ok else 503)

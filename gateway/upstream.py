@@ -1,0 +1,94 @@
+"""The gateway's one connection to the Kiln gRPC server: a shared grpc.aio channel, the caller's API key passed
+through as metadata, and the server's model list cached for a few seconds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from proto.kiln.v1 import kiln_pb2 as pb
+from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(eq=False)
+class Call:
+    """One Generate call in flight: its events, and the metadata the server sent (x-credits-*, x-request-id)."""
+
+    call: grpc.aio.UnaryStreamCall
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    async def events(self) -> AsyncIterator[pb.GenerateResponse]:
+        """The events after the first (grpc.aio does not mix read() with async iteration)."""
+        while (response := await self.call.read()) is not grpc.aio.EOF:
+            yield response
+        self.metadata.update(_metadata(await self.call.trailing_metadata()))
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+def _metadata(md: object) -> dict[str, str]:
+    return {k: v for k, v in (md or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
+
+
+def key_metadata(api_key: str, request_id: str = "") -> tuple[tuple[str, str], ...]:
+    md: list[tuple[str, str]] = []
+    if api_key:
+        md.append(("authorization", f"Bearer {api_key}"))
+    if request_id:
+        md.append(("x-request-id", request_id))
+    return tuple(md)
+
+
+class Upstream:
+    def __init__(self, target: str, timeout_s: float = 600.0, models_ttl_s: float = 5.0):
+        self.target, self.timeout_s, self.models_ttl_s = target, timeout_s, models_ttl_s
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        self.stub = pb_grpc.KilnStub(self.channel)
+        self._models: dict[str, tuple[float, pb.ListModelsResponse]] = {}
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def list_models(self, api_key: str = "", fresh: bool = False) -> pb.ListModelsResponse:
+        """ListModels as the caller's key sees it (cached per key for `models_ttl_s`)."""
+        now = time.monotonic()
+        hit = self._models.get(api_key)
+        if hit and not fresh and now - hit[0] < self.models_ttl_s:
+            return hit[1]
+        response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=key_metadata(api_key))
+        if len(self._models) > 1024:
+            self._models.clear()
+        self._models[api_key] = (now, response)
+        return response
+
+    async def balance(self, api_key: str) -> pb.Balance:
+        return await self.stub.GetBalance(pb.GetBalanceRequest(), timeout=30, metadata=key_metadata(api_key))
+
+    async def start(self, request: pb.GenerateRequest, api_key: str = "", request_id: str = "") -> tuple[Call, pb.GenerateResponse]:
+        """Start a Generate call and wait for its first event (Started), so that a refused request raises
+        `grpc.aio.AioRpcError` here, before the HTTP response has begun."""
+        call = self.stub.Generate(request, timeout=self.timeout_s, metadata=key_metadata(api_key, request_id))
+        out = Call(call)
+        first = await call.read()
+        if first is grpc.aio.EOF:  # the server ended the stream without an event or a status: not Kiln
+            raise RuntimeError("the gRPC server ended Generate without an event")
+        out.metadata.update(_metadata(await call.initial_metadata()))
+        return out, first
+
+    async def ready(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            r = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return r.status == health_pb2.HealthCheckResponse.SERVING
