@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,13 +93,20 @@ async def generate(request: Request, body: Any = Body(..., examples=[{"model": "
     return StreamingResponse(body_stream(), media_type="text/event-stream", headers=headers)
 
 
-@router.get("/v1/models", summary="The models the server serves (ListModels)")
+@router.get("/v1/models", summary="The models the server serves: ListModels' `models`, and OpenAI's list shape")
 async def models(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+    """One path for two clients: Kiln's (`models`: ListModels as JSON) and OpenAI SDKs' `models.list()`
+    (`object: "list"`, `data: [{id, object: "model", created, owned_by}]`)."""
     try:
         listing = await gateway(request).upstream.list_models(who.key)
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from None
-    return JSONResponse(message_json(listing))
+    created = int(time.time())
+    return JSONResponse({
+        "object": "list",
+        "data": [{"id": m.name, "object": "model", "created": created, "owned_by": "kiln"} for m in listing.models],
+        "models": message_json(listing).get("models", []),
+    })
 
 
 @router.get("/v1/balance", summary="The calling key's credits today (GetBalance)")
