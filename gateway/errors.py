@@ -27,6 +27,10 @@ BUSY_REASONS = frozenset({"SERVER_BUSY"})
 PASSED_HEADERS = ("x-request-id", "x-credits-cost", "x-credits-remaining", "x-credits-reset", "x-ratelimit-remaining")
 """gRPC metadata a response passes on as HTTP headers of the same names."""
 
+def passed_headers(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k in PASSED_HEADERS}
+
+
 DETAIL_TYPES = (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo,
                 error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo, error_details_pb2.PreconditionFailure)
 
@@ -121,7 +125,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ApiError:
                         reason = detail.reason
                     elif isinstance(detail, error_details_pb2.RetryInfo):
                         retry_s = detail.retry_delay.ToTimedelta().total_seconds()
-    headers = {k: v for k, v in trailing.items() if k in PASSED_HEADERS and isinstance(v, str)}
+    headers = passed_headers({k: v for k, v in trailing.items() if isinstance(v, str)})
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason in BUSY_REASONS:
         status = 503
     if status in (429, 503):

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 
 from gateway.context import Caller, caller, gateway
-from gateway.errors import ApiError, bad_request, from_rpc_error
+from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
 from gateway.jobs import Interrupted, stream
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -83,13 +83,12 @@ async def generate(request: Request, body: Any = Body(..., examples=[{"model": "
             except Interrupted:
                 yield sse("error", {"status": 499, "error": "CANCELLED", "message": "interrupted", "field": None})
                 return
-            yield sse("done", {"metadata": {k: v for k, v in call.metadata.items() if k.startswith("x-")}})
+            yield sse("done", {"metadata": passed_headers(call.metadata)})
         finally:
             await events.aclose()
             gw.jobs.close(job)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-               **{k: v for k, v in call.metadata.items() if k.startswith("x-")}}
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **passed_headers(call.metadata)}
     return StreamingResponse(body_stream(), media_type="text/event-stream", headers=headers)
 
 

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import grpc
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gateway.a1111 import infotext, samplers
@@ -18,7 +18,7 @@ from gateway.a1111.models import (
     GenerationResponse, Img2Img, PngInfo, PngInfoRequest, Progress, ProgressState, SamplerItem, SDModelItem, Txt2Img,
 )
 from gateway.context import Caller, Gateway, caller, gateway
-from gateway.errors import ApiError, bad_request, from_rpc_error
+from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
 from gateway.jobs import run
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -162,7 +162,8 @@ def _grpc_request(req: Txt2Img, model: pb.ModelInfo, preview_every: int) -> pb.G
 
 # ---- generation ------------------------------------------------------------------------------------------------
 
-async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) -> GenerationResponse:
+async def _generate(request: Request, response: Response, req: Txt2Img, who: Caller,
+                    img2img: bool) -> GenerationResponse:
     gw = gateway(request)
     model = await _model_for(gw, who, req)
     message = _grpc_request(req, model, gw.config.preview_every)
@@ -195,6 +196,7 @@ async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) 
                 images.append(base64.b64encode(a.data).decode())
                 seeds.append(a.seed)
                 infotexts.append(infotext.png_text(a.data).get("parameters", ""))
+            response.headers.update(passed_headers(result.metadata))  # the last call's credit figures
             if result.interrupted:
                 break
     if not req.send_images:
@@ -220,13 +222,15 @@ async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) 
 
 
 @router.post("/txt2img", response_model=GenerationResponse)
-async def txt2img(request: Request, req: Txt2Img, who: Caller = Depends(caller)) -> GenerationResponse:
-    return await _generate(request, req, who, img2img=False)
+async def txt2img(request: Request, response: Response, req: Txt2Img,
+                  who: Caller = Depends(caller)) -> GenerationResponse:
+    return await _generate(request, response, req, who, img2img=False)
 
 
 @router.post("/img2img", response_model=GenerationResponse)
-async def img2img(request: Request, req: Img2Img, who: Caller = Depends(caller)) -> GenerationResponse:
-    return await _generate(request, req, who, img2img=True)
+async def img2img(request: Request, response: Response, req: Img2Img,
+                  who: Caller = Depends(caller)) -> GenerationResponse:
+    return await _generate(request, response, req, who, img2img=True)
 
 
 # ---- progress and interrupt ------------------------------------------------------------------------------------
