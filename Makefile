@@ -50,7 +50,7 @@ redis:
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy runtime model_store quantize
+	$(VENV)/bin/mypy runtime model_store quantize gateway
 	$(VENV)/bin/hadolint Dockerfile
 
 proto: install

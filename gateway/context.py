@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
@@ -37,3 +38,7 @@ def caller(request: Request) -> Caller:
     """FastAPI dependency: the caller's key (401 for malformed credentials)."""
     key = api_key(request.headers, gateway(request).config.api_auth)
     return Caller(key, client_id(key))
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+"""A route parameter `who: CallerDep` is the calling client."""

@@ -4,7 +4,7 @@ gateway's own refusals (bad JSON, wrong types, bad base64). Bad input is a 4xx n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +143,7 @@ def bad_request(field_name: str, message: str, status: int = 422) -> ApiError:
     return ApiError(status, "INVALID_ARGUMENT", message, [(field_name, message)])
 
 
-def from_validation(errors: list[Mapping[str, Any]]) -> ApiError:
+def from_validation(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     """FastAPI/pydantic's RequestValidationError -> the same shape (422, fields named by their JSON path)."""
     violations = []
     for e in errors:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -117,9 +117,10 @@ async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest, api_key
     arrived before it (AUTOMATIC1111 returns the images it has)."""
     events = stream(upstream, job, request, api_key)
     started, artifacts = pb.Started(), []
-    call: Call | None = None
+    metadata: dict[str, str] = {}
     try:
         async for call, event in events:
+            metadata = call.metadata  # filled with the trailers when the stream ends
             if on_event:
                 on_event(event)
             kind = event.WhichOneof("event")
@@ -129,7 +130,7 @@ async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest, api_key
                 artifacts.append(event.artifact)
     except Interrupted as e:
         return Result(started, artifacts, e.metadata, interrupted=True)
-    return Result(started, artifacts, call.metadata if call else {})
+    return Result(started, artifacts, metadata)
 
 
 class Interrupted(Exception):
@@ -139,7 +140,7 @@ class Interrupted(Exception):
 
 
 async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
-                 api_key: str) -> AsyncIterator[tuple[Call, pb.GenerateResponse]]:
+                 api_key: str) -> AsyncGenerator[tuple[Call, pb.GenerateResponse], None]:
     """The call's events, each recorded in `job`. Raises ApiError for a refusal (before the first event, or
     mid-stream), Interrupted when the client's interrupt cancelled it; cancels the call if the consumer stops."""
     if job.interrupted:

@@ -9,21 +9,25 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 
-from gateway.context import Caller, caller, gateway
+from gateway.context import CallerDep, gateway
 from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
+from gateway.images import decode_base64
 from gateway.jobs import Interrupted, stream
 from proto.kiln.v1 import kiln_pb2 as pb
 
 router = APIRouter(tags=["kiln"])
 
-BYTES_FIELDS = ("init_image", "initImage", "mask_image", "maskImage")
+BYTES_FIELDS = {"init_image": "init_image", "initImage": "init_image", "mask_image": "mask_image",
+                "maskImage": "mask_image"}
+"""The request's bytes fields under both JSON spellings, decoded strictly here (protobuf's JSON parser
+accepts invalid base64 silently)."""
 
 
 def message_json(message: Any) -> dict[str, Any]:
@@ -32,24 +36,22 @@ def message_json(message: Any) -> dict[str, Any]:
                                       always_print_fields_with_no_presence=True)
 
 
-def strip_data_url(value: Any) -> Any:
-    """`data:image/png;base64,AAAA` -> `AAAA`; anything else unchanged."""
-    if isinstance(value, str) and value.startswith("data:"):
-        return value.partition(",")[2]
-    return value
-
-
 def parse_request(body: Any) -> pb.GenerateRequest:
     """JSON -> kiln.v1.GenerateRequest (unknown fields ignored); a wrong type is a 422 naming the field."""
     if not isinstance(body, dict):
         raise bad_request("body", f"the body must be a JSON object (GenerateRequest), not {type(body).__name__}")
-    body = {k: strip_data_url(v) if k in BYTES_FIELDS else v for k, v in body.items()}
+    images = {BYTES_FIELDS[k]: decode_base64(v, BYTES_FIELDS[k]) for k, v in body.items()
+              if k in BYTES_FIELDS and v not in (None, "")}
     try:
-        return json_format.ParseDict(body, pb.GenerateRequest(), ignore_unknown_fields=True)
+        message = json_format.ParseDict({k: v for k, v in body.items() if k not in BYTES_FIELDS}, pb.GenerateRequest(),
+                                        ignore_unknown_fields=True)
     except json_format.ParseError as e:
         text = str(e)
         m = re.search(r"Failed to parse (\w+) field", text) or re.search(r"field named \"?(\w+)", text)
         raise bad_request(m.group(1) if m else "body", text[:300]) from None
+    for name, data in images.items():
+        setattr(message, name, data)
+    return message
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -58,9 +60,9 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 @router.post("/v1/generate", summary="Generate, streaming Server-Sent Events",
              response_description="text/event-stream: started, progress*, artifact*, done (or error)")
-async def generate(request: Request, body: Any = Body(..., examples=[{"model": "tiny", "prompt": "a red circle",
-                                                                     "steps": 4, "preview_every": 1}]),
-                   who: Caller = Depends(caller)) -> StreamingResponse:
+async def generate(request: Request, body: Annotated[Any, Body(examples=[{"model": "tiny", "prompt": "a red circle", "steps": 4,
+                                                          "preview_every": 1}])],
+                   who: CallerDep) -> StreamingResponse:
     gw = gateway(request)
     message = parse_request(body)
     job = gw.jobs.open(who.client)
@@ -93,7 +95,7 @@ async def generate(request: Request, body: Any = Body(..., examples=[{"model": "
 
 
 @router.get("/v1/models", summary="The models the server serves: ListModels' `models`, and OpenAI's list shape")
-async def models(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+async def models(request: Request, who: CallerDep) -> JSONResponse:
     """One path for two clients: Kiln's (`models`: ListModels as JSON) and OpenAI SDKs' `models.list()`
     (`object: "list"`, `data: [{id, object: "model", created, owned_by}]`)."""
     try:
@@ -109,7 +111,7 @@ async def models(request: Request, who: Caller = Depends(caller)) -> JSONRespons
 
 
 @router.get("/v1/balance", summary="The calling key's credits today (GetBalance)")
-async def balance(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+async def balance(request: Request, who: CallerDep) -> JSONResponse:
     try:
         b = await gateway(request).upstream.balance(who.key)
     except grpc.aio.AioRpcError as e:
@@ -118,7 +120,7 @@ async def balance(request: Request, who: Caller = Depends(caller)) -> JSONRespon
 
 
 @router.post("/v1/interrupt", summary="Cancel the caller's running generations")
-async def interrupt(request: Request, who: Caller = Depends(caller)) -> JSONResponse:
+async def interrupt(request: Request, who: CallerDep) -> JSONResponse:
     return JSONResponse({"interrupted": gateway(request).jobs.interrupt(who.client)})
 
 

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -15,16 +17,23 @@ from gateway.config import GatewayConfig
 log = logging.getLogger("kiln.gateway")
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn that leaves signals to its caller (`kiln serve` stops the gRPC server and the gateway together)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class GatewayServer:
     """uvicorn serving the gateway app; `start()` returns once the port is bound (the bound port in `.port`)."""
 
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.app = create_app(config)
-        self.server = uvicorn.Server(uvicorn.Config(
+        self.server = _Uvicorn(uvicorn.Config(
             self.app, host=config.host, port=config.port, log_level="warning", access_log=False,
             lifespan="on", timeout_graceful_shutdown=10))
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the caller owns signals
         self.port = 0
         self._task: asyncio.Task[None] | None = None
 

@@ -14,7 +14,7 @@ def png_text(data: bytes) -> dict[str, str]:
     """The PNG's (or other image's) text chunks; ValueError when the bytes are not an image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return {k: v for k, v in image.info.items() if isinstance(v, str)}
+            return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image: {e}") from None
 
@@ -25,7 +25,9 @@ def parse(text: str) -> dict[str, str]:
     lines = text.strip().split("\n")
     out: dict[str, str] = {}
     params = lines.pop() if lines and len(_PAIR.findall(lines[-1])) >= 3 else ""
-    prompt, negative, in_negative = [], [], False
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
     for line in lines:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:"):].strip()

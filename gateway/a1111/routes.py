@@ -4,21 +4,28 @@ model's defaults; fields Kiln has no use for are accepted and ignored; refusals 
 from __future__ import annotations
 
 import base64
-import binascii
-import io
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
-from PIL import Image, ImageOps, UnidentifiedImageError
+from fastapi import APIRouter, Body, Query, Request, Response
+from PIL import Image, ImageOps
 
 from gateway.a1111 import infotext, samplers
 from gateway.a1111.models import (
-    GenerationResponse, Img2Img, PngInfo, PngInfoRequest, Progress, ProgressState, SamplerItem, SDModelItem, Txt2Img,
+    GenerationResponse,
+    Img2Img,
+    PngInfo,
+    PngInfoRequest,
+    Progress,
+    ProgressState,
+    SamplerItem,
+    SDModelItem,
+    Txt2Img,
 )
-from gateway.context import Caller, Gateway, caller, gateway
+from gateway.context import Caller, CallerDep, Gateway, gateway
 from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
+from gateway.images import decode_base64, open_image, png_bytes
 from gateway.jobs import run
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -30,7 +37,6 @@ FIELD_NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "num_im
 """Kiln's GenerateRequest fields -> AUTOMATIC1111's, for the errors the gRPC server sends back."""
 
 MAX_N_ITER = 100
-MAX_IMAGE_PIXELS = 4096 * 4096
 SEED_RANGE = 1 << 32
 A1111_IMG2IMG_STRENGTH = 0.75
 A1111_MASK_BLUR = 4
@@ -81,57 +87,28 @@ def _model_item(m: pb.ModelInfo) -> SDModelItem:
 
 # ---- request translation ---------------------------------------------------------------------------------------
 
-def decode_image(value: str, field: str) -> bytes:
-    """base64 (optionally a `data:image/...;base64,` URL) -> bytes; 422 naming the field when it is not."""
-    if not isinstance(value, str) or not value:
-        raise bad_request(field, f"{field} must be a non-empty base64 string")
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
-    try:
-        return base64.b64decode(value.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(field, f"{field} is not valid base64 ({len(value)} characters)") from None
-
-
-def _open(data: bytes, field: str) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise bad_request(field, f"{field} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
-        image.load()
-        return image
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
-        raise bad_request(field, f"{field} is not a PNG, JPEG or WebP image ({str(e)[:80]})") from None
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _images(req: Img2Img) -> tuple[bytes, bytes, tuple[int, int] | None]:
     """(init image, mask, the size AUTOMATIC1111 resized to or None). AUTOMATIC1111 stretches the init image to
     width x height ("Just resize"); Kiln only resizes within 1% of the aspect ratio, so the gateway stretches
     when the aspect differs, and inverts the mask for `inpainting_mask_invert`."""
     if not req.init_images:
         raise bad_request("init_images", "img2img needs init_images: a list with one base64 image")
-    init = decode_image(req.init_images[0], "init_images[0]")
-    mask = decode_image(req.mask, "mask") if req.mask else b""
+    init = decode_base64(req.init_images[0], "init_images[0]")
+    mask = decode_base64(req.mask, "mask") if req.mask else b""
     target = (req.width, req.height) if req.width and req.height else None
     stretch = None
     if target:
-        image = _open(init, "init_images[0]")
+        image = open_image(init, "init_images[0]")
         if abs(image.width / image.height - target[0] / target[1]) > 0.01 * target[0] / target[1]:
             stretch = target
-            init = _png(ImageOps.exif_transpose(image).resize(target, Image.Resampling.LANCZOS))
+            init = png_bytes(ImageOps.exif_transpose(image).resize(target, Image.Resampling.LANCZOS))
     if mask and (stretch or req.inpainting_mask_invert):
-        m = ImageOps.exif_transpose(_open(mask, "mask")).convert("L")
+        m = ImageOps.exif_transpose(open_image(mask, "mask")).convert("L")
         if stretch:
             m = m.resize(stretch, Image.Resampling.LANCZOS)
         if req.inpainting_mask_invert:
             m = ImageOps.invert(m)
-        mask = _png(m)
+        mask = png_bytes(m)
     return init, mask, stretch
 
 
@@ -223,21 +200,21 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
 
 @router.post("/txt2img", response_model=GenerationResponse)
 async def txt2img(request: Request, response: Response, req: Txt2Img,
-                  who: Caller = Depends(caller)) -> GenerationResponse:
+                  who: CallerDep) -> GenerationResponse:
     return await _generate(request, response, req, who, img2img=False)
 
 
 @router.post("/img2img", response_model=GenerationResponse)
 async def img2img(request: Request, response: Response, req: Img2Img,
-                  who: Caller = Depends(caller)) -> GenerationResponse:
+                  who: CallerDep) -> GenerationResponse:
     return await _generate(request, response, req, who, img2img=True)
 
 
 # ---- progress and interrupt ------------------------------------------------------------------------------------
 
 @router.get("/progress", response_model=Progress)
-async def progress(request: Request, skip_current_image: bool = Query(False),
-                   who: Caller = Depends(caller)) -> Progress:
+async def progress(request: Request, who: CallerDep,
+                   skip_current_image: Annotated[bool, Query()] = False) -> Progress:
     job = gateway(request).jobs.current(who.client)
     if job is None:
         return Progress(progress=0.0, eta_relative=0.0, state=ProgressState())
@@ -250,12 +227,12 @@ async def progress(request: Request, skip_current_image: bool = Query(False),
 
 
 @router.post("/interrupt")
-async def interrupt(request: Request, who: Caller = Depends(caller)) -> None:
+async def interrupt(request: Request, who: CallerDep) -> None:
     gateway(request).jobs.interrupt(who.client)
 
 
 @router.post("/skip")
-async def skip(request: Request, who: Caller = Depends(caller)) -> None:
+async def skip(request: Request, who: CallerDep) -> None:
     """Kiln cannot skip one image of a batch: skip interrupts, as AUTOMATIC1111 does for a batch of one."""
     gateway(request).jobs.interrupt(who.client)
 
@@ -263,12 +240,12 @@ async def skip(request: Request, who: Caller = Depends(caller)) -> None:
 # ---- listings and options --------------------------------------------------------------------------------------
 
 @router.get("/sd-models", response_model=list[SDModelItem])
-async def sd_models(request: Request, who: Caller = Depends(caller)) -> list[SDModelItem]:
+async def sd_models(request: Request, who: CallerDep) -> list[SDModelItem]:
     return [_model_item(m) for m in await _models(gateway(request), who)]
 
 
 @router.get("/samplers", response_model=list[SamplerItem])
-async def sampler_list(request: Request, who: Caller = Depends(caller)) -> list[SamplerItem]:
+async def sampler_list(request: Request, who: CallerDep) -> list[SamplerItem]:
     offered = {s for m in await _models(gateway(request), who) for s in m.samplers}
     return [SamplerItem(name=label, aliases=[kiln, *aliases], options={})
             for kiln, (label, aliases) in samplers.SAMPLERS.items() if kiln in offered]
@@ -286,7 +263,7 @@ async def scripts() -> dict[str, list[str]]:
 
 
 @router.get("/options")
-async def get_options(request: Request, who: Caller = Depends(caller)) -> dict[str, Any]:
+async def get_options(request: Request, who: CallerDep) -> dict[str, Any]:
     gw = gateway(request)
     models = await _models(gw, who)
     chosen = _pick(models, gw.checkpoints.get(who.client, ""), "sd_model_checkpoint") if models else None
@@ -297,7 +274,7 @@ async def get_options(request: Request, who: Caller = Depends(caller)) -> dict[s
 
 
 @router.post("/options")
-async def set_options(request: Request, options: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> None:
+async def set_options(request: Request, options: Annotated[dict[str, Any], Body()], who: CallerDep) -> None:
     """Only `sd_model_checkpoint` has an effect: it picks the model for this client's later requests."""
     gw = gateway(request)
     wanted = options.get("sd_model_checkpoint")
@@ -309,14 +286,14 @@ async def set_options(request: Request, options: dict[str, Any] = Body(...), who
 
 
 @router.post("/refresh-checkpoints")
-async def refresh_checkpoints(request: Request, who: Caller = Depends(caller)) -> None:
+async def refresh_checkpoints(request: Request, who: CallerDep) -> None:
     await gateway(request).upstream.list_models(who.key, fresh=True)
 
 
 @router.post("/png-info", response_model=PngInfo)
 async def png_info(req: PngInfoRequest) -> PngInfo:
     try:
-        texts = infotext.png_text(decode_image(req.image, "image"))
+        texts = infotext.png_text(decode_base64(req.image, "image"))
     except ValueError as e:
         raise bad_request("image", f"image is {e}") from None
     text = texts.pop("parameters", "")
@@ -329,7 +306,7 @@ for _path in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "f
 
 
 @router.get("/embeddings")
-async def embeddings(request: Request, who: Caller = Depends(caller)) -> dict[str, Any]:
+async def embeddings(request: Request, who: CallerDep) -> dict[str, Any]:
     tokens = {t for m in await _models(gateway(request), who) for t in m.embedding_tokens}
     return {"loaded": {t: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 0,
                            "vectors": 1} for t in sorted(tokens)}, "skipped": {}}

@@ -75,3 +75,7 @@ def test_serve_and_generate_entry_points_import_no_compiler(tiny_store: Path, tm
     for command, names in {"serve": served, **clients}.items():
         bad = sorted(names & set(FORBIDDEN))
         assert not bad, f"`kiln {command}` imported {bad}"
+    # the HTTP gateway is loaded only when asked for (`--gateway-port`): a plain gRPC server reads its config
+    # dataclass for the flags, and starts without its web stack
+    web = {"fastapi", "uvicorn", "starlette", "pydantic"}
+    assert not served & web, sorted(served & web)

@@ -1,0 +1,46 @@
+"""Images in HTTP bodies: strict base64 (a `data:` URL prefix accepted), and the few Pillow operations the
+gateway does itself (AUTOMATIC1111's stretch-to-size and mask inversion). Decoding and checking images for
+generation is the gRPC server's job; these refuse only what the gateway must read."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+from gateway.errors import bad_request
+
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Largest image the gateway opens (the server's own limit)."""
+
+
+def decode_base64(value: object, field: str) -> bytes:
+    """base64 (optionally a `data:image/...;base64,` URL) -> bytes; 422 naming the field when it is not."""
+    if not isinstance(value, str) or not value:
+        raise bad_request(field, f"{field} must be a non-empty base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(field, f"{field} is not valid base64 ({len(value)} characters)") from None
+
+
+def open_image(data: bytes, field: str) -> Image.Image:
+    """Decoded pixels, or 422 naming the field (not an image, or over MAX_IMAGE_PIXELS)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise bad_request(field, f"{field} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        raise bad_request(field, f"{field} is not a PNG, JPEG or WebP image ({str(e)[:80]})") from None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
