@@ -4,6 +4,9 @@
 # Serve:  docker run -p 50051:50051 -v "$PWD/store:/store:ro" -v kiln-data:/data kiln-runtime
 # It requires API keys by default (the auth database lives on the /data volume); serving openly is an explicit
 # choice: docker run ... kiln-runtime serve --store /store --host 0.0.0.0 --port 50051 --insecure-open
+# HTTP:   the gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) beside the server: add
+#         --gateway-port 7861 --gateway-host 0.0.0.0 to `serve` and -p 7861:7861; or run it apart, in front of any
+#         server: docker run -p 7861:7861 kiln-runtime gateway --target HOST:50051 --host 0.0.0.0
 
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -14,8 +17,10 @@ COPY cli ./cli
 COPY model_store ./model_store
 COPY runtime ./runtime
 COPY proto ./proto
-# runtime dependencies only (numpy, onnxruntime, tokenizers, grpcio, pillow, safetensors, redis): no [compiler] extra
-RUN python -m venv /opt/kiln && /opt/kiln/bin/pip install --no-cache-dir .
+COPY gateway ./gateway
+# runtime dependencies (numpy, onnxruntime, tokenizers, grpcio, pillow, safetensors, redis) and the gateway's
+# (fastapi, uvicorn): no [compiler] extra
+RUN python -m venv /opt/kiln && /opt/kiln/bin/pip install --no-cache-dir ".[gateway]"
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 kiln && useradd --system --uid 10001 --gid kiln --home-dir /nonexistent --shell /usr/sbin/nologin kiln \
@@ -25,7 +30,7 @@ COPY --from=build /opt/kiln /opt/kiln
 ENV PATH=/opt/kiln/bin:$PATH PYTHONUNBUFFERED=1 KILN_CACHE_DIR=/data/cache
 USER 10001:10001
 VOLUME ["/store", "/data"]
-EXPOSE 50051
+EXPOSE 50051 7861
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["kiln", "wait", "--target", "127.0.0.1:50051", "--timeout", "4"]
 ENTRYPOINT ["kiln"]

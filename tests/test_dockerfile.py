@@ -26,8 +26,9 @@ from proto.kiln.v1 import kiln_pb2 as pb
 from runtime.client import generate, wait_ready
 from tests.conftest import ROOT, free_port
 
-SERVING = {"cli", "model_store", "runtime", "proto"}
-"""The top-level packages serving needs (README: the runtime imports no compiler, quantize, torch or onnx)."""
+SERVING = {"cli", "model_store", "runtime", "proto", "gateway"}
+"""The top-level packages serving needs (README: the runtime imports no compiler, quantize, torch or onnx), and
+the HTTP gateway (`kiln gateway`, `kiln serve --gateway-port`)."""
 
 
 def dockerfile() -> dict:
