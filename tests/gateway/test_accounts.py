@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +23,14 @@ BODY = {"prompt": "a red circle", "steps": 2, "seed": 1, "width": 64, "height": 
 @pytest.fixture(scope="module")
 def accounts(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str, Path]]:
     work = tmp_path_factory.mktemp("gateway-accounts")
+    store = work / "store"  # two models (the tiny bundle under a second name) for the per-client model choice
+    shutil.copytree(tiny_store / "tiny", store / "tiny")
+    shutil.copytree(tiny_store / "tiny", store / "tiny-b")
+    for manifest in (store / "tiny-b").glob("*/manifest.json"):
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "tiny-b"}))
     db = f"sqlite:///{work / 'auth.db'}"
     tiers = _tiers(work / "tiers.toml", credits=3)
-    server = _serve(tiny_store, work / "serve.log", db, tiers)
+    server = _serve(store, work / "serve.log", db, tiers)
     yield server, db, tiers
     server.stop()
 
@@ -102,3 +108,21 @@ def test_sse_stream_with_a_key(account_gateway, accounts) -> None:
     assert events[0] == "started" and events[-2:] == ["artifact", "done"] and "progress" in events
     r = httpx.post(f"{account_gateway.url}/v1/generate", json={"model": "tiny", **BODY})
     assert r.status_code == 401 and r.json()["error"] == "UNAUTHENTICATED"
+
+
+def test_options_choose_the_model_per_key(account_gateway, accounts) -> None:
+    server, db, tiers = accounts
+    first, second = ({"Authorization": f"Bearer {_create_key(db, tiers)}"} for _ in range(2))
+    url = account_gateway.url
+    assert [m["title"] for m in httpx.get(f"{url}/sdapi/v1/sd-models", headers=first).json()] == ["tiny", "tiny-b"]
+    assert httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-b"}, headers=first).status_code == 200
+    assert httpx.get(f"{url}/sdapi/v1/options", headers=first).json()["sd_model_checkpoint"] == "tiny-b"
+    assert httpx.get(f"{url}/sdapi/v1/options", headers=second).json()["sd_model_checkpoint"] == "tiny"
+
+    def model_used(headers: dict[str, str], **extra: object) -> str:
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json={**BODY, **extra}, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        return json.loads(r.json()["info"])["sd_model_name"]
+
+    assert model_used(first) == "tiny-b" and model_used(second) == "tiny"
+    assert model_used(second, override_settings={"sd_model_checkpoint": "tiny-b"}) == "tiny-b"  # this request only
