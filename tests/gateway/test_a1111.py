@@ -245,3 +245,28 @@ def test_openapi_docs(gateway: GatewayProcess) -> None:
     assert httpx.get(f"{gateway.url}/docs").status_code == 200
     paths = httpx.get(f"{gateway.url}/openapi.json").json()["paths"]
     assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/progress", "/v1/generate"} <= set(paths)
+
+
+def test_requests_shaped_as_stablestudio_sends_them(gateway: GatewayProcess) -> None:
+    """StableStudio's webui plugin: empty sampler names, its own camelCase `cfgScale`, `batch_size` = its image
+    count, `save_images`; img2img with its inverted mask mode; png-info read back line by line as it parses it."""
+    base = {"seed": -1, "cfgScale": 7, "width": 64, "height": 64, "sampler_name": "", "sampler_index": "",
+            "prompt": "a purple square", "negative_prompt": "", "steps": 2, "batch_size": 4, "save_images": True}
+    r = httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json=base, headers={"Content-Type": "application/json"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 4 and len(set(images)) == 4
+    info = httpx.post(f"{gateway.url}/sdapi/v1/png-info", json={"image": images[0]}).json()["info"].split("\n")
+    details = dict(d.strip().split(":", 1) for d in info[1].split(","))
+    assert info[0] == "a purple square" and details["Steps"].strip() == "2" and details["Model"].strip() == "tiny"
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (0, 0, 64, 32))  # inverted mode: black = redraw (the top half)
+    r = httpx.post(f"{gateway.url}/sdapi/v1/img2img", json={
+        **base, "batch_size": 1, "seed": 21, "init_images": [images[0]], "denoising_strength": 0.5, "mask": b64png(mask),
+        "inpainting_mask_invert": 1, "inpainting_fill": 1, "inpaint_full_res": False}, timeout=120)
+    assert r.status_code == 200, r.text
+    out = np.asarray(png(r.json()["images"][0]).convert("RGB")).astype(int)
+    init = np.asarray(png(images[0]).convert("RGB")).astype(int)
+    # mask_blur is AUTOMATIC1111's default 4 (a Gaussian sigma): 16 pixels from the edge the init image is kept
+    assert np.abs(out[48:] - init[48:]).max() <= 1 and np.abs(out[:24] - init[:24]).mean() > 1
