@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -13,13 +14,24 @@ from gateway.jobs import Jobs
 from gateway.upstream import Upstream
 
 
+MAX_CLIENTS = 100_000
+"""Most clients whose model choice the gateway remembers (least recently chosen forgotten first)."""
+
+
 @dataclass
 class Gateway:
     config: GatewayConfig
     upstream: Upstream
     jobs: Jobs = field(default_factory=Jobs)
-    checkpoints: dict[str, str] = field(default_factory=dict)
-    """Per client: the model `POST /sdapi/v1/options` chose (`sd_model_checkpoint`)."""
+    checkpoints: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    """Per client: the model `POST /sdapi/v1/options` chose (`sd_model_checkpoint`), the most recent
+    MAX_CLIENTS choices kept."""
+
+    def choose(self, client: str, model: str) -> None:
+        self.checkpoints[client] = model
+        self.checkpoints.move_to_end(client)
+        while len(self.checkpoints) > MAX_CLIENTS:
+            self.checkpoints.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,20 @@ class Caller:
     """The API key to pass through ("" when the request carries none)."""
     client: str
     """A secret-free id for per-client state."""
+    request_id: str = ""
+    """The client's `X-Request-Id`, passed on as gRPC `x-request-id` metadata (the server validates and logs it)."""
+    idempotency_key: str = ""
+    """The client's `Idempotency-Key`: a retry with the same key is charged once (gRPC `x-idempotency-key`)."""
+
+    def metadata(self, call: int = 0) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata for the request's `call`-th Generate call (AUTOMATIC1111's n_iter makes several: each
+        gets its own idempotency key, `KEY:N` after the first)."""
+        md = [("authorization", f"Bearer {self.key}")] if self.key else []
+        if self.request_id:
+            md.append(("x-request-id", self.request_id if not call else f"{self.request_id}-{call}"))
+        if self.idempotency_key:
+            md.append(("x-idempotency-key", self.idempotency_key if not call else f"{self.idempotency_key}:{call}"))
+        return tuple(md)
 
 
 def gateway(request: Request) -> Gateway:
@@ -37,7 +63,8 @@ def gateway(request: Request) -> Gateway:
 def caller(request: Request) -> Caller:
     """FastAPI dependency: the caller's key (401 for malformed credentials)."""
     key = api_key(request.headers, gateway(request).config.api_auth)
-    return Caller(key, client_id(key))
+    return Caller(key, client_id(key), request.headers.get("x-request-id", "")[:128],
+                  request.headers.get("idempotency-key", "")[:128])
 
 
 CallerDep = Annotated[Caller, Depends(caller)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -111,18 +111,16 @@ class Result:
     interrupted: bool = False
 
 
-async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest, api_key: str,
-              on_event: Callable[[pb.GenerateResponse], None] | None = None) -> Result:
+async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest,
+              metadata: tuple[tuple[str, str], ...]) -> Result:
     """One Generate call to the end, recorded in `job`; gRPC refusals raise `ApiError`. An interrupt returns what
     arrived before it (AUTOMATIC1111 returns the images it has)."""
-    events = stream(upstream, job, request, api_key)
+    events = stream(upstream, job, request, metadata)
     started, artifacts = pb.Started(), []
-    metadata: dict[str, str] = {}
+    got: dict[str, str] = {}
     try:
         async for call, event in events:
-            metadata = call.metadata  # filled with the trailers when the stream ends
-            if on_event:
-                on_event(event)
+            got = call.metadata  # filled with the trailers when the stream ends
             kind = event.WhichOneof("event")
             if kind == "started":
                 started = event.started
@@ -130,7 +128,7 @@ async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest, api_key
                 artifacts.append(event.artifact)
     except Interrupted as e:
         return Result(started, artifacts, e.metadata, interrupted=True)
-    return Result(started, artifacts, metadata)
+    return Result(started, artifacts, got)
 
 
 class Interrupted(Exception):
@@ -140,13 +138,13 @@ class Interrupted(Exception):
 
 
 async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
-                 api_key: str) -> AsyncGenerator[tuple[Call, pb.GenerateResponse], None]:
+                 metadata: tuple[tuple[str, str], ...]) -> AsyncGenerator[tuple[Call, pb.GenerateResponse], None]:
     """The call's events, each recorded in `job`. Raises ApiError for a refusal (before the first event, or
     mid-stream), Interrupted when the client's interrupt cancelled it; cancels the call if the consumer stops."""
     if job.interrupted:
         raise Interrupted({})
     try:
-        call, first = await upstream.start(request, api_key)
+        call, first = await upstream.start(request, metadata)
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from None
     job.calls.add(call)

@@ -66,7 +66,7 @@ async def generate(request: Request, body: Annotated[Any, Body(examples=[{"model
     gw = gateway(request)
     message = parse_request(body)
     job = gw.jobs.open(who.client)
-    events = stream(gw.upstream, job, message, who.key)
+    events = stream(gw.upstream, job, message, who.metadata())
     try:
         call, first = await events.__anext__()  # a refusal is an HTTP status, not an event
     except BaseException:

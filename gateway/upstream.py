@@ -36,13 +36,8 @@ def _metadata(md: object) -> dict[str, str]:
     return {k: v for k, v in (md or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
 
 
-def key_metadata(api_key: str, request_id: str = "") -> tuple[tuple[str, str], ...]:
-    md: list[tuple[str, str]] = []
-    if api_key:
-        md.append(("authorization", f"Bearer {api_key}"))
-    if request_id:
-        md.append(("x-request-id", request_id))
-    return tuple(md)
+def key_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 class Upstream:
@@ -73,10 +68,11 @@ class Upstream:
     async def balance(self, api_key: str) -> pb.Balance:
         return await self.stub.GetBalance(pb.GetBalanceRequest(), timeout=30, metadata=key_metadata(api_key))
 
-    async def start(self, request: pb.GenerateRequest, api_key: str = "", request_id: str = "") -> tuple[Call, pb.GenerateResponse]:
+    async def start(self, request: pb.GenerateRequest,
+                    metadata: tuple[tuple[str, str], ...] = ()) -> tuple[Call, pb.GenerateResponse]:
         """Start a Generate call and wait for its first event (Started), so that a refused request raises
         `grpc.aio.AioRpcError` here, before the HTTP response has begun."""
-        call = self.stub.Generate(request, timeout=self.timeout_s, metadata=key_metadata(api_key, request_id))
+        call = self.stub.Generate(request, timeout=self.timeout_s, metadata=metadata)
         out = Call(call)
         first = await call.read()
         if first is grpc.aio.EOF:  # the server ended the stream without an event or a status: not Kiln

@@ -164,7 +164,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
             if i:  # AUTOMATIC1111: seeds run on across n_iter
                 message.seed = (started.seed + i * req.batch_size) % SEED_RANGE
             try:
-                result = await run(gw.upstream, job, message, who.key)
+                result = await run(gw.upstream, job, message, who.metadata(i))
             except ApiError as e:
                 raise e.renamed(FIELD_NAMES) from None
             if i == 0:
@@ -282,7 +282,7 @@ async def set_options(request: Request, options: Annotated[dict[str, Any], Body(
         return
     if not isinstance(wanted, str):
         raise bad_request("sd_model_checkpoint", "sd_model_checkpoint must be a string")
-    gw.checkpoints[who.client] = _pick(await _models(gw, who), wanted, "sd_model_checkpoint").name
+    gw.choose(who.client, _pick(await _models(gw, who), wanted, "sd_model_checkpoint").name)
 
 
 @router.post("/refresh-checkpoints")

@@ -126,3 +126,16 @@ def test_options_choose_the_model_per_key(account_gateway, accounts) -> None:
 
     assert model_used(first) == "tiny-b" and model_used(second) == "tiny"
     assert model_used(second, override_settings={"sd_model_checkpoint": "tiny-b"}) == "tiny-b"  # this request only
+
+
+def test_idempotency_key_and_request_id_pass_through(account_gateway, accounts) -> None:
+    server, db, tiers = accounts
+    headers = {"Authorization": f"Bearer {_create_key(db, tiers)}", "Idempotency-Key": "retry-me-1",
+               "X-Request-Id": "http-client-7"}
+    first = httpx.post(f"{account_gateway.url}/sdapi/v1/txt2img", json=BODY, headers=headers, timeout=120)
+    again = httpx.post(f"{account_gateway.url}/sdapi/v1/txt2img", json=BODY, headers=headers, timeout=120)
+    assert first.status_code == again.status_code == 200, again.text
+    assert first.headers["x-request-id"] == "http-client-7"
+    assert first.json()["images"] == again.json()["images"]
+    balance = httpx.get(f"{account_gateway.url}/v1/balance", headers=headers).json()
+    assert balance["spent"] == 1  # the retry was not charged again
