@@ -159,6 +159,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
     seeds: list[int] = []
     infotexts: list[str] = []
     started = pb.Started()
+    incomplete: ApiError | None = None
     with gw.jobs.track(who.client, req.n_iter) as job:
         for i in range(req.n_iter):
             if i:  # AUTOMATIC1111: seeds run on across n_iter
@@ -166,7 +167,14 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
             try:
                 result = await run(gw.upstream, job, message, who.metadata(i))
             except ApiError as e:
-                raise e.renamed(FIELD_NAMES) from None
+                if not i:
+                    raise e.renamed(FIELD_NAMES) from None
+                # a later call refused (credits ran out, say): the images already made and paid for are returned,
+                # with the refusal in info.error and the x-kiln-incomplete header
+                incomplete = e
+                response.headers.update(passed_headers(e.headers))
+                response.headers["x-kiln-incomplete"] = f"{e.code}: {e.message}"[:500]
+                break
             if i == 0:
                 started = result.started
             for a in sorted(result.artifacts, key=lambda a: a.index):
@@ -191,6 +199,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": job.timestamp, "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "version": "kiln", "interrupted": job.interrupted,
+        "error": {"error": incomplete.code, "message": incomplete.message} if incomplete else None,
     }
     parameters = req.model_dump()
     if img2img:

@@ -139,3 +139,17 @@ def test_idempotency_key_and_request_id_pass_through(account_gateway, accounts) 
     assert first.json()["images"] == again.json()["images"]
     balance = httpx.get(f"{account_gateway.url}/v1/balance", headers=headers).json()
     assert balance["spent"] == 1  # the retry was not charged again
+
+
+def test_n_iter_past_the_credits_returns_what_was_paid_for(account_gateway, accounts) -> None:
+    server, db, tiers = accounts
+    headers = {"Authorization": f"Bearer {_create_key(db, tiers)}"}  # 3 credits: one per call
+    r = httpx.post(f"{account_gateway.url}/sdapi/v1/txt2img", json={**BODY, "n_iter": 5}, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 3 and info["all_seeds"] == [1, 2, 3]
+    assert info["error"]["error"] == "RESOURCE_EXHAUSTED" and r.headers["x-kiln-incomplete"].startswith("RESOURCE")
+    assert r.headers["x-credits-remaining"] == "0"
+    # with nothing made at all the refusal is the response
+    r = httpx.post(f"{account_gateway.url}/sdapi/v1/txt2img", json={**BODY, "n_iter": 2}, headers=headers)
+    assert r.status_code == 429 and "retry-after" in r.headers
