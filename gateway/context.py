@@ -13,7 +13,6 @@ from gateway.config import GatewayConfig
 from gateway.jobs import Jobs
 from gateway.upstream import Upstream
 
-
 MAX_CLIENTS = 100_000
 """Most clients whose model choice the gateway remembers (least recently chosen forgotten first)."""
 

@@ -32,6 +32,10 @@ class Call:
         self.call.cancel()
 
 
+class NoModels(Exception):
+    """The server serves no model yet."""
+
+
 def _metadata(md: object) -> dict[str, str]:
     return {k: v for k, v in (md or ()) if isinstance(v, str)}  # type: ignore[attr-defined]
 
@@ -49,6 +53,7 @@ class Upstream:
         ])
         self.stub = pb_grpc.KilnStub(self.channel)
         self._models: dict[str, tuple[float, pb.ListModelsResponse]] = {}
+        self._latest: tuple[float, pb.ListModelsResponse] | None = None
 
     async def close(self) -> None:
         await self.channel.close()
@@ -62,8 +67,21 @@ class Upstream:
         response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=key_metadata(api_key))
         if len(self._models) > 1024:
             self._models.clear()
-        self._models[api_key] = (now, response)
+        self._models[api_key] = self._latest = (now, response)
         return response
+
+    async def default_model(self, api_key: str = "") -> str:
+        """The server's first model, for requests that name none. The latest listing any caller fetched is reused
+        for `models_ttl_s`, so most requests cost their key no ListModels call of its own (a tier's
+        requests_per_minute counts every call): requests that name their model never make one."""
+        now = time.monotonic()
+        if self._latest is None or now - self._latest[0] >= self.models_ttl_s:
+            await self.list_models(api_key, fresh=True)
+        assert self._latest is not None
+        models = self._latest[1].models
+        if not models:
+            raise NoModels()
+        return models[0].name
 
     async def balance(self, api_key: str) -> pb.Balance:
         return await self.stub.GetBalance(pb.GetBalanceRequest(), timeout=30, metadata=key_metadata(api_key))

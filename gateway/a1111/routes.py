@@ -27,6 +27,7 @@ from gateway.context import Caller, CallerDep, Gateway, gateway
 from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
 from gateway.images import decode_base64, open_image, png_bytes
 from gateway.jobs import run
+from gateway.upstream import NoModels
 from proto.kiln.v1 import kiln_pb2 as pb
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
@@ -59,7 +60,7 @@ def _checkpoint_name(title: str) -> str:
 
 def _pick(models: list[pb.ModelInfo], wanted: str, field: str) -> pb.ModelInfo:
     if not models:
-        raise ApiError(503, "UNAVAILABLE", "the Kiln server serves no models yet", headers={"Retry-After": "5"})
+        raise no_models()
     if not wanted:
         return models[0]
     name = _checkpoint_name(wanted)
@@ -70,14 +71,27 @@ def _pick(models: list[pb.ModelInfo], wanted: str, field: str) -> pb.ModelInfo:
                              f"{', '.join(m.name for m in models)}")
 
 
-async def _model_for(gw: Gateway, who: Caller, req: Txt2Img) -> pb.ModelInfo:
+def no_models() -> ApiError:
+    return ApiError(503, "UNAVAILABLE", "the Kiln server serves no models yet", headers={"Retry-After": "5"})
+
+
+async def _model_for(gw: Gateway, who: Caller, req: Txt2Img) -> tuple[str, str]:
+    """(model name, the field that named it). A model the request or the client's options name is sent as it
+    is (the server refuses an unknown one); only a request naming none needs the server's list."""
     override = (req.override_settings or {}).get("sd_model_checkpoint")
     if override is not None and not isinstance(override, str):
         raise bad_request("override_settings.sd_model_checkpoint", "sd_model_checkpoint must be a string")
-    models = await _models(gw, who)
     if override:
-        return _pick(models, override, "override_settings.sd_model_checkpoint")
-    return _pick(models, gw.checkpoints.get(who.client, ""), "sd_model_checkpoint")
+        return _checkpoint_name(override).removesuffix(".safetensors"), "override_settings.sd_model_checkpoint"
+    chosen = gw.checkpoints.get(who.client)
+    if chosen:
+        return chosen, "sd_model_checkpoint"
+    try:
+        return await gw.upstream.default_model(who.key), "sd_model_checkpoint"
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    except NoModels:
+        raise no_models() from None
 
 
 def _model_item(m: pb.ModelInfo) -> SDModelItem:
@@ -112,24 +126,25 @@ def _images(req: Img2Img) -> tuple[bytes, bytes, tuple[int, int] | None]:
     return init, mask, stretch
 
 
-def _grpc_request(req: Txt2Img, model: pb.ModelInfo, preview_every: int) -> pb.GenerateRequest:
+UINT32_FIELDS = ("width", "height", "steps", "batch_size")
+
+
+def _grpc_request(req: Txt2Img, model: str) -> pb.GenerateRequest:
     if not 0 <= req.seed < SEED_RANGE and req.seed != -1:
         raise bad_request("seed", f"seed={req.seed} must be -1 (random) or between 0 and {SEED_RANGE - 1}")
-    for name in ("width", "height", "steps"):
+    for name in UINT32_FIELDS:  # the server checks the model's limits; these would not even fit the message
         value = getattr(req, name)
-        if value is not None and value < 0:
+        if value is not None and not 0 <= value < SEED_RANGE:
             raise bad_request(name, f"{name}={value} must be 0 (the model's default) or more")
     if req.batch_size < 1:
         raise bad_request("batch_size", f"batch_size={req.batch_size} must be at least 1")
     if not 1 <= req.n_iter <= MAX_N_ITER:
         raise bad_request("n_iter", f"n_iter={req.n_iter} must be between 1 and {MAX_N_ITER}")
-    sampler = samplers.to_kiln(req.sampler_name or req.sampler_index, req.scheduler, list(model.samplers),
+    sampler = samplers.to_kiln(req.sampler_name or req.sampler_index, req.scheduler,
                                "sampler_name" if req.sampler_name else "sampler_index")
-    steps = req.steps or 0
     message = pb.GenerateRequest(
-        model=model.name, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width or 0,
-        height=req.height or 0, steps=steps, sampler=sampler, num_images=req.batch_size,
-        preview_every=min(preview_every, steps) if steps else 0)
+        model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width or 0,
+        height=req.height or 0, steps=req.steps or 0, sampler=sampler, num_images=req.batch_size)
     if req.cfg_scale is not None:
         message.guidance_scale = req.cfg_scale
     if req.seed != -1:
@@ -137,24 +152,46 @@ def _grpc_request(req: Txt2Img, model: pb.ModelInfo, preview_every: int) -> pb.G
     return message
 
 
+def _img2img_fields(req: Img2Img, message: pb.GenerateRequest) -> None:
+    if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
+        raise bad_request("mask_blur", f"mask_blur={req.mask_blur} must be between 0 and 64")
+    init, mask, stretched = _images(req)
+    message.init_image, message.mask_image = init, mask
+    message.strength = req.denoising_strength if req.denoising_strength is not None else A1111_IMG2IMG_STRENGTH
+    message.mask_blur = (req.mask_blur if req.mask_blur is not None else A1111_MASK_BLUR) if mask else 0
+    if stretched:
+        message.width, message.height = stretched
+
+
+def _preview_every(every: int, message: pb.GenerateRequest) -> int:
+    """The gateway's preview interval, within the denoising steps the request runs when it says how many (a
+    model default the gateway cannot see is met by retrying without previews: see `_generate`)."""
+    if not message.steps:
+        return every
+    steps = message.steps
+    if message.init_image and message.HasField("strength") and 0 < message.strength <= 1:
+        steps = max(1, int(steps * message.strength))
+    return min(every, steps)
+
+
 # ---- generation ------------------------------------------------------------------------------------------------
+
+def _model_not_found(e: ApiError, field: str) -> ApiError | None:
+    """The server's NOT_FOUND for the model, as the 422 naming the setting that chose it."""
+    if e.code == "NOT_FOUND" and any(d.get("resourceType") == "model" for d in e.details):
+        return bad_request(field, f"{field}: {e.message}")
+    return None
+
 
 async def _generate(request: Request, response: Response, req: Txt2Img, who: Caller,
                     img2img: bool) -> GenerationResponse:
     gw = gateway(request)
-    model = await _model_for(gw, who, req)
-    message = _grpc_request(req, model, gw.config.preview_every)
+    model, model_field = await _model_for(gw, who, req)
+    message = _grpc_request(req, model)
     if isinstance(req, Img2Img):
-        init, mask, stretched = _images(req)
-        message.init_image, message.mask_image = init, mask
-        message.strength = req.denoising_strength if req.denoising_strength is not None else A1111_IMG2IMG_STRENGTH
-        message.mask_blur = (req.mask_blur if req.mask_blur is not None else A1111_MASK_BLUR) if mask else 0
-        if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
-            raise bad_request("mask_blur", f"mask_blur={req.mask_blur} must be between 0 and 64")
-        if stretched:
-            message.width, message.height = stretched
-    if not message.preview_every:
-        message.preview_every = gw.config.preview_every if gw.config.preview_every <= (model.default_steps or 1) else 0
+        _img2img_fields(req, message)
+    message.preview_every = _preview_every(gw.config.preview_every, message)
+    names = {**FIELD_NAMES, "model": model_field}
     images: list[str] = []
     seeds: list[int] = []
     infotexts: list[str] = []
@@ -167,14 +204,19 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
             try:
                 result = await run(gw.upstream, job, message, who.metadata(i))
             except ApiError as e:
-                if not i:
-                    raise e.renamed(FIELD_NAMES) from None
-                # a later call refused (credits ran out, say): the images already made and paid for are returned,
-                # with the refusal in info.error and the x-kiln-incomplete header
-                incomplete = e
-                response.headers.update(passed_headers(e.headers))
-                response.headers["x-kiln-incomplete"] = f"{e.code}: {e.message}"[:500]
-                break
+                if not i and e.field == "preview_every" and message.preview_every:
+                    # a bundle compiled before Kiln made latent previews: the gateway's own ask is dropped
+                    message.preview_every = 0
+                    result = await run(gw.upstream, job, message, who.metadata(i))
+                elif not i:
+                    raise _model_not_found(e, model_field) or e.renamed(names) from None
+                else:
+                    # a later call refused (credits ran out, say): the images already made and paid for are
+                    # returned, with the refusal in info.error and the x-kiln-incomplete header
+                    incomplete = e
+                    response.headers.update(passed_headers(e.headers))
+                    response.headers["x-kiln-incomplete"] = f"{e.code}: {e.message}"[:500]
+                    break
             if i == 0:
                 started = result.started
             for a in sorted(result.artifacts, key=lambda a: a.index):

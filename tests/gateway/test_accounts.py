@@ -153,3 +153,24 @@ def test_n_iter_past_the_credits_returns_what_was_paid_for(account_gateway, acco
     # with nothing made at all the refusal is the response
     r = httpx.post(f"{account_gateway.url}/sdapi/v1/txt2img", json={**BODY, "n_iter": 2}, headers=headers)
     assert r.status_code == 429 and "retry-after" in r.headers
+
+
+def test_rate_limit_counts_http_requests_one_to_one(tiny_store: Path, tmp_path: Path) -> None:
+    """A request that names its model costs its key exactly one gRPC call (no ListModels of its own), so a tier's
+    requests_per_minute means the same over HTTP as over gRPC."""
+    db = f"sqlite:///{tmp_path / 'auth.db'}"
+    tiers = _tiers(tmp_path / "tiers.toml", rpm=3)
+    key = _create_key(db, tiers)
+    server = _serve(tiny_store, tmp_path / "serve.log", db, tiers)
+    gateway = start_gateway(server.target, tmp_path / "gateway.log")
+    try:
+        body = {**BODY, "override_settings": {"sd_model_checkpoint": "tiny"}}
+        codes = [httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json=body, headers={"Authorization": f"Bearer {key}"},
+                            timeout=120) for _ in range(4)]
+        assert [r.status_code for r in codes] == [200, 200, 200, 429], codes[-1].text
+        assert codes[2].headers["x-ratelimit-remaining"] == "0"
+        reason = next(d for d in codes[3].json()["details"] if d["@type"].endswith("ErrorInfo"))["reason"]
+        assert reason == "RATE_LIMITED" and int(codes[3].headers["retry-after"]) >= 1
+    finally:
+        gateway.stop()
+        server.stop()
