@@ -8,6 +8,7 @@ from fastapi import Request
 
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
+from gateway.image_store import ImageStore
 from gateway.jobs import Jobs
 from gateway.upstream import Upstream
 
@@ -19,6 +20,11 @@ class Gateway:
     jobs: Jobs = field(default_factory=Jobs)
     checkpoints: dict[str, str] = field(default_factory=dict)
     """Per client: the model `POST /sdapi/v1/options` chose (`sd_model_checkpoint`)."""
+    images: ImageStore = field(init=False)
+    """The PNGs behind OpenAI `response_format=url` answers."""
+
+    def __post_init__(self) -> None:
+        self.images = ImageStore(self.config.image_store_bytes, self.config.image_url_ttl_s)
 
 
 @dataclass(frozen=True)

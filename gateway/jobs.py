@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -160,6 +161,13 @@ async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
             if e.code() == grpc.StatusCode.CANCELLED and job.interrupted:
                 raise Interrupted(call.metadata) from None
             raise from_rpc_error(e) from None
+        except asyncio.CancelledError:
+            # grpc.aio reports a call cancelled on this side (Job.interrupt) as CancelledError, not CANCELLED;
+            # a cancellation of this task itself (the HTTP client went away) stays one
+            task = asyncio.current_task()
+            if job.interrupted and not (task and task.cancelling()):
+                raise Interrupted(call.metadata) from None
+            raise
         finished = True
         job.job_no += 1
     finally:
