@@ -6,6 +6,7 @@ both answered as OpenAI's ImagesResponse. `response_format=url` images are kept 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -17,7 +18,7 @@ import grpc
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +51,7 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     prompt: str
+    """What to draw (the gRPC server checks its length)."""
     model: str | None = None
     """A Kiln model name; unset or an OpenAI name (dall-e-*, gpt-image-*): the server's first model."""
     n: int | None = None
@@ -67,7 +69,7 @@ class ImageRequest(BaseModel):
 
 
 class EditRequest(ImageRequest):
-    strength: float | None = Field(default=None)
+    strength: float | None = None
     """Kiln's extension: how much of the image to redraw, 0 < strength <= 1; unset: 1.0 where there is an edit
     area (inpainting), 0.8 without one (img2img)."""
 
@@ -128,7 +130,7 @@ async def edits(request: Request, who: Annotated[Caller, Depends(caller)]) -> JS
     message = _generate_request(req, model)
     message.width, message.height = _size(req.size)
     message.init_image = image
-    message.mask_image = edit_mask(image, mask)
+    message.mask_image = await asyncio.to_thread(edit_mask, image, mask)  # decoding: off the event loop
     if req.strength is not None:
         message.strength = req.strength
     return await _answer(request, gw, who, req, model, message)
