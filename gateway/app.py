@@ -104,5 +104,6 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
         e = ApiError(413, "INVALID_ARGUMENT", self._message(size), [("body", self._message(size))])
-        response = JSONResponse(e.body(), status_code=413, headers={"Connection": "close"})
+        body = e.openai_body() if scope.get("path", "").startswith("/v1/images") else e.body()
+        response = JSONResponse(body, status_code=413, headers={"Connection": "close"})
         await response(scope, receive, send)

@@ -26,6 +26,10 @@ class GatewayConfig:
     """Deadline of one generation on the gRPC server."""
     models_ttl_s: float = 5.0
     """How long the server's model list is reused before it is asked again."""
+    image_url_ttl_s: float = 3600.0
+    """OpenAI Images API, `response_format=url`: how long a returned URL serves its PNG (OpenAI's last an hour)."""
+    image_store_bytes: int = 256 << 20
+    """Memory the gateway keeps those PNGs in; when full, the least recently fetched go first (their URLs 404)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -36,6 +40,10 @@ class GatewayConfig:
             raise ValueError(f"preview_every={self.preview_every} must be 0 (no previews) or more")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be more than 0")
+        if self.image_url_ttl_s <= 0:
+            raise ValueError(f"image_url_ttl_s={self.image_url_ttl_s} must be more than 0")
+        if self.image_store_bytes < 1 << 20:
+            raise ValueError(f"image_store_bytes={self.image_store_bytes} must be at least {1 << 20} (1 MiB)")
         if ":" not in self.target:
             raise ValueError(f"target={self.target!r} must be HOST:PORT")
 

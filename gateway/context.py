@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
+from gateway.image_store import ImageStore
 from gateway.jobs import Jobs
 from gateway.upstream import Upstream
 
@@ -31,6 +32,11 @@ class Gateway:
         self.checkpoints.move_to_end(client)
         while len(self.checkpoints) > MAX_CLIENTS:
             self.checkpoints.popitem(last=False)
+    images: ImageStore = field(init=False)
+    """The PNGs behind OpenAI `response_format=url` answers."""
+
+    def __post_init__(self) -> None:
+        self.images = ImageStore(self.config.image_store_bytes, self.config.image_url_ttl_s)
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,26 @@ def decode_base64(value: object, field: str) -> bytes:
         raise bad_request(field, f"{field} is not valid base64 ({len(value)} characters)") from None
 
 
-def open_image(data: bytes, field: str) -> Image.Image:
-    """Decoded pixels, or 422 naming the field (not an image, or over MAX_IMAGE_PIXELS)."""
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+"""What the gRPC server decodes, and so all the gateway opens."""
+
+
+def open_image(data: bytes, field: str, load: bool = True) -> Image.Image:
+    """The image (pixels decoded unless `load=False`: then only the header is checked), or 422 naming the field:
+    not PNG, JPEG or WebP, unreadable, or over MAX_IMAGE_PIXELS."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise bad_request(field, f"{field} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels")
-        image.load()
+            raise bad_request(field, f"{field} is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels "
+                                     "are allowed")
+        if load:
+            image.load()
         return image
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
-        raise bad_request(field, f"{field} is not a PNG, JPEG or WebP image ({str(e)[:80]})") from None
+    except UnidentifiedImageError:
+        raise bad_request(field, f"{field} is not a PNG, JPEG or WebP image") from None
+    except (OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:  # broken headers and data
+        raise bad_request(field, f"{field} could not be read as PNG, JPEG or WebP "
+                                 f"({' '.join(str(e).split())[:80]})") from None
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.errors import from_rpc_error
+from gateway.errors import ApiError, from_rpc_error
 from gateway.upstream import Call, Upstream
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -111,10 +111,35 @@ class Result:
     interrupted: bool = False
 
 
-async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest,
-              metadata: tuple[tuple[str, str], ...]) -> Result:
+def preview_every(every: int, request: pb.GenerateRequest) -> int:
+    """The gateway's preview interval (for the progress routes), within the denoising steps the request runs
+    when it says how many; a model default the gateway cannot see is met by `run(gateway_previews=True)`."""
+    if not request.steps:
+        return every
+    steps = request.steps
+    if request.init_image:
+        strength = request.strength if request.HasField("strength") else 1.0
+        steps = max(1, int(steps * strength)) if 0 < strength <= 1 else steps
+    return min(every, steps)
+
+
+async def run(upstream: Upstream, job: Job, request: pb.GenerateRequest, metadata: tuple[tuple[str, str], ...],
+              gateway_previews: bool = False) -> Result:
     """One Generate call to the end, recorded in `job`; gRPC refusals raise `ApiError`. An interrupt returns what
-    arrived before it (AUTOMATIC1111 returns the images it has)."""
+    arrived before it (AUTOMATIC1111 returns the images it has). `gateway_previews`: the request's
+    `preview_every` is the gateway's own ask, dropped if the server refuses it (a model without latent previews,
+    or fewer steps than the interval)."""
+    try:
+        return await _run(upstream, job, request, metadata)
+    except ApiError as e:
+        if not (gateway_previews and request.preview_every and e.field == "preview_every"):
+            raise
+    request.preview_every = 0
+    return await _run(upstream, job, request, metadata)
+
+
+async def _run(upstream: Upstream, job: Job, request: pb.GenerateRequest,
+               metadata: tuple[tuple[str, str], ...]) -> Result:
     events = stream(upstream, job, request, metadata)
     started, artifacts = pb.Started(), []
     got: dict[str, str] = {}

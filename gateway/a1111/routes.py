@@ -26,7 +26,7 @@ from gateway.a1111.models import (
 from gateway.context import Caller, CallerDep, Gateway, gateway
 from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
 from gateway.images import decode_base64, open_image, png_bytes
-from gateway.jobs import run
+from gateway.jobs import preview_every, run
 from gateway.upstream import NoModels
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -163,17 +163,6 @@ def _img2img_fields(req: Img2Img, message: pb.GenerateRequest) -> None:
         message.width, message.height = stretched
 
 
-def _preview_every(every: int, message: pb.GenerateRequest) -> int:
-    """The gateway's preview interval, within the denoising steps the request runs when it says how many (a
-    model default the gateway cannot see is met by retrying without previews: see `_generate`)."""
-    if not message.steps:
-        return every
-    steps = message.steps
-    if message.init_image and message.HasField("strength") and 0 < message.strength <= 1:
-        steps = max(1, int(steps * message.strength))
-    return min(every, steps)
-
-
 # ---- generation ------------------------------------------------------------------------------------------------
 
 def _model_not_found(e: ApiError, field: str) -> ApiError | None:
@@ -190,7 +179,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
     message = _grpc_request(req, model)
     if isinstance(req, Img2Img):
         _img2img_fields(req, message)
-    message.preview_every = _preview_every(gw.config.preview_every, message)
+    message.preview_every = preview_every(gw.config.preview_every, message)
     names = {**FIELD_NAMES, "model": model_field}
     images: list[str] = []
     seeds: list[int] = []
@@ -202,13 +191,9 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
             if i:  # AUTOMATIC1111: seeds run on across n_iter
                 message.seed = (started.seed + i * req.batch_size) % SEED_RANGE
             try:
-                result = await run(gw.upstream, job, message, who.metadata(i))
+                result = await run(gw.upstream, job, message, who.metadata(i), gateway_previews=True)
             except ApiError as e:
-                if not i and e.field == "preview_every" and message.preview_every:
-                    # a bundle compiled before Kiln made latent previews: the gateway's own ask is dropped
-                    message.preview_every = 0
-                    result = await run(gw.upstream, job, message, who.metadata(i))
-                elif not i:
+                if not i:
                     raise _model_not_found(e, model_field) or e.renamed(names) from None
                 else:
                     # a later call refused (credits ran out, say): the images already made and paid for are
