@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -160,6 +161,11 @@ async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
             if e.code() == grpc.StatusCode.CANCELLED and job.interrupted:
                 raise Interrupted(call.metadata) from None
             raise from_rpc_error(e) from None
+        except asyncio.CancelledError:  # grpc.aio's read() of a call cancelled here (Job.interrupt)
+            task = asyncio.current_task()
+            if job.interrupted and not (task and task.cancelling()):  # not this task being cancelled
+                raise Interrupted(call.metadata) from None
+            raise
         finished = True
         job.job_no += 1
     finally:
