@@ -239,7 +239,8 @@ function clearMask() {
   state.maskPainted = false;
 }
 
-// Brush strokes in white on a transparent canvas over the init image; the brush size is in screen pixels.
+// Brush strokes in an opaque colour on a transparent canvas over the init image (its coverage is the mask); the
+// brush size is in screen pixels.
 function setupBrush() {
   const mask = $("mask");
   const ctx = mask.getContext("2d");
@@ -250,7 +251,7 @@ function setupBrush() {
     return { x: (e.clientX - r.left) * scale, y: (e.clientY - r.top) * (mask.height / r.height), scale };
   };
   const stroke = (from, to) => {
-    ctx.strokeStyle = ctx.fillStyle = "#fff";
+    ctx.strokeStyle = "#ff1f8f";
     ctx.lineCap = ctx.lineJoin = "round";
     ctx.lineWidth = Number($("brush").value) * to.scale;
     ctx.beginPath();
@@ -276,16 +277,20 @@ function setupBrush() {
   mask.addEventListener("pointercancel", end);
 }
 
-// The mask as the server reads it: a PNG of the init image's size, white = redraw, black = keep.
+// The mask as the server reads it: a PNG of the init image's size, white = redraw, black = keep (gray = the
+// brush's coverage at antialiased edges; the server binarises at 0.5).
 function maskPng() {
   const mask = $("mask");
+  const pixels = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height);
+  const d = pixels.data;
+  for (let i = 0; i < d.length; i += 4) {
+    d[i] = d[i + 1] = d[i + 2] = d[i + 3];
+    d[i + 3] = 255;
+  }
   const out = document.createElement("canvas");
   out.width = mask.width;
   out.height = mask.height;
-  const ctx = out.getContext("2d");
-  ctx.fillStyle = "#000";
-  ctx.fillRect(0, 0, out.width, out.height);
-  ctx.drawImage(mask, 0, 0);
+  out.getContext("2d").putImageData(pixels, 0, 0);
   return out.toDataURL("image/png");
 }
 

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import ROOT, kiln, start_server
 from tests.gateway.conftest import GatewayProcess, start_gateway
@@ -24,34 +25,38 @@ from tests.gateway.conftest import GatewayProcess, start_gateway
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MISSING = (f"{CHROMIUM} (Debian's chromium) is not installed: the web page's browser tests (generate, img2img, "
+           "inpainting, Stop, field errors, credits) did not run; `make test` installs it")
 SCREENSHOT = ROOT / "docs" / "gateway-web.png"
-"""Written by test_generate when KILN_WRITE_SCREENSHOT=1 (the picture in docs/gateway-web.md)."""
+"""Written by test_models_and_generate when KILN_WRITE_SCREENSHOT=1 (the picture in docs/gateway-web.md)."""
 
-if not CHROMIUM.exists():
-    if os.environ.get("KILN_REQUIRE_CHROMIUM"):
-        pytest.fail(f"{CHROMIUM} is missing and KILN_REQUIRE_CHROMIUM is set; Debian: apt-get install chromium",
-                    pytrace=False)
-    pytest.skip(f"{CHROMIUM} (Debian's chromium) is not installed: the web page's browser tests (generate, "
-                "img2img, inpainting, Stop, field errors, credits) did not run; `make test` installs it",
-                allow_module_level=True)
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
-
-# Records what the page shows while a generation runs (it is over in well under a second on the tiny model).
+# Records every value the page shows while a generation runs (over in well under a second on the tiny model, with
+# several events often handled in one task): from the mutation records, not from the element when the observer runs.
 WATCH = """() => {
   const seen = window.__seen = {status: [], progress: [], preview: []};
-  const status = document.getElementById("status"), progress = document.getElementById("progress"),
-        preview = document.getElementById("preview");
-  new MutationObserver(() => seen.status.push(status.textContent)).observe(status, {childList: true, subtree: true,
-                                                                                    characterData: true});
-  new MutationObserver(() => seen.progress.push(progress.value)).observe(progress, {attributes: true});
-  new MutationObserver(() => seen.preview.push(preview.src)).observe(preview, {attributes: true,
-                                                                               attributeFilter: ["src"]});
+  const el = (id) => document.getElementById(id);
+  new MutationObserver((records) => {
+    for (const r of records) for (const n of r.addedNodes) seen.status.push(n.textContent);
+  }).observe(el("status"), {childList: true});
+  // attribute records carry the value before each change: the values set are the next record's old value, then now
+  const values = (key, element, attribute) => new MutationObserver((records) => {
+    const olds = records.map((r) => r.oldValue);
+    seen[key].push(...olds.slice(1), element.getAttribute(attribute));
+  }).observe(element, {attributes: true, attributeFilter: [attribute], attributeOldValue: true});
+  values("progress", el("progress"), "value");
+  values("preview", el("preview"), "src");
 }"""
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """One headless Chromium for the module (each test opens its own context); a skip saying what it hides where
+    Chromium is missing, a failure when KILN_REQUIRE_CHROMIUM is set (`make test` once installed, and CI)."""
+    if not CHROMIUM.exists():
+        if os.environ.get("KILN_REQUIRE_CHROMIUM"):
+            pytest.fail(f"{CHROMIUM} is missing and KILN_REQUIRE_CHROMIUM is set; Debian: apt-get install chromium")
+        pytest.skip(MISSING)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield b
@@ -118,7 +123,7 @@ def test_models_and_generate(page: Page, gateway: GatewayProcess) -> None:
 
     seen = page.evaluate("window.__seen")
     assert [s for s in seen["status"] if "Denoising" in s] == [f"Denoising: step {k} of 4" for k in range(1, 5)]
-    assert [v for v in seen["progress"] if v > 0][:4] == [0.25, 0.5, 0.75, 1.0]
+    assert [float(v) for v in seen["progress"] if float(v) > 0][:4] == [0.25, 0.5, 0.75, 1.0]
     assert len(seen["preview"]) == 4 and png(seen["preview"][-1]).size == (8, 8)  # latent resolution: 64 / 8
     expect(page.get_by_role("img", name="Preview")).to_be_visible()
 
@@ -136,8 +141,8 @@ def test_models_and_generate(page: Page, gateway: GatewayProcess) -> None:
         expect(item.locator("pre")).to_have_text(parameters)
 
     if os.environ.get("KILN_WRITE_SCREENSHOT"):
-        page.get_by_text("Parameters").first.click()  # closed again: a tidier picture
-        page.screenshot(path=SCREENSHOT)
+        page.evaluate("() => { document.querySelectorAll('details').forEach(d => d.open = false); scrollTo(0, 0); }")
+        Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(256).save(SCREENSHOT, optimize=True)
         assert SCREENSHOT.stat().st_size < 300_000
 
 
