@@ -1,5 +1,6 @@
 // Kiln's web page: a client of the gateway's own HTTP API only (GET /v1/models, POST /v1/generate as
 // Server-Sent Events read with fetch, GET /v1/balance, POST /v1/interrupt). No build step, no dependencies.
+// URLs are relative, so the page also works behind a reverse proxy that serves the gateway under a path.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -91,7 +92,7 @@ function fillSelect(select, values, selected) {
 }
 
 async function loadModels() {
-  const response = await fetch("/v1/models", { headers: headers() });
+  const response = await fetch("v1/models", { headers: headers() });
   if (!response.ok) {
     showApiError(await errorBody(response), response.status);
     return;
@@ -128,7 +129,7 @@ async function refreshBalance() {
   const box = $("credits");
   let response;
   try {
-    response = await fetch("/v1/balance", { headers: headers() });
+    response = await fetch("v1/balance", { headers: headers() });
   } catch {
     return;
   }
@@ -373,7 +374,7 @@ async function generate(event) {
   let started = null;
   let outcome = "";
   try {
-    const response = await fetch("/v1/generate", {
+    const response = await fetch("v1/generate", {
       method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(request),
     });
     if (!response.ok) {
@@ -423,7 +424,7 @@ function showProgress(p) {
 async function stop() {
   $("stop").disabled = true;
   setStatus("Stopping…");
-  await fetch("/v1/interrupt", { method: "POST", headers: headers() });
+  await fetch("v1/interrupt", { method: "POST", headers: headers() });
 }
 
 // ---- gallery -----------------------------------------------------------------------------------------
@@ -537,6 +538,11 @@ function main() {
   $("clear_mask").addEventListener("click", clearMask);
   $("remove_init").addEventListener("click", removeInit);
   $("form").addEventListener("submit", generate);
+  for (const id of ["prompt", "negative_prompt"]) {  // Ctrl+Enter (Cmd+Enter) in a prompt generates
+    $(id).addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("form").requestSubmit();
+    });
+  }
   $("stop").addEventListener("click", stop);
   setupBrush();
   loadModels().catch((e) => showFormError(`the gateway did not answer: ${e.message}`));

@@ -259,8 +259,10 @@ def test_refusal_shown_next_to_its_field(page: Page) -> None:
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
     expect(gallery_items(page)).to_have_count(0)
 
-    page.get_by_label("Width").fill("64")  # the next request clears it
-    generate(page)
+    page.get_by_label("Width").fill("64")  # the next request clears it; Ctrl+Enter in the prompt sends it
+    with page.expect_request("**/v1/generate") as sent:
+        page.get_by_label("Prompt", exact=True).press("Control+Enter")
+    assert sent.value.post_data_json["width"] == 64
     expect(gallery_items(page)).to_have_count(1)
     expect(page.locator("#err-width")).to_be_hidden()
 
