@@ -400,7 +400,7 @@ async function generate(event) {
       }
     });
   } catch (e) {
-    showFormError(`the gateway did not answer: ${e.message}`);
+    showFormError(`the connection to the gateway failed${started ? " during the generation" : ""}: ${e.message}`);
   } finally {
     setStatus(outcome || (started ? "Ended early" : ""));
     setBusy(false);
