@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # and onnxruntime-gpu instead of onnxruntime.
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo test redis lint proto bench clean
+.PHONY: install demo test redis chromium lint proto bench clean
 
 install: $(STAMP)
 
@@ -28,11 +28,15 @@ demo: install
 # The Redis ledger and the multi-replica claim are tested against a real redis-server: `make test` installs
 # Debian's package when it is missing and then requires it (KILN_REQUIRE_REDIS). Where it cannot be installed (no
 # apt-get, or sudo wants a password) the Redis tests skip and the run ends with a banner saying so
-# (tests/conftest.py). PYTEST_ARGS picks tests: make test PYTEST_ARGS=tests/accounts
+# (tests/conftest.py). The web page's tests drive Debian's Chromium (/usr/bin/chromium) with Playwright: installed
+# and required the same way (KILN_REQUIRE_CHROMIUM), else they skip saying so. PYTEST_ARGS picks tests:
+# make test PYTEST_ARGS=tests/accounts
 PYTEST_ARGS ?=
+CHROMIUM := /usr/bin/chromium
 
-test: install redis
+test: install redis chromium
 	KILN_REQUIRE_REDIS=$${KILN_REQUIRE_REDIS:-$$(command -v redis-server >/dev/null && echo 1)} \
+	KILN_REQUIRE_CHROMIUM=$${KILN_REQUIRE_CHROMIUM:-$$(test -x $(CHROMIUM) && echo 1)} \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
 # sudo -n: never stop a test run at a password prompt
@@ -46,6 +50,20 @@ redis:
 		else \
 			echo "make: redis-server is missing and cannot be installed here (no apt-get, or sudo wants a password);" \
 				"the Redis tests will skip"; \
+		fi; }
+
+# Debian's package, not `playwright install` (a download from a CDN that many CI runners cannot reach)
+chromium:
+	@test -x $(CHROMIUM) || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get"; \
+		if command -v apt-get >/dev/null 2>&1 && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
+			$$APT install -y -q --no-install-recommends chromium \
+				|| { $$APT update -q && $$APT install -y -q --no-install-recommends chromium; } \
+				|| echo "make: installing chromium failed; the web page's browser tests will skip"; \
+		else \
+			echo "make: $(CHROMIUM) is missing and cannot be installed here (no apt-get, or sudo wants a password);" \
+				"the web page's browser tests will skip"; \
 		fi; }
 
 lint: install

@@ -21,7 +21,8 @@ class GatewayConfig:
     max_body_bytes: int = 24 << 20
     """Largest request body accepted (base64 images included); larger bodies get 413."""
     preview_every: int = 1
-    """Denoising steps between the previews `/sdapi/v1/progress` and the SSE stream show (0: none)."""
+    """Denoising steps between the previews the gateway asks for on AUTOMATIC1111 and OpenAI requests, which
+    `/sdapi/v1/progress` shows (0: none). `/v1/generate` sends the request's own `preview_every`."""
     timeout_s: float = 600.0
     """Deadline of one generation on the gRPC server."""
     models_ttl_s: float = 5.0

@@ -173,6 +173,8 @@ async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from None
     job.calls.add(call)
+    if job.interrupted:  # interrupted while the call started: the read after Started raises
+        call.cancel()
     finished = False
     try:
         job.observe(first)

@@ -69,6 +69,9 @@ async def generate(request: Request, body: Annotated[Any, Body(examples=[{"model
     events = stream(gw.upstream, job, message, who.metadata())
     try:
         call, first = await events.__anext__()  # a refusal is an HTTP status, not an event
+    except Interrupted:  # the caller's interrupt came before the first event
+        gw.jobs.close(job)
+        raise ApiError(499, "CANCELLED", "interrupted (/v1/interrupt) before the generation started") from None
     except BaseException:
         gw.jobs.close(job)
         raise
