@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import ROOT, kiln, start_server
+from tests.conftest import kiln, start_server
 from tests.gateway.conftest import GatewayProcess, start_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -27,8 +27,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MISSING = (f"{CHROMIUM} (Debian's chromium) is not installed: the web page's browser tests (generate, img2img, "
            "inpainting, Stop, field errors, credits) did not run; `make test` installs it")
-SCREENSHOT = ROOT / "docs" / "gateway-web.png"
-"""Written by test_models_and_generate when KILN_WRITE_SCREENSHOT=1 (the picture in docs/gateway-web.md)."""
 
 
 # Records every value the page shows while a generation runs (over in well under a second on the tiny model, with
@@ -140,10 +138,6 @@ def test_models_and_generate(page: Page, gateway: GatewayProcess) -> None:
         item.get_by_text("Parameters").click()
         expect(item.locator("pre")).to_have_text(parameters)
 
-    if os.environ.get("KILN_WRITE_SCREENSHOT"):
-        page.evaluate("() => { document.querySelectorAll('details').forEach(d => d.open = false); scrollTo(0, 0); }")
-        Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(256).save(SCREENSHOT, optimize=True)
-        assert SCREENSHOT.stat().st_size < 300_000
 
 
 def test_img2img_from_gallery_image(page: Page) -> None:
