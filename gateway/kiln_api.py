@@ -24,6 +24,9 @@ from proto.kiln.v1 import kiln_pb2 as pb
 router = APIRouter(tags=["kiln"])
 
 BYTES_FIELDS = ("init_image", "initImage", "mask_image", "maskImage")
+BASE64 = re.compile(r"[A-Za-z0-9+/\-_\s]*={0,2}\s*")
+"""What proto JSON reads as bytes: standard or URL-safe base64, padded or not. Its parser skips other characters
+silently (`"!!"` is read as no bytes), so anything else is refused before it parses."""
 
 
 def message_json(message: Any) -> dict[str, Any]:
@@ -44,11 +47,15 @@ def parse_request(body: Any) -> pb.GenerateRequest:
     if not isinstance(body, dict):
         raise bad_request("body", f"the body must be a JSON object (GenerateRequest), not {type(body).__name__}")
     body = {k: strip_data_url(v) if k in BYTES_FIELDS else v for k, v in body.items()}
+    for k in BYTES_FIELDS:
+        if isinstance(body.get(k), str) and not BASE64.fullmatch(body[k]):
+            raise bad_request(k, f"{k} is not valid base64 ({len(body[k])} characters)")
     try:
         return json_format.ParseDict(body, pb.GenerateRequest(), ignore_unknown_fields=True)
     except json_format.ParseError as e:
         text = str(e)
-        m = re.search(r"Failed to parse (\w+) field", text) or re.search(r"field named \"?(\w+)", text)
+        m = (re.search(r"Failed to parse (\w+) field", text) or re.search(r" at GenerateRequest\.(\w+)", text)
+             or re.search(r"field named \"?(\w+)", text))
         raise bad_request(m.group(1) if m else "body", text[:300]) from None
 
 

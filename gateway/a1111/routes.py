@@ -13,6 +13,7 @@ import grpc
 from fastapi import APIRouter, Body, Depends, Query, Request
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gateway import jsoncheck
 from gateway.a1111 import infotext, samplers
 from gateway.a1111.models import (
     GenerationResponse, Img2Img, PngInfo, PngInfoRequest, Progress, ProgressState, SamplerItem, SDModelItem, Txt2Img,
@@ -32,6 +33,8 @@ FIELD_NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "num_im
 MAX_N_ITER = 100
 MAX_IMAGE_PIXELS = 4096 * 4096
 SEED_RANGE = 1 << 32
+UINT32 = 1 << 32
+"""The gRPC request's integer fields are uint32: larger values are refused here, naming the field."""
 A1111_IMG2IMG_STRENGTH = 0.75
 A1111_MASK_BLUR = 4
 
@@ -140,10 +143,10 @@ def _grpc_request(req: Txt2Img, model: pb.ModelInfo, preview_every: int) -> pb.G
         raise bad_request("seed", f"seed={req.seed} must be -1 (random) or between 0 and {SEED_RANGE - 1}")
     for name in ("width", "height", "steps"):
         value = getattr(req, name)
-        if value is not None and value < 0:
-            raise bad_request(name, f"{name}={value} must be 0 (the model's default) or more")
-    if req.batch_size < 1:
-        raise bad_request("batch_size", f"batch_size={req.batch_size} must be at least 1")
+        if value is not None and not 0 <= value < UINT32:  # beyond uint32 the proto field itself refuses it
+            raise bad_request(name, f"{name}={value} must be 0 (the model's default) or more, below {UINT32}")
+    if not 1 <= req.batch_size < UINT32:
+        raise bad_request("batch_size", f"batch_size={req.batch_size} must be at least 1 (and below {UINT32})")
     if not 1 <= req.n_iter <= MAX_N_ITER:
         raise bad_request("n_iter", f"n_iter={req.n_iter} must be between 1 and {MAX_N_ITER}")
     sampler = samplers.to_kiln(req.sampler_name or req.sampler_index, req.scheduler, list(model.samplers),
@@ -164,15 +167,16 @@ def _grpc_request(req: Txt2Img, model: pb.ModelInfo, preview_every: int) -> pb.G
 
 async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) -> GenerationResponse:
     gw = gateway(request)
+    jsoncheck.check(req.model_dump())  # every field, the ignored ones included: they are echoed back
     model = await _model_for(gw, who, req)
     message = _grpc_request(req, model, gw.config.preview_every)
     if isinstance(req, Img2Img):
         init, mask, stretched = _images(req)
         message.init_image, message.mask_image = init, mask
+        if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:  # before the uint32 field sees it
+            raise bad_request("mask_blur", f"mask_blur={req.mask_blur} must be between 0 and 64")
         message.strength = req.denoising_strength if req.denoising_strength is not None else A1111_IMG2IMG_STRENGTH
         message.mask_blur = (req.mask_blur if req.mask_blur is not None else A1111_MASK_BLUR) if mask else 0
-        if req.mask_blur is not None and not 0 <= req.mask_blur <= 64:
-            raise bad_request("mask_blur", f"mask_blur={req.mask_blur} must be between 0 and 64")
         if stretched:
             message.width, message.height = stretched
     if not message.preview_every:
