@@ -33,7 +33,8 @@ def gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-def caller(request: Request) -> Caller:
-    """FastAPI dependency: the caller's key (401 for malformed credentials)."""
+async def caller(request: Request) -> Caller:
+    """FastAPI dependency: the caller's key (401 for malformed credentials). `async` though it awaits nothing:
+    FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request for a few microseconds' work."""
     key = api_key(request.headers, gateway(request).config.api_auth)
     return Caller(key, client_id(key))

@@ -169,7 +169,8 @@ async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) 
     gw = gateway(request)
     jsoncheck.check(req.model_dump())  # every field, the ignored ones included: they are echoed back
     model = await _model_for(gw, who, req)
-    message = _grpc_request(req, model, gw.config.preview_every)
+    previews = gw.config.preview_every if gw.jobs.watched(who.client, gw.config.preview_watch_s) else 0
+    message = _grpc_request(req, model, previews)
     if isinstance(req, Img2Img):
         init, mask, stretched = _images(req)
         message.init_image, message.mask_image = init, mask
@@ -180,7 +181,7 @@ async def _generate(request: Request, req: Txt2Img, who: Caller, img2img: bool) 
         if stretched:
             message.width, message.height = stretched
     if not message.preview_every:
-        message.preview_every = gw.config.preview_every if gw.config.preview_every <= (model.default_steps or 1) else 0
+        message.preview_every = previews if previews <= (model.default_steps or 1) else 0
     images: list[str] = []
     seeds: list[int] = []
     infotexts: list[str] = []
@@ -238,7 +239,10 @@ async def img2img(request: Request, req: Img2Img, who: Caller = Depends(caller))
 @router.get("/progress", response_model=Progress)
 async def progress(request: Request, skip_current_image: bool = Query(False),
                    who: Caller = Depends(caller)) -> Progress:
-    job = gateway(request).jobs.current(who.client)
+    jobs = gateway(request).jobs
+    if not skip_current_image:  # this client looks at previews: its next generations ask the server for them
+        jobs.watch(who.client)
+    job = jobs.current(who.client)
     if job is None:
         return Progress(progress=0.0, eta_relative=0.0, state=ProgressState())
     preview = base64.b64encode(job.preview_png).decode() if job.preview_png and not skip_current_image else None
