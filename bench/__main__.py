@@ -8,6 +8,7 @@ import sys
 from bench import (
     compile_memory,
     decoders,
+    gateway,
     integrity,
     latency,
     lora,
@@ -22,7 +23,8 @@ from bench import (
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
-             "single-file": single_file, "decoders": decoders, "lora": lora}
+             "single-file": single_file, "decoders": decoders, "lora": lora,
+             "gateway": gateway}
 
 
 def main(argv: list[str] | None = None) -> int:

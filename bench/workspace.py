@@ -18,6 +18,8 @@ from pathlib import Path
 WORK = Path(os.environ.get("KILN_BENCH_WORK", Path(__file__).parent / "work"))
 """Scratch folder (models, bundles); tests point it at a temporary folder."""
 ROOT = Path(__file__).parent.parent
+PIDS: dict[str, int] = {}
+"""The process serving each running `server()` target and `gateway()` URL (for benches that report CPU time)."""
 
 
 def kiln(*args: str) -> None:
@@ -88,10 +90,47 @@ def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()
             (Path(tmp) / b.parent.name / b.name).symlink_to(b.resolve(), target_is_directory=True)
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", tmp, "--port", str(port), *extra],
                                 stderr=subprocess.DEVNULL, cwd=ROOT)
+        target = f"127.0.0.1:{port}"
+        PIDS[target] = proc.pid
         try:
-            target = f"127.0.0.1:{port}"
             wait_ready(target, timeout=timeout)
             yield target
         finally:
+            PIDS.pop(target, None)
             proc.terminate()
             proc.wait(60)
+
+
+@contextmanager
+def gateway(target: str, *extra: str, timeout: float = 120) -> Iterator[str]:
+    """`kiln gateway --target TARGET` on a free loopback port, its own process; yields its URL once `/healthz`
+    answers 200 (the gRPC server SERVING)."""
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "gateway", "--target", target, "--port", str(port),
+                             *extra], stderr=subprocess.DEVNULL, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    PIDS[url] = proc.pid
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kiln gateway exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"kiln gateway not healthy after {timeout}s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        PIDS.pop(url, None)
+        proc.terminate()
+        proc.wait(60)

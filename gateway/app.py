@@ -51,6 +51,11 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if isinstance(e.__cause__, ApiError):  # BodyLimit's 413 for a streamed body, which FastAPI wraps in a 400
+            return await _api_error(request, e.__cause__)
+        if e.status_code == 400:  # FastAPI's "error parsing the body": JSON that is not UTF-8, or nested too deep
+            text = f"body: {e.detail} (JSON must be UTF-8 and nested at most a few hundred levels deep)"
+            return await _api_error(request, ApiError(400, "INVALID_ARGUMENT", text, [("body", text)]))
         return await _api_error(request, ApiError(e.status_code, "NOT_FOUND" if e.status_code == 404 else "HTTP",
                                                   str(e.detail)))
 

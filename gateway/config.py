@@ -23,6 +23,9 @@ class GatewayConfig:
     preview_every: int = 1
     """Denoising steps between the previews the gateway asks for on AUTOMATIC1111 and OpenAI requests, which
     `/sdapi/v1/progress` shows (0: none). `/v1/generate` sends the request's own `preview_every`."""
+    preview_watch_s: float = 120.0
+    """AUTOMATIC1111 routes ask the server for previews only for a client that polled `/sdapi/v1/progress` for
+    images within this many seconds, so that no preview work is spent where nobody looks (0: for every request)."""
     timeout_s: float = 600.0
     """Deadline of one generation on the gRPC server."""
     models_ttl_s: float = 5.0
@@ -39,6 +42,8 @@ class GatewayConfig:
             raise ValueError(f"max_body_bytes={self.max_body_bytes} must be at least 1024")
         if self.preview_every < 0:
             raise ValueError(f"preview_every={self.preview_every} must be 0 (no previews) or more")
+        if self.preview_watch_s < 0:
+            raise ValueError(f"preview_watch_s={self.preview_watch_s} must be 0 (previews for every request) or more")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be more than 0")
         if self.image_url_ttl_s <= 0:

@@ -11,8 +11,9 @@ from fastapi import Depends, Request
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
 from gateway.image_store import ImageStore
-from gateway.jobs import Jobs
+from gateway.jobs import Jobs, preview_every
 from gateway.upstream import Upstream
+from proto.kiln.v1 import kiln_pb2 as pb
 
 MAX_CLIENTS = 100_000
 """Most clients whose model choice the gateway remembers (least recently chosen forgotten first)."""
@@ -37,6 +38,13 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.images = ImageStore(self.config.image_store_bytes, self.config.image_url_ttl_s)
+
+    def previews(self, client: str, request: pb.GenerateRequest) -> int:
+        """The `preview_every` the gateway asks for on a client's AUTOMATIC1111 or OpenAI request: its
+        `--preview-every`, for a client that watched `/sdapi/v1/progress` within `--preview-watch-s`; else none."""
+        if not self.jobs.watched(client, self.config.preview_watch_s):
+            return 0
+        return preview_every(self.config.preview_every, request)
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,9 @@ def gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-def caller(request: Request) -> Caller:
-    """FastAPI dependency: the caller's key (401 for malformed credentials)."""
+async def caller(request: Request) -> Caller:
+    """FastAPI dependency: the caller's key (401 for malformed credentials). `async` though it awaits nothing:
+    FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request for a few microseconds' work."""
     key = api_key(request.headers, gateway(request).config.api_auth)
     return Caller(key, client_id(key), request.headers.get("x-request-id", "")[:128],
                   request.headers.get("idempotency-key", "")[:128])

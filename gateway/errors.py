@@ -30,6 +30,8 @@ PASSED_HEADERS = ("x-request-id", "x-credits-cost", "x-credits-remaining", "x-cr
 def passed_headers(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k in PASSED_HEADERS}
 
+RESOURCE_FIELDS = {"model": "model", "adapter": "loras"}
+"""A NOT_FOUND's ResourceInfo.resource_type -> the GenerateRequest field that named the missing resource."""
 
 DETAIL_TYPES = (error_details_pb2.BadRequest, error_details_pb2.ErrorInfo, error_details_pb2.ResourceInfo,
                 error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo, error_details_pb2.PreconditionFailure)
@@ -125,14 +127,21 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ApiError:
                         reason = detail.reason
                     elif isinstance(detail, error_details_pb2.RetryInfo):
                         retry_s = detail.retry_delay.ToTimedelta().total_seconds()
+                    elif isinstance(detail, error_details_pb2.ResourceInfo) and code == grpc.StatusCode.NOT_FOUND \
+                            and detail.resource_type in RESOURCE_FIELDS:
+                        violations.append((RESOURCE_FIELDS[detail.resource_type], error.details() or ""))
     headers = passed_headers({k: v for k, v in trailing.items() if isinstance(v, str)})
+    message = error.details() or code.name  # type: ignore[attr-defined]
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason in BUSY_REASONS:
         status = 503
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not details and "larger than max" in message:
+        # gRPC's own message-size limit (the server's ServeConfig.max_receive_bytes): the size, not a quota
+        status, message = 413, f"the request is larger than the Kiln server accepts ({message}); send smaller images"
+        violations = [("body", message)]
     if status in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(retry_s if retry_s is not None else 1.0)))
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="kiln", Basic realm="kiln"'
-    message = error.details() or code.name  # type: ignore[attr-defined]
     if code == grpc.StatusCode.UNAVAILABLE and not details and "shutting down" not in message:
         message = f"the Kiln server is unreachable: {message}"
     return ApiError(status, code.name, message, violations, details, headers, reason)

@@ -22,8 +22,9 @@ def decode_base64(value: object, field: str) -> bytes:
         raise bad_request(field, f"{field} must be a non-empty base64 string")
     if value.startswith("data:"):
         value = value.partition(",")[2]
-    try:
-        return base64.b64decode(value.strip(), validate=True)
+    value = value.strip()
+    try:  # standard or URL-safe alphabet (proto JSON writes bytes either way)
+        return base64.b64decode(value, altchars=b"-_" if "-" in value or "_" in value else None, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(field, f"{field} is not valid base64 ({len(value)} characters)") from None
 

@@ -67,6 +67,18 @@ class Job:
 class Jobs:
     def __init__(self) -> None:
         self._jobs: dict[str, list[Job]] = {}
+        self._watched: dict[str, float] = {}
+        """Per client: when it last asked `/sdapi/v1/progress` for a preview image."""
+
+    def watch(self, client: str) -> None:
+        if len(self._watched) > 10_000:
+            self._watched.clear()
+        self._watched[client] = time.monotonic()
+
+    def watched(self, client: str, within_s: float) -> bool:
+        """Whether the client asked for a preview within `within_s` seconds (always, for 0)."""
+        seen = self._watched.get(client)
+        return within_s <= 0 or (seen is not None and time.monotonic() - seen <= within_s)
 
     def open(self, client: str, job_count: int = 1) -> Job:
         job = Job(client, job_count)

@@ -47,7 +47,8 @@ def parse_request(body: Any) -> pb.GenerateRequest:
                                         ignore_unknown_fields=True)
     except json_format.ParseError as e:
         text = str(e)
-        m = re.search(r"Failed to parse (\w+) field", text) or re.search(r"field named \"?(\w+)", text)
+        m = (re.search(r"Failed to parse (\w+) field", text) or re.search(r" at GenerateRequest\.(\w+)", text)
+             or re.search(r"field named \"?(\w+)", text))
         raise bad_request(m.group(1) if m else "body", text[:300]) from None
     for name, data in images.items():
         setattr(message, name, data)

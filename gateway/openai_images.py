@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.context import Caller, CallerDep, Gateway, gateway
 from gateway.errors import ApiError, bad_request, from_rpc_error, from_validation, passed_headers
 from gateway.images import open_image
-from gateway.jobs import preview_every, run
+from gateway.jobs import run
 from gateway.upstream import NoModels
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -249,7 +249,7 @@ def openai_fields(e: ApiError) -> ApiError:
 
 async def _answer(request: Request, gw: Gateway, who: Caller, req: ImageRequest,
                   message: pb.GenerateRequest) -> JSONResponse:
-    message.preview_every = preview_every(gw.config.preview_every, message)
+    message.preview_every = gw.previews(who.client, message)
     fmt = req.response_format or ("b64_json" if (req.model or "").lower().startswith(B64_ONLY_PREFIXES) else "url")
     with gw.jobs.track(who.client) as job:
         try:

@@ -11,6 +11,7 @@ import grpc
 from fastapi import APIRouter, Body, Query, Request, Response
 from PIL import Image, ImageOps
 
+from gateway import jsoncheck
 from gateway.a1111 import infotext, samplers
 from gateway.a1111.models import (
     GenerationResponse,
@@ -26,7 +27,7 @@ from gateway.a1111.models import (
 from gateway.context import Caller, CallerDep, Gateway, gateway
 from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
 from gateway.images import decode_base64, open_image, png_bytes
-from gateway.jobs import preview_every, run
+from gateway.jobs import run
 from gateway.upstream import NoModels
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -38,7 +39,8 @@ FIELD_NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "num_im
 """Kiln's GenerateRequest fields -> AUTOMATIC1111's, for the errors the gRPC server sends back."""
 
 MAX_N_ITER = 100
-SEED_RANGE = 1 << 32
+UINT32 = 1 << 32
+"""The gRPC request's integer fields are uint32: larger values are refused here, naming the field."""
 A1111_IMG2IMG_STRENGTH = 0.75
 A1111_MASK_BLUR = 4
 
@@ -126,18 +128,15 @@ def _images(req: Img2Img) -> tuple[bytes, bytes, tuple[int, int] | None]:
     return init, mask, stretch
 
 
-UINT32_FIELDS = ("width", "height", "steps", "batch_size")
-
-
 def _grpc_request(req: Txt2Img, model: str) -> pb.GenerateRequest:
-    if not 0 <= req.seed < SEED_RANGE and req.seed != -1:
-        raise bad_request("seed", f"seed={req.seed} must be -1 (random) or between 0 and {SEED_RANGE - 1}")
-    for name in UINT32_FIELDS:  # the server checks the model's limits; these would not even fit the message
+    if not 0 <= req.seed < UINT32 and req.seed != -1:
+        raise bad_request("seed", f"seed={req.seed} must be -1 (random) or between 0 and {UINT32 - 1}")
+    for name in ("width", "height", "steps"):  # the server checks the model's limits; past uint32 the message can't
         value = getattr(req, name)
-        if value is not None and not 0 <= value < SEED_RANGE:
-            raise bad_request(name, f"{name}={value} must be 0 (the model's default) or more")
-    if req.batch_size < 1:
-        raise bad_request("batch_size", f"batch_size={req.batch_size} must be at least 1")
+        if value is not None and not 0 <= value < UINT32:
+            raise bad_request(name, f"{name}={value} must be 0 (the model's default) or more, below {UINT32}")
+    if not 1 <= req.batch_size < UINT32:
+        raise bad_request("batch_size", f"batch_size={req.batch_size} must be at least 1 (and below {UINT32})")
     if not 1 <= req.n_iter <= MAX_N_ITER:
         raise bad_request("n_iter", f"n_iter={req.n_iter} must be between 1 and {MAX_N_ITER}")
     sampler = samplers.to_kiln(req.sampler_name or req.sampler_index, req.scheduler,
@@ -175,11 +174,12 @@ def _model_not_found(e: ApiError, field: str) -> ApiError | None:
 async def _generate(request: Request, response: Response, req: Txt2Img, who: Caller,
                     img2img: bool) -> GenerationResponse:
     gw = gateway(request)
+    jsoncheck.check(req.model_dump())  # every field, the ignored ones included: they are echoed back
     model, model_field = await _model_for(gw, who, req)
     message = _grpc_request(req, model)
     if isinstance(req, Img2Img):
         _img2img_fields(req, message)
-    message.preview_every = preview_every(gw.config.preview_every, message)
+    message.preview_every = gw.previews(who.client, message)
     names = {**FIELD_NAMES, "model": model_field}
     images: list[str] = []
     seeds: list[int] = []
@@ -189,7 +189,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
     with gw.jobs.track(who.client, req.n_iter) as job:
         for i in range(req.n_iter):
             if i:  # AUTOMATIC1111: seeds run on across n_iter
-                message.seed = (started.seed + i * req.batch_size) % SEED_RANGE
+                message.seed = (started.seed + i * req.batch_size) % UINT32
             try:
                 result = await run(gw.upstream, job, message, who.metadata(i), gateway_previews=True)
             except ApiError as e:
@@ -251,7 +251,10 @@ async def img2img(request: Request, response: Response, req: Img2Img,
 @router.get("/progress", response_model=Progress)
 async def progress(request: Request, who: CallerDep,
                    skip_current_image: Annotated[bool, Query()] = False) -> Progress:
-    job = gateway(request).jobs.current(who.client)
+    jobs = gateway(request).jobs
+    if not skip_current_image:  # this client looks at previews: its next generations ask the server for them
+        jobs.watch(who.client)
+    job = jobs.current(who.client)
     if job is None:
         return Progress(progress=0.0, eta_relative=0.0, state=ProgressState())
     preview = base64.b64encode(job.preview_png).decode() if job.preview_png and not skip_current_image else None

@@ -29,7 +29,10 @@ def to_kiln(name: str | None, scheduler: str | None, field: str = "sampler_name"
     """An AUTOMATIC1111 sampler (+ scheduler) -> a Kiln sampler; "" = the model's default. Whether the model
     offers it is the server's check (its refusal names `sampler_name`)."""
     name = (name or "").strip()
-    if not name:
+    if not name:  # the model's default sampler; a scheduler is still checked, not silently dropped
+        if (scheduler or "").strip().lower() not in ("", "automatic", "default", "karras"):
+            raise bad_request("scheduler", f"scheduler={(scheduler or '')[:40]!r} is not one Kiln offers; use "
+                                           "'Automatic' (or 'Karras' with 'DPM++ 2M')")
         return ""
     kiln = _BY_NAME.get(name.lower())
     if kiln is None and name.lower().endswith(" karras"):  # "DPM++ 2M Karras" under another spelling

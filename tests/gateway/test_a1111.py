@@ -192,6 +192,7 @@ def test_progress_preview_and_interrupt(gateway: GatewayProcess) -> None:
     def slow() -> None:
         done["r"] = httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json=SLOW, timeout=300)
 
+    assert api.get_progress()["state"]["job_count"] == 0  # a front-end polls before it generates: previews on
     t = threading.Thread(target=slow)
     t.start()
     deadline = time.monotonic() + 60
