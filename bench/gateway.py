@@ -8,8 +8,10 @@ last one is answered. Rounds interleave the paths (their order alternating) so t
 percentiles pool every request of every round.
 
 The gateway asks the server for previews (every `--preview-every` steps) only for clients that watch
-`/sdapi/v1/progress`; the bench's clients do not. The row "direct + previews" shows what previews cost the
-server, i.e. what a watching client's requests pay on top.
+`/sdapi/v1/progress`, and for step events only for clients that poll it at all (else `omit_progress`); the
+bench's clients do not. The row "direct, omit_progress" is the same gRPC request the gateway sends (the server's
+work identical); "direct + previews" shows what previews cost the server, i.e. what a watching client's requests
+pay on top.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from bench import report, workspace
 PROMPT = "a red circle on a blue background"
 MODEL = "tiny-fp32"
 """The bundle's name in the bench's work store (the one `throughput` uses too)."""
-PATHS = ("direct", "direct + previews", "gateway")
+PATHS = ("direct", "direct, omit_progress", "direct + previews", "gateway")
 TARGET_ADDED_MS = 3.0
 
 
@@ -81,10 +83,11 @@ class Clients:
             r.raise_for_status()
             assert len(r.json()["images"]) == 1
         else:
-            previews = self.preview_every if path != "direct" else 0
+            previews = self.preview_every if path == "direct + previews" else 0
             images = 0
             async for event in self.stub.Generate(pb.GenerateRequest(model=self.model, prompt=PROMPT, seed=seed,
-                                                                     num_images=1, preview_every=previews),
+                                                                     num_images=1, preview_every=previews,
+                                                                     omit_progress=path.endswith("omit_progress")),
                                                   timeout=600):
                 images += event.WhichOneof("event") == "artifact"
             assert images == 1
@@ -161,16 +164,22 @@ def run(args: argparse.Namespace) -> Path:
             per_request = [f"{seconds / len(lat) * 1e3:.1f}" for seconds in cpu[(path, concurrency)]]
             rows.append([str(concurrency), path, str(len(lat)), f"{p50 * 1e3:.1f}", f"{_pct(lat, 0.99) * 1e3:.1f}",
                          "" if path == "direct" else f"{(p50 - direct) * 1e3:+.1f}", *per_request])
-    added = {c: (_pct(results[("gateway", c)], 0.5) - _pct(results[("direct", c)], 0.5)) * 1e3 for c in levels}
-    verdict = ", ".join(f"{c} client{'s' if c > 1 else ''}: {a:+.1f} ms ({'met' if a <= TARGET_ADDED_MS else 'missed'})"
-                        for c, a in added.items())
+    def added(base: str) -> dict[int, float]:
+        return {c: (_pct(results[("gateway", c)], 0.5) - _pct(results[(base, c)], 0.5)) * 1e3 for c in levels}
+
+    verdict = "; ".join(
+        f"vs {base}: " + ", ".join(f"{c} client{'s' if c > 1 else ''}: {a:+.1f} ms "
+                                   f"({'met' if a <= TARGET_ADDED_MS else 'missed'})" for c, a in added(base).items())
+        for base in ("direct", "direct, omit_progress"))
     flags = " ".join(args.gateway_flag) or "none (defaults)"
     body = (
         f"Model: `tiny` fp32 (random weights), its defaults (64x64, 20 steps, `dpmpp_2m_karras`), 1 image per request, "
         f"prompt {PROMPT!r}. `kiln serve` and `kiln gateway` (extra flags: {flags}) are separate processes on "
         "loopback; clients run in the bench process. **direct**: `Generate` over gRPC, no previews, the stream read "
-        "to its end. **gateway**: `POST /sdapi/v1/txt2img` (httpx, keep-alive), the JSON decoded; the client does "
-        "not poll `/sdapi/v1/progress`, so the gateway asks for no previews. **direct + previews**: "
+        "to its end (a Progress event per step). **direct, omit_progress**: the same with `omit_progress` (Started and "
+        "the Artifact only): the very request the gateway sends. **gateway**: `POST /sdapi/v1/txt2img` (httpx, "
+        "keep-alive), the JSON decoded; the client does not poll `/sdapi/v1/progress`, so the gateway asks for no "
+        "previews and no step events. **direct + previews**: "
         f"`Generate` with `preview_every={preview_every}`, what the gateway asks for while a client watches "
         "`/sdapi/v1/progress`: the server's preview work, for scale. "
         f"{args.rounds} interleaved rounds per concurrency level (path order alternating), closed loop; p50 and p99 "

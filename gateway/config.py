@@ -24,8 +24,9 @@ class GatewayConfig:
     """Denoising steps between the previews the gateway asks for on AUTOMATIC1111 and OpenAI requests, which
     `/sdapi/v1/progress` shows (0: none). `/v1/generate` sends the request's own `preview_every`."""
     preview_watch_s: float = 120.0
-    """AUTOMATIC1111 routes ask the server for previews only for a client that polled `/sdapi/v1/progress` for
-    images within this many seconds, so that no preview work is spent where nobody looks (0: for every request)."""
+    """AUTOMATIC1111 and OpenAI routes ask the server for previews only for a client that polled
+    `/sdapi/v1/progress` for images within this many seconds, and for step events only for one that polled it at
+    all (else `omit_progress`), so no work is spent on what nobody looks at (0: both for every request)."""
     timeout_s: float = 600.0
     """Deadline of one generation on the gRPC server."""
     models_ttl_s: float = 5.0

@@ -39,12 +39,14 @@ class Gateway:
     def __post_init__(self) -> None:
         self.images = ImageStore(self.config.image_store_bytes, self.config.image_url_ttl_s)
 
-    def previews(self, client: str, request: pb.GenerateRequest) -> int:
-        """The `preview_every` the gateway asks for on a client's AUTOMATIC1111 or OpenAI request: its
-        `--preview-every`, for a client that watched `/sdapi/v1/progress` within `--preview-watch-s`; else none."""
-        if not self.jobs.watched(client, self.config.preview_watch_s):
-            return 0
-        return preview_every(self.config.preview_every, request)
+    def progress_for(self, client: str, request: pb.GenerateRequest) -> None:
+        """What a client's AUTOMATIC1111 or OpenAI request asks the server for, by what the client watches:
+        previews every `--preview-every` steps if it polled `/sdapi/v1/progress` for images within
+        `--preview-watch-s`, step events if it polled at all (else `omit_progress`: fewer messages to read)."""
+        within = self.config.preview_watch_s
+        if self.jobs.watched(client, within, images=True):
+            request.preview_every = preview_every(self.config.preview_every, request)
+        request.omit_progress = not self.jobs.watched(client, within, images=False)
 
 
 @dataclass(frozen=True)

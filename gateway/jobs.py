@@ -69,15 +69,20 @@ class Jobs:
         self._jobs: dict[str, list[Job]] = {}
         self._watched: dict[str, float] = {}
         """Per client: when it last asked `/sdapi/v1/progress` for a preview image."""
+        self._polled: dict[str, float] = {}
+        """Per client: when it last asked `/sdapi/v1/progress` at all."""
 
-    def watch(self, client: str) -> None:
-        if len(self._watched) > 10_000:
-            self._watched.clear()
-        self._watched[client] = time.monotonic()
+    def watch(self, client: str, images: bool = True) -> None:
+        """The client polled progress (`images`: with the preview image)."""
+        for seen, yes in ((self._polled, True), (self._watched, images)):
+            if yes:
+                if len(seen) > 10_000:
+                    seen.clear()
+                seen[client] = time.monotonic()
 
-    def watched(self, client: str, within_s: float) -> bool:
-        """Whether the client asked for a preview within `within_s` seconds (always, for 0)."""
-        seen = self._watched.get(client)
+    def watched(self, client: str, within_s: float, images: bool = True) -> bool:
+        """Whether the client polled progress (`images`: for a preview) within `within_s` seconds (always, for 0)."""
+        seen = (self._watched if images else self._polled).get(client)
         return within_s <= 0 or (seen is not None and time.monotonic() - seen <= within_s)
 
     def open(self, client: str, job_count: int = 1) -> Job:

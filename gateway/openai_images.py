@@ -249,7 +249,7 @@ def openai_fields(e: ApiError) -> ApiError:
 
 async def _answer(request: Request, gw: Gateway, who: Caller, req: ImageRequest,
                   message: pb.GenerateRequest) -> JSONResponse:
-    message.preview_every = gw.previews(who.client, message)
+    gw.progress_for(who.client, message)
     fmt = req.response_format or ("b64_json" if (req.model or "").lower().startswith(B64_ONLY_PREFIXES) else "url")
     with gw.jobs.track(who.client) as job:
         try:

@@ -179,7 +179,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
     message = _grpc_request(req, model)
     if isinstance(req, Img2Img):
         _img2img_fields(req, message)
-    message.preview_every = gw.previews(who.client, message)
+    gw.progress_for(who.client, message)
     names = {**FIELD_NAMES, "model": model_field}
     images: list[str] = []
     seeds: list[int] = []
@@ -252,8 +252,7 @@ async def img2img(request: Request, response: Response, req: Img2Img,
 async def progress(request: Request, who: CallerDep,
                    skip_current_image: Annotated[bool, Query()] = False) -> Progress:
     jobs = gateway(request).jobs
-    if not skip_current_image:  # this client looks at previews: its next generations ask the server for them
-        jobs.watch(who.client)
+    jobs.watch(who.client, images=not skip_current_image)  # its next generations ask the server for what it watches
     job = jobs.current(who.client)
     if job is None:
         return Progress(progress=0.0, eta_relative=0.0, state=ProgressState())

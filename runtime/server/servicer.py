@@ -74,6 +74,8 @@ class KilnServicer(pb_grpc.KilnServicer):
                 if isinstance(event, ev.Failed):
                     raise event.error
                 if isinstance(event, ev.Progress):
+                    if request.omit_progress and not event.preview:
+                        continue
                     yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(
                         stage=event.stage, step=event.step, total_steps=event.total_steps, elapsed_s=event.elapsed,
                         preview_png=event.preview))

@@ -30,7 +30,7 @@ def test_gateway_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
 
     text = out.read_text()
     assert text.startswith("# Gateway overhead") and "- command: `python -m bench " in text and "- machine: " in text
-    rows = re.findall(r"^\| (\d) \| ([a-z +]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+)? \| ([\d.]+) \| "
+    rows = re.findall(r"^\| (\d) \| ([a-z_, +]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+)? \| ([\d.]+) \| "
                       r"([\d.]+) \| ([\d.]+) \|$", text, re.M)
     assert {(r[0], r[1]) for r in rows} == {(c, p) for c in "12" for p in gateway_bench.PATHS}, text
     for clients, path, requests, p50, p99, added, server, gateway, clients_cpu in rows:
@@ -39,5 +39,6 @@ def test_gateway_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
         # a generation costs the server tens of ms of CPU (/proc counts 10 ms ticks: a few ms of the gateway's may
         # read as 0 in a run this short); the clients' time is the bench process's own, counted exactly
         assert float(server) > 0 and float(clients_cpu) > 0 and float(gateway) >= 0, text
-    assert re.search(r"Measured: 1 client: [+-][\d.]+ ms \((met|missed)\), 2 clients: [+-][\d.]+ ms", text), text
+    for base in ("direct", "direct, omit_progress"):
+        assert re.search(rf"vs {base}: 1 client: [+-][\d.]+ ms \((met|missed)\), 2 clients: [+-][\d.]+ ms", text), text
     assert not list(work.glob("store/tiny-fp32")) and len(list((work / "store").iterdir())) == 1  # nothing compiled

@@ -62,6 +62,7 @@ def test_busy_server_is_503_with_retry_after(tiny_store: Path, tmp_path: Path) -
     gateway = start_gateway(server.target, tmp_path / "gateway.log")
     try:
         slow: dict[str, httpx.Response] = {}
+        httpx.get(f"{gateway.url}/sdapi/v1/progress")  # watching: the gateway asks for step events
         t = threading.Thread(target=lambda: slow.setdefault("r", httpx.post(
             f"{gateway.url}/sdapi/v1/txt2img", json=SLOW, timeout=300)))
         t.start()

@@ -151,6 +151,8 @@ def test_progress_and_interrupt_see_openai_generations(client: openai.OpenAI, ga
         except openai.APIStatusError as e:
             outcome["error"] = e
 
+    # a client that watches polls before it generates (the gateway asks for step events only for watchers)
+    httpx.get(f"{gateway.url}/sdapi/v1/progress", headers=headers, timeout=10)
     worker = threading.Thread(target=generate)
     worker.start()
     seen = None

@@ -21,6 +21,8 @@ def generate_while_polling(url: str, headers: dict[str, str]) -> list[bool]:
     """One txt2img in a thread; once it is sampling (polled without images, which does not count as watching),
     polls with images until it ends. Whether each of those polls carried a preview."""
     result: dict[str, httpx.Response] = {}
+    # a poll without images before the request: the client watches progress (step events), not previews yet
+    httpx.get(f"{url}/sdapi/v1/progress", params={"skip_current_image": True}, headers=headers)
     worker = threading.Thread(target=lambda: result.update(r=httpx.post(
         f"{url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": STEPS, "seed": 3}, headers=headers,
         timeout=120)))
@@ -60,3 +62,29 @@ def test_watching_lasts_its_window() -> None:
     assert jobs.watched("a", 60) and not jobs.watched("b", 60)
     time.sleep(0.02)
     assert not jobs.watched("a", 0.01)
+
+
+def test_step_events_only_for_clients_that_poll_progress() -> None:
+    """What the gateway asks the server for, by what the client watched: nothing (omit_progress), step events,
+    or step events with previews."""
+    from gateway.config import GatewayConfig
+    from gateway.context import Gateway
+    from gateway.upstream import Upstream
+    from proto.kiln.v1 import kiln_pb2 as pb
+
+    gw = Gateway(GatewayConfig(preview_every=2), Upstream.__new__(Upstream))
+
+    def asked(client: str) -> tuple[bool, int]:
+        request = pb.GenerateRequest(model="m", prompt="p", steps=5)
+        gw.progress_for(client, request)
+        return request.omit_progress, request.preview_every
+
+    assert asked("a") == (True, 0)
+    gw.jobs.watch("a", images=False)
+    assert asked("a") == (False, 0) and asked("b") == (True, 0)
+    gw.jobs.watch("a")
+    assert asked("a") == (False, 2)
+    always = Gateway(GatewayConfig(preview_watch_s=0, preview_every=8), Upstream.__new__(Upstream))
+    request = pb.GenerateRequest(model="m", prompt="p", steps=5)
+    always.progress_for("c", request)
+    assert (request.omit_progress, request.preview_every) == (False, 5)  # within the request's steps

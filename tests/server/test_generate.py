@@ -68,6 +68,20 @@ def test_stream_events_and_artifact_fields(server) -> None:
     assert trailing["x-request-id"] == "client-id-1"
 
 
+def test_omit_progress_sends_only_previews_and_artifacts(server) -> None:
+    """omit_progress drops the Progress events without a preview; the images are the same bytes."""
+    base = {"model": "tiny", "prompt": "a blue square", "steps": 6, "seed": 5, "num_images": 2}
+    with channel(server.target) as ch:
+        stub = pb_grpc.KilnStub(ch)
+        full = list(stub.Generate(pb.GenerateRequest(**base), timeout=60))
+        quiet = list(stub.Generate(pb.GenerateRequest(**base, omit_progress=True), timeout=60))
+        previews = list(stub.Generate(pb.GenerateRequest(**base, omit_progress=True, preview_every=2), timeout=60))
+    assert [e.WhichOneof("event") for e in quiet] == ["started", "artifact", "artifact"]
+    assert [e.artifact.data for e in quiet[1:]] == [e.artifact.data for e in full if e.HasField("artifact")]
+    assert [(e.progress.step, bool(e.progress.preview_png)) for e in previews if e.HasField("progress")] == [
+        (2, True), (4, True), (6, True)]
+
+
 def test_unset_seed_is_random_and_reported(server) -> None:
     request = pb.GenerateRequest(model="tiny", prompt="anything", steps=1)
     with channel(server.target) as ch:

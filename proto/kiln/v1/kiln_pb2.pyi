@@ -15,7 +15,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_SUCCESS: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder", "size_conditioning")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder", "size_conditioning", "omit_progress")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class GenerateRequest(_message.Message):
     LORAS_FIELD_NUMBER: _ClassVar[int]
     DECODER_FIELD_NUMBER: _ClassVar[int]
     SIZE_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
+    OMIT_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -54,7 +55,8 @@ class GenerateRequest(_message.Message):
     loras: _containers.RepeatedCompositeFieldContainer[LoraSelection]
     decoder: str
     size_conditioning: SizeConditioning
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ...) -> None: ...
+    omit_progress: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ..., omit_progress: _Optional[bool] = ...) -> None: ...
 
 class SizeConditioning(_message.Message):
     __slots__ = ("original_width", "original_height", "crop_left", "crop_top", "target_width", "target_height")
