@@ -6,13 +6,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import grpc
 from fastapi import Depends, Request
 
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
+from gateway.errors import from_rpc_error, no_models
 from gateway.image_store import ImageStore
 from gateway.jobs import Jobs, preview_every
-from gateway.upstream import Upstream
+from gateway.upstream import NoModels, Upstream
 from proto.kiln.v1 import kiln_pb2 as pb
 
 MAX_CLIENTS = 100_000
@@ -38,6 +40,15 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.images = ImageStore(self.config.image_store_bytes, self.config.image_url_ttl_s)
+
+    async def default_model(self, who: Caller) -> str:
+        """The server's first model, for a request that names none (see `Upstream.default_model`)."""
+        try:
+            return await self.upstream.default_model(who.key)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        except NoModels:
+            raise no_models() from None
 
     def progress_for(self, client: str, request: pb.GenerateRequest) -> None:
         """What a client's AUTOMATIC1111 or OpenAI request asks the server for, by what the client watches:

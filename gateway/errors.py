@@ -60,6 +60,11 @@ class ApiError(Exception):
     def field(self) -> str | None:
         return self.violations[0][0] if self.violations else None
 
+    @property
+    def unknown_model(self) -> bool:
+        """The server's NOT_FOUND for the request's model."""
+        return self.code == "NOT_FOUND" and self.field == "model"
+
     def renamed(self, names: Mapping[str, str]) -> ApiError:
         """The same error with field names translated (`guidance_scale` -> `cfg_scale`); a nested field
         (`loras[0].scale`) is translated by its first part."""
@@ -164,6 +169,10 @@ def from_validation(errors: Sequence[Mapping[str, Any]]) -> ApiError:
         violations.append((where, f"{where}: {msg}"))
     message = "; ".join(d for _, d in violations) or "invalid request"
     return ApiError(422, "INVALID_ARGUMENT", message, violations)
+
+
+def no_models() -> ApiError:
+    return ApiError(503, "UNAVAILABLE", "the Kiln server serves no models yet", headers={"Retry-After": "5"})
 
 
 def internal(request_id: str) -> ApiError:

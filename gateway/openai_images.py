@@ -14,7 +14,6 @@ import re
 import time
 from typing import Any, Literal
 
-import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, ImageOps
@@ -23,10 +22,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.context import Caller, CallerDep, Gateway, gateway
-from gateway.errors import ApiError, bad_request, from_rpc_error, from_validation, passed_headers
+from gateway.errors import ApiError, bad_request, from_validation, passed_headers
 from gateway.images import open_image
 from gateway.jobs import run
-from gateway.upstream import NoModels
 from proto.kiln.v1 import kiln_pb2 as pb
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -155,13 +153,7 @@ async def _model(gw: Gateway, who: Caller, wanted: str | None) -> str:
     is the server's first model."""
     if wanted and not wanted.lower().startswith(OPENAI_MODEL_PREFIXES):
         return wanted
-    try:
-        return await gw.upstream.default_model(who.key)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
-    except NoModels:
-        raise ApiError(503, "UNAVAILABLE", "the Kiln server serves no models yet", headers={"Retry-After": "5"}) \
-            from None
+    return await gw.default_model(who)
 
 
 def _size(size: str | None) -> tuple[int, int]:
@@ -255,8 +247,8 @@ async def _answer(request: Request, gw: Gateway, who: Caller, req: ImageRequest,
         try:
             result = await run(gw.upstream, job, message, who.metadata(), gateway_previews=True)
         except ApiError as e:
-            if e.code == "NOT_FOUND" and any(d.get("resourceType") == "model" for d in e.details):
-                e.violations, e.reason = [("model", e.message)], "model_not_found"
+            if e.unknown_model:
+                e.reason = "model_not_found"
                 e.message += " (an OpenAI model name such as dall-e-2 or gpt-image-1 means the first of them)"
             raise openai_fields(e) from None
     artifacts = sorted(result.artifacts, key=lambda a: a.index)

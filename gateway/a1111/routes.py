@@ -25,10 +25,9 @@ from gateway.a1111.models import (
     Txt2Img,
 )
 from gateway.context import Caller, CallerDep, Gateway, gateway
-from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
+from gateway.errors import ApiError, bad_request, from_rpc_error, no_models, passed_headers
 from gateway.images import decode_base64, open_image, png_bytes
 from gateway.jobs import run
-from gateway.upstream import NoModels
 from proto.kiln.v1 import kiln_pb2 as pb
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
@@ -73,10 +72,6 @@ def _pick(models: list[pb.ModelInfo], wanted: str, field: str) -> pb.ModelInfo:
                              f"{', '.join(m.name for m in models)}")
 
 
-def no_models() -> ApiError:
-    return ApiError(503, "UNAVAILABLE", "the Kiln server serves no models yet", headers={"Retry-After": "5"})
-
-
 async def _model_for(gw: Gateway, who: Caller, req: Txt2Img) -> tuple[str, str]:
     """(model name, the field that named it). A model the request or the client's options name is sent as it
     is (the server refuses an unknown one); only a request naming none needs the server's list."""
@@ -88,12 +83,7 @@ async def _model_for(gw: Gateway, who: Caller, req: Txt2Img) -> tuple[str, str]:
     chosen = gw.checkpoints.get(who.client)
     if chosen:
         return chosen, "sd_model_checkpoint"
-    try:
-        return await gw.upstream.default_model(who.key), "sd_model_checkpoint"
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
-    except NoModels:
-        raise no_models() from None
+    return await gw.default_model(who), "sd_model_checkpoint"
 
 
 def _model_item(m: pb.ModelInfo) -> SDModelItem:
@@ -166,7 +156,7 @@ def _img2img_fields(req: Img2Img, message: pb.GenerateRequest) -> None:
 
 def _model_not_found(e: ApiError, field: str) -> ApiError | None:
     """The server's NOT_FOUND for the model, as the 422 naming the setting that chose it."""
-    if e.code == "NOT_FOUND" and any(d.get("resourceType") == "model" for d in e.details):
+    if e.unknown_model:
         return bad_request(field, f"{field}: {e.message}")
     return None
 

@@ -153,6 +153,7 @@ EDGES: dict[str, st.SearchStrategy] = {
     # the tiny model is not SDXL: any size conditioning is refused, naming `size_conditioning`
     "size_conditioning": st.sampled_from([None, {}, {"original_width": 1024}, {"crop_top": 2**32 - 1},
                                           {"target_height": 5000, "crop_left": 7}]),
+    "omit_progress": st.booleans(),  # changes which events come, never whether the request is valid
     **{name: floats() for name in FLOAT_FIELDS},  # guidance_scale, strength, and any float field to come
 }
 assert set(EDGES) == FIELDS, f"a GenerateRequest field has no edge values: {FIELDS ^ set(EDGES)}"
