@@ -161,8 +161,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from cli.flags import from_args
         from gateway.config import GatewayConfig
 
-        gateway = from_args(GatewayConfig, args, port=args.gateway_port, host=args.gateway_host)
-    return asyncio.run(serve(config, gateway))
+        # the server's own accounts decide: the gateway beside an open server is as open as the server
+        gateway = from_args(GatewayConfig, args, port=args.gateway_port, host=args.gateway_host,
+                            insecure_open=args.insecure_open or bool(accounts))
+    if gateway is None:
+        return asyncio.run(serve(config))
+    from gateway.server import Exposed
+
+    try:
+        return asyncio.run(serve(config, gateway))
+    except Exposed as e:
+        print(f"kiln serve: the gateway: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -170,9 +180,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from cli.flags import from_args
     from gateway.config import GatewayConfig
-    from gateway.server import serve
+    from gateway.server import Exposed, serve
 
-    return asyncio.run(serve(from_args(GatewayConfig, args)))
+    try:
+        return asyncio.run(serve(from_args(GatewayConfig, args)))
+    except Exposed as e:
+        print(f"kiln gateway: {e}", file=sys.stderr)
+        return 2
 
 
 def _accounts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -545,7 +559,7 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--gateway-port", type=int, default=None,
                     help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
     gw.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default: 127.0.0.1)")
-    _gateway_flags(gw, skip=("target", "host", "port"))
+    _gateway_flags(gw, skip=("target", "host", "port", "insecure_open"))
     s.set_defaults(func=cmd_serve)
 
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "

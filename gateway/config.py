@@ -27,6 +27,9 @@ class GatewayConfig:
     """AUTOMATIC1111 and OpenAI routes ask the server for previews only for a client that polled
     `/sdapi/v1/progress` for images within this many seconds, and for step events only for one that polled it at
     all (else `omit_progress`), so no work is spent on what nobody looks at (0: both for every request)."""
+    insecure_open: bool = False
+    """Allow a non-loopback `host` in front of a gRPC server without accounts (anyone who reaches the gateway
+    could generate for free); without it the gateway refuses to start there, as `kiln serve` does."""
     timeout_s: float = 600.0
     """Deadline of one generation on the gRPC server."""
     models_ttl_s: float = 5.0

@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Iterator
 
+import grpc
 import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from proto.kiln.v1 import kiln_pb2 as pb
 
 log = logging.getLogger("kiln.gateway")
+
+
+class Exposed(Exception):
+    """The gateway would serve openly on the network."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class _Uvicorn(uvicorn.Server):
@@ -38,6 +52,7 @@ class GatewayServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
+        await self._check_exposure()
         self._task = asyncio.create_task(self.server.serve())
         while not self.server.started:
             if self._task.done():
@@ -48,6 +63,24 @@ class GatewayServer:
         log.info("gateway on http://%s:%d (AUTOMATIC1111 /sdapi/v1, OpenAI /v1/images, SSE /v1/generate, web "
                  "page /, docs /docs) -> gRPC %s", self.config.host, self.port, self.config.target)
         return self.port
+
+    async def _check_exposure(self) -> None:
+        """A gateway on a non-loopback address in front of a server without accounts would hand out free
+        generations: refused unless `insecure_open`, as `kiln serve` refuses such a --host."""
+        if _is_loopback(self.config.host) or self.config.insecure_open:
+            return
+        upstream = self.app.state.gateway.upstream
+        try:
+            await upstream.stub.GetBalance(pb.GetBalanceRequest(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return  # the server requires API keys: the gateway passes them through
+            why = ("serves without accounts (no --auth-db)" if e.code() == grpc.StatusCode.FAILED_PRECONDITION
+                   else f"could not be asked whether it requires API keys ({e.code().name})")
+            raise Exposed(f"host={self.config.host!r} is not a loopback address and the gRPC server at "
+                          f"{self.config.target} {why}: anyone who can reach the gateway could generate for free. "
+                          "Start the server with --auth-db, or give --insecure-open to serve openly on purpose") \
+                from None
 
     async def stop(self) -> None:
         self.server.should_exit = True

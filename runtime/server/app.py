@@ -189,7 +189,11 @@ async def serve(config: ServeConfig, gateway: GatewayConfig | None = None) -> in
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         gateway.target = f"{host}:{server.port}"
         http = GatewayServer(gateway)
-        await http.start()
+        try:
+            await http.start()
+        except BaseException:  # e.g. gateway.server.Exposed: stop the gRPC server before the error goes up
+            await server.stop()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

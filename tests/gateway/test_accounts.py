@@ -174,3 +174,12 @@ def test_rate_limit_counts_http_requests_one_to_one(tiny_store: Path, tmp_path: 
     finally:
         gateway.stop()
         server.stop()
+
+
+def test_gateway_on_the_network_in_front_of_a_server_with_accounts(accounts, tmp_path: Path) -> None:
+    server, db, tiers = accounts
+    g = start_gateway(server.target, tmp_path / "gateway.log", "--host", "0.0.0.0")  # keys required: allowed
+    try:
+        assert httpx.post(f"{g.url}/sdapi/v1/txt2img", json=BODY).status_code == 401
+    finally:
+        assert g.stop() == 0

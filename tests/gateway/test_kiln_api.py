@@ -18,7 +18,7 @@ from PIL import Image
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, free_port
-from tests.gateway.conftest import GatewayProcess, wait_http
+from tests.gateway.conftest import GatewayProcess, start_gateway, wait_http
 
 REQUEST = {"model": "tiny", "prompt": "a red circle", "seed": 9, "steps": 3, "num_images": 2, "preview_every": 1}
 
@@ -100,3 +100,18 @@ def test_serve_with_gateway_port(tiny_store: Path, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     assert "stopped" in log.read_text()
+
+
+def test_gateway_on_the_network_needs_accounts_or_insecure_open(server, tiny_store: Path, tmp_path: Path) -> None:
+    """As `kiln serve` refuses a non-loopback --host without --auth-db, the gateway refuses one in front of a
+    server without accounts (it would hand out free generations), unless --insecure-open."""
+    port = str(free_port())
+    out = subprocess.run([sys.executable, "-m", "cli.main", "gateway", "--target", server.target, "--host", "0.0.0.0",
+                          "--port", port], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "serves without accounts" in out.stderr and "--insecure-open" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--store", str(tiny_store), "--port",
+                          str(free_port()), "--gateway-port", port, "--gateway-host", "0.0.0.0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "serves without accounts" in out.stderr, out.stderr[-2000:]
+    g = start_gateway(server.target, tmp_path / "open.log", "--host", "0.0.0.0", "--insecure-open")
+    g.stop()
