@@ -14,7 +14,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import from_rpc_error, no_models
 from gateway.image_store import ImageStore
 from gateway.jobs import Jobs, preview_every
-from gateway.upstream import NoModels, Upstream
+from gateway.upstream import NoModels, Upstream, key_metadata
 from proto.kiln.v1 import kiln_pb2 as pb
 
 MAX_CLIENTS = 100_000
@@ -30,16 +30,17 @@ class Gateway:
     """Per client: the model `POST /sdapi/v1/options` chose (`sd_model_checkpoint`), the most recent
     MAX_CLIENTS choices kept."""
 
-    def choose(self, client: str, model: str) -> None:
-        self.checkpoints[client] = model
-        self.checkpoints.move_to_end(client)
-        while len(self.checkpoints) > MAX_CLIENTS:
-            self.checkpoints.popitem(last=False)
     images: ImageStore = field(init=False)
     """The PNGs behind OpenAI `response_format=url` answers."""
 
     def __post_init__(self) -> None:
         self.images = ImageStore(self.config.image_store_bytes, self.config.image_url_ttl_s)
+
+    def choose(self, client: str, model: str) -> None:
+        self.checkpoints[client] = model
+        self.checkpoints.move_to_end(client)
+        while len(self.checkpoints) > MAX_CLIENTS:
+            self.checkpoints.popitem(last=False)
 
     async def default_model(self, who: Caller) -> str:
         """The server's first model, for a request that names none (see `Upstream.default_model`)."""
@@ -74,7 +75,7 @@ class Caller:
     def metadata(self, call: int = 0) -> tuple[tuple[str, str], ...]:
         """gRPC metadata for the request's `call`-th Generate call (AUTOMATIC1111's n_iter makes several: each
         gets its own idempotency key, `KEY:N` after the first)."""
-        md = [("authorization", f"Bearer {self.key}")] if self.key else []
+        md = list(key_metadata(self.key))
         if self.request_id:
             md.append(("x-request-id", self.request_id if not call else f"{self.request_id}-{call}"))
         if self.idempotency_key:

@@ -3,6 +3,7 @@ model's defaults; fields Kiln has no use for are accepted and ignored; refusals 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Annotated, Any
@@ -42,6 +43,7 @@ UINT32 = 1 << 32
 """The gRPC request's integer fields are uint32: larger values are refused here, naming the field."""
 A1111_IMG2IMG_STRENGTH = 0.75
 A1111_MASK_BLUR = 4
+EXIF_ORIENTATION = 0x0112
 
 
 # ---- model choice ----------------------------------------------------------------------------------------------
@@ -104,9 +106,13 @@ def _images(req: Img2Img) -> tuple[bytes, bytes, tuple[int, int] | None]:
     target = (req.width, req.height) if req.width and req.height else None
     stretch = None
     if target:
-        image = open_image(init, "init_images[0]")
-        if abs(image.width / image.height - target[0] / target[1]) > 0.01 * target[0] / target[1]:
+        image = open_image(init, "init_images[0]", load=False)  # the header says the size: pixels only to stretch
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # upright, as the server reads it: turned 90°
+            width, height = height, width
+        if abs(width / height - target[0] / target[1]) > 0.01 * target[0] / target[1]:
             stretch = target
+            image = open_image(init, "init_images[0]")
             init = png_bytes(ImageOps.exif_transpose(image).resize(target, Image.Resampling.LANCZOS))
     if mask and (stretch or req.inpainting_mask_invert):
         m = ImageOps.exif_transpose(open_image(mask, "mask")).convert("L")
@@ -167,8 +173,8 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
     jsoncheck.check(req.model_dump())  # every field, the ignored ones included: they are echoed back
     model, model_field = await _model_for(gw, who, req)
     message = _grpc_request(req, model)
-    if isinstance(req, Img2Img):
-        _img2img_fields(req, message)
+    if isinstance(req, Img2Img):  # decoding and resizing client images takes a while: off the event loop
+        await asyncio.to_thread(_img2img_fields, req, message)
     gw.progress_for(who.client, message)
     names = {**FIELD_NAMES, "model": model_field}
     images: list[str] = []
