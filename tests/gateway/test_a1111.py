@@ -271,3 +271,21 @@ def test_requests_shaped_as_stablestudio_sends_them(gateway: GatewayProcess) -> 
     init = np.asarray(png(images[0]).convert("RGB")).astype(int)
     # mask_blur is AUTOMATIC1111's default 4 (a Gaussian sigma): 16 pixels from the edge the init image is kept
     assert np.abs(out[48:] - init[48:]).max() <= 1 and np.abs(out[:24] - init[:24]).mean() > 1
+
+
+def test_img2img_reads_exif_rotated_images_upright(gateway: GatewayProcess, server) -> None:
+    """A phone JPEG stored 64x128 with EXIF orientation 6 is 128x64 upright, as the server reads it: asked for
+    128x64 the gateway leaves it to the server (no stretch), and the image equals the direct gRPC call's."""
+    stored = Image.new("RGB", (64, 128), (20, 60, 200))
+    stored.paste((250, 200, 0), (0, 0, 64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif.tobytes())
+    body = {"prompt": "x", "seed": 2, "steps": 2, "width": 128, "height": 64, "sampler_name": "Euler",
+            "init_images": [base64.b64encode(buf.getvalue()).decode()], "denoising_strength": 0.5}
+    r = httpx.post(f"{gateway.url}/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    want = direct(server.target, prompt="x", seed=2, steps=2, width=128, height=64, sampler="euler",
+                  init_image=buf.getvalue(), strength=0.5)
+    assert base64.b64decode(r.json()["images"][0]) == want[0]
