@@ -152,6 +152,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = {}
     if args.cache_dir:
         extra["cache_dir"] = None if args.cache_dir == "none" else Path(args.cache_dir)
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        from runtime.tls import ServerTls
+
+        if not (args.tls_cert and args.tls_key):
+            print("kiln serve: error: TLS needs both --tls-cert and --tls-key (--tls-client-ca adds mutual TLS to "
+                  "them)", file=sys.stderr)
+            return 2
+        tls = ServerTls(Path(args.tls_cert), Path(args.tls_key),
+                        Path(args.tls_client_ca) if args.tls_client_ca else None)
+    extra["tls"] = tls
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
@@ -183,7 +194,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import Exposed, serve
 
     try:
-        return asyncio.run(serve(from_args(GatewayConfig, args)))
+        config = from_args(GatewayConfig, args)
+    except ValueError as e:
+        print(f"kiln gateway: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(config))
     except Exposed as e:
         print(f"kiln gateway: {e}", file=sys.stderr)
         return 2
@@ -257,7 +273,7 @@ def cmd_credits(args: argparse.Namespace) -> int:
     from runtime.client import describe_error, get_balance
 
     try:
-        b = get_balance(args.target, args.api_key)
+        b = get_balance(args.target, args.api_key, tls=_client_tls(args))
     except grpc.RpcError as e:
         print(describe_error(e), file=sys.stderr)
         return 1
@@ -304,7 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         metadata += (("x-idempotency-key", args.idempotency_key),)
     try:
         result = generate(args.target, request, Path(args.out), timeout=args.timeout, progress=not args.quiet,
-                          metadata=metadata)
+                          metadata=metadata, tls=_client_tls(args))
     except grpc.RpcError as e:
         print(describe_error(e), file=sys.stderr)
         return 1
@@ -326,7 +342,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from runtime.client import describe_error, list_models
 
     try:
-        response = list_models(args.target, api_key=args.api_key)
+        response = list_models(args.target, api_key=args.api_key, tls=_client_tls(args))
     except grpc.RpcError as e:
         print(describe_error(e), file=sys.stderr)
         return 1
@@ -350,7 +366,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     from runtime.client import wait_ready
 
-    wait_ready(args.target, args.timeout)
+    wait_ready(args.target, args.timeout, tls=_client_tls(args))
     return 0
 
 
@@ -388,6 +404,24 @@ class _Presets:
 def _api_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY", ""),
                    help="API key for servers with accounts (default: $KILN_API_KEY)")
+    _tls_client_flags(p)
+
+
+def _tls_client_flags(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("TLS (servers started with --tls-cert)")
+    t.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's CA roots")
+    t.add_argument("--tls-ca", metavar="PEM", help="speak TLS, trusting this CA bundle (implies --tls)")
+    t.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that require one (mutual TLS)")
+    t.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+
+
+def _client_tls(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from runtime.tls import ClientTls
+
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return ClientTls(ca=Path(args.tls_ca) if args.tls_ca else None, cert=Path(args.tls_cert) if args.tls_cert else None,
+                     key=Path(args.tls_key) if args.tls_key else None)
 
 
 def _gateway_flags(p, skip: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
@@ -555,6 +589,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a dead server's reservations outlive it before their credits come back")
     a.add_argument("--insecure-open", action="store_true",
                    help="allow a non-loopback --host without --auth-db (anyone who reaches it can generate)")
+    t = s.add_argument_group("TLS for the gRPC port (README: TLS)")
+    t.add_argument("--tls-cert", metavar="PEM", help="certificate chain the server presents; with --tls-key")
+    t.add_argument("--tls-key", metavar="PEM", help="its private key")
+    t.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: clients must present a certificate this CA signed")
     gw = s.add_argument_group("HTTP gateway beside the server (README: HTTP API)")
     gw.add_argument("--gateway-port", type=int, default=None,
                     help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
@@ -624,6 +663,7 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wait", help="wait until a server reports SERVING")
     w.add_argument("--target", default="127.0.0.1:50051")
     w.add_argument("--timeout", type=float, default=60.0)
+    _tls_client_flags(w)
     w.set_defaults(func=cmd_wait)
     return p
 

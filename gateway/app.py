@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.config import GatewayConfig
 from gateway.context import Gateway
 from gateway.errors import ApiError, from_validation, internal
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, tls_credentials
 
 log = logging.getLogger("kiln.gateway")
 WEB = Path(__file__).parent / "web"
@@ -28,7 +28,11 @@ WEB = Path(__file__).parent / "web"
 def create_app(config: GatewayConfig, upstream: Upstream | None = None) -> FastAPI:
     from gateway import a1111, kiln_api, openai_images
 
-    gw = Gateway(config, upstream or Upstream(config.target, config.timeout_s, config.models_ttl_s))
+    if upstream is None:
+        tls = tls_credentials(config.target_tls_ca, config.target_tls_cert, config.target_tls_key) \
+            if config.target_tls_ca else None
+        upstream = Upstream(config.target, config.timeout_s, config.models_ttl_s, tls)
+    gw = Gateway(config, upstream)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 class GatewayConfig:
     target: str = "127.0.0.1:50051"
     """The Kiln gRPC server (HOST:PORT) every request is sent to."""
+    target_tls_ca: str = ""
+    """The gRPC server speaks TLS (`kiln serve --tls-cert`): PEM CA bundle its certificate chains to."""
+    target_tls_cert: str = ""
+    """PEM client certificate for a server that requires one (mutual TLS), with `target_tls_key`."""
+    target_tls_key: str = ""
+    """PEM private key of `target_tls_cert`."""
     host: str = "127.0.0.1"
     """Address the HTTP server binds."""
     port: int = 7861
@@ -54,6 +60,10 @@ class GatewayConfig:
             raise ValueError(f"image_url_ttl_s={self.image_url_ttl_s} must be more than 0")
         if self.image_store_bytes < 1 << 20:
             raise ValueError(f"image_store_bytes={self.image_store_bytes} must be at least {1 << 20} (1 MiB)")
+        if bool(self.target_tls_cert) != bool(self.target_tls_key):
+            raise ValueError("a client certificate needs both target_tls_cert and target_tls_key")
+        if self.target_tls_cert and not self.target_tls_ca:
+            raise ValueError("target_tls_cert needs target_tls_ca (the CA the server's certificate chains to)")
         if ":" not in self.target:
             raise ValueError(f"target={self.target!r} must be HOST:PORT")
 

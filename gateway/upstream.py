@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -44,13 +45,26 @@ def key_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+def tls_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """TLS to the gRPC server: trust `ca` (PEM); present `cert` + `key` where it requires a client certificate."""
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{what}={path!r} cannot be read: {e.strerror}") from None
+
+    return grpc.ssl_channel_credentials(read(ca, "target_tls_ca"), read(key, "target_tls_key") if key else None,
+                                        read(cert, "target_tls_cert") if cert else None)
+
+
 class Upstream:
-    def __init__(self, target: str, timeout_s: float = 600.0, models_ttl_s: float = 5.0):
+    def __init__(self, target: str, timeout_s: float = 600.0, models_ttl_s: float = 5.0,
+                 tls: grpc.ChannelCredentials | None = None):
         self.target, self.timeout_s, self.models_ttl_s = target, timeout_s, models_ttl_s
-        self.channel = grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = grpc.aio.secure_channel(target, tls, options=options) if tls else \
+            grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.KilnStub(self.channel)
         self._models: dict[str, tuple[float, pb.ListModelsResponse]] = {}
         self._latest: tuple[float, pb.ListModelsResponse] | None = None

@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
+from runtime.tls import ClientTls
 
 MAX_MESSAGE_BYTES = 64 << 20
 DETAIL_TYPES = (
@@ -22,11 +23,12 @@ DETAIL_TYPES = (
 )
 
 
-def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", 16 << 20),
-    ])
+def channel(target: str, tls: ClientTls | None = None) -> grpc.Channel:
+    """A channel to a Kiln server: plaintext, or TLS (`tls`) for servers started with --tls-cert."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", 16 << 20)]
+    if tls is not None:
+        return grpc.secure_channel(target, tls.credentials(), options=options)
+    return grpc.insecure_channel(target, options=options)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -100,13 +102,14 @@ def describe_credits(metadata: dict[str, str]) -> str:
 
 
 def generate(target: str, request: pb.GenerateRequest, out: Path, timeout: float | None = None,
-             metadata: tuple[tuple[str, str], ...] = (), progress: bool = True) -> GenerateResult:
+             metadata: tuple[tuple[str, str], ...] = (), progress: bool = True,
+             tls: ClientTls | None = None) -> GenerateResult:
     """Stream one Generate call, writing each image as it arrives."""
     bar = Bar() if progress else None
     started = pb.Started()
     artifacts: list[pb.Artifact] = []
     paths: list[Path] = []
-    with channel(target) as ch:
+    with channel(target, tls) as ch:
         stub = pb_grpc.KilnStub(ch)
         call = stub.Generate(request, timeout=timeout, metadata=metadata)
         for response in call:
@@ -157,17 +160,18 @@ def describe_error(error: grpc.RpcError) -> str:
     return "\n".join(lines)
 
 
-def list_models(target: str, timeout: float = 10.0, api_key: str = "") -> pb.ListModelsResponse:
-    with channel(target) as ch:
+def list_models(target: str, timeout: float = 10.0, api_key: str = "",
+                tls: ClientTls | None = None) -> pb.ListModelsResponse:
+    with channel(target, tls) as ch:
         return pb_grpc.KilnStub(ch).ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=key_metadata(api_key))
 
 
-def get_balance(target: str, api_key: str, timeout: float = 10.0) -> pb.Balance:
-    with channel(target) as ch:
+def get_balance(target: str, api_key: str, timeout: float = 10.0, tls: ClientTls | None = None) -> pb.Balance:
+    with channel(target, tls) as ch:
         return pb_grpc.KilnStub(ch).GetBalance(pb.GetBalanceRequest(), timeout=timeout, metadata=key_metadata(api_key))
 
 
-def wait_ready(target: str, timeout: float = 60.0) -> None:
+def wait_ready(target: str, timeout: float = 60.0, tls: ClientTls | None = None) -> None:
     """Block until the server's health check says SERVING (used by `make demo`)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -175,7 +179,7 @@ def wait_ready(target: str, timeout: float = 60.0) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with channel(target) as ch:
+            with channel(target, tls) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return

@@ -28,6 +28,7 @@ from runtime.server.interceptors.quota import QuotaInterceptor
 from runtime.server.interceptors.rate import RateInterceptor
 from runtime.server.pricing import resolve
 from runtime.server.servicer import KilnServicer
+from runtime.tls import ServerTls
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -66,6 +67,8 @@ class ServeConfig:
     """Step-level batching and the queue limit (`--max-batch`, `--max-wait-ms`, `--max-queue`, `--no-batching`)."""
     device: DeviceConfig = field(default_factory=DeviceConfig)
     """Where the ONNX Runtime engine runs the graphs (`--device cpu|cuda[:N]`, `--providers`, `--trt-cache`)."""
+    tls: ServerTls | None = None
+    """TLS for the gRPC port (`--tls-cert`, `--tls-key`; mutual TLS with `--tls-client-ca`); None: plaintext."""
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     """Where verified files' sha256 are remembered (`--cache-dir`; default $KILN_CACHE_DIR, else ~/.cache/kiln),
     so a restart does not hash the store again; None: hash every file at every start."""
@@ -127,7 +130,10 @@ class KilnServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        tls = self.config.tls
+        self.port = self.server.add_secure_port(address, tls.credentials()) if tls else \
+            self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         self.engine.start()
@@ -140,8 +146,8 @@ class KilnServer:
                      ", ".join(self.accounts.tiers), self.accounts.config.hold_ttl_s)
         else:
             _log_exposure(self.config.host)
-        log.info("serving %d model(s) [%s] on %s:%d", len(self.models), ", ".join(self.models),
-                 self.config.host, self.port)
+        log.info("serving %d model(s) [%s] on %s:%d (%s)", len(self.models), ", ".join(self.models),
+                 self.config.host, self.port, _describe_tls(self.config.tls))
         return self.port
 
     async def stop(self) -> None:
@@ -158,6 +164,12 @@ class KilnServer:
         if self.accounts:
             await self.accounts.close()
         log.info("stopped")
+
+
+def _describe_tls(tls: ServerTls | None) -> str:
+    if tls is None:
+        return "plaintext"
+    return "TLS, client certificates required (mutual TLS)" if tls.client_ca else "TLS"
 
 
 def _is_loopback(host: str) -> bool:
