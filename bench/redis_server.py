@@ -16,20 +16,31 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path):
+    """`tls=(cert, key, ca)`: TLS only (no plaintext port); `url` is then `rediss://...?ssl_ca_certs=CA`."""
+
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None):
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.url = f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={tls[2]}" if tls else \
+            f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> RedisServer:
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    if self.tls:  # listening; the ledger's own TLS handshake is the real check
+                        return self
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return self

@@ -582,7 +582,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-queue", type=int, default=64,
                    help="most requests running or waiting; beyond it RESOURCE_EXHAUSTED SERVER_BUSY; default 64")
     a = s.add_argument_group("accounts (README: Quotas)")
-    a.add_argument("--auth-db", help="sqlite:///PATH or redis://HOST:PORT/DB: require API keys, enforce credits, "
+    a.add_argument("--auth-db", help="sqlite:///PATH or redis://HOST:PORT/DB (rediss:// for TLS): require API keys, enforce credits, "
                                      "rate and tier limits (without it: open, loopback only)")
     a.add_argument("--tiers", help="tiers TOML file (default: runtime/accounts/tiers.toml: free, pro, admin)")
     a.add_argument("--hold-ttl", type=float, default=60.0,
@@ -611,7 +611,7 @@ def parser() -> argparse.ArgumentParser:
                                  ("revoke", "refuse a key from now on", cmd_keys_revoke),
                                  ("list", "list keys (ids, tiers, labels; never secrets)", cmd_keys_list)):
         kp = k.add_parser(name, help=helptext)
-        kp.add_argument("--auth-db", required=True, help="sqlite:///PATH or redis://HOST:PORT/DB")
+        kp.add_argument("--auth-db", required=True, help="sqlite:///PATH or redis://HOST:PORT/DB (rediss:// for TLS)")
         kp.add_argument("--tiers", help="tiers TOML file (default: the shipped one)")
         if name == "create":
             kp.add_argument("--tier", required=True)

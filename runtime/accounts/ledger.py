@@ -191,13 +191,13 @@ def gcra_remaining(tat: float, per_minute: int, now: float) -> int:
 
 
 def open_ledger(url: str) -> Ledger:
-    """`sqlite:///PATH` or `redis://HOST:PORT/DB`."""
+    """`sqlite:///PATH`, `redis://HOST:PORT/DB`, or `rediss://` for Redis over TLS."""
     if url.startswith("sqlite:///"):
         from runtime.accounts.sqlite_ledger import SqliteLedger
 
         return SqliteLedger(url.removeprefix("sqlite:///"))
-    if url.startswith("redis://"):
+    if url.startswith(("redis://", "rediss://")):
         from runtime.accounts.redis_ledger import RedisLedger
 
         return RedisLedger(url)
-    raise ValueError(f"auth db {url!r}: expected sqlite:///PATH or redis://HOST:PORT/DB")
+    raise ValueError(f"auth db {url!r}: expected sqlite:///PATH, redis://HOST:PORT/DB or rediss://HOST:PORT/DB")

@@ -17,6 +17,7 @@ replication, the default from Redis 5 on (tested on 7.0).
 from __future__ import annotations
 
 import secrets
+import urllib.parse
 from typing import Any, ClassVar
 
 from runtime.accounts.ledger import (
@@ -212,6 +213,21 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
+TLS_QUERY = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+"""`rediss://HOST:PORT/DB?ssl_ca_certs=CA.pem[&ssl_certfile=C.pem&ssl_keyfile=K.pem]`: the CA the Redis server's
+certificate chains to, and a client certificate where it requires one (redis-py takes them as arguments only)."""
+
+
+def _tls_query(url: str) -> tuple[str, dict[str, str]]:
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    tls = {k: v for k, v in query if k in TLS_QUERY}
+    if tls and parts.scheme != "rediss":
+        raise ValueError(f"{', '.join(tls)} needs a rediss:// URL (Redis over TLS)")
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k not in TLS_QUERY])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), tls
+
+
 class RedisLedger(Ledger):
     """`Ledger` on one Redis server. Every method's `now` is ignored: the scripts read the server's clock."""
 
@@ -223,7 +239,8 @@ class RedisLedger(Ledger):
         import redis.asyncio as redis
 
         self.url = url
-        self._redis: Any = redis.from_url(url, decode_responses=True)  # str replies (its stubs say bytes | str)
+        url, tls = _tls_query(url)
+        self._redis: Any = redis.from_url(url, decode_responses=True, **tls)  # str replies (its stubs say bytes | str)
         self._scripts: dict[str, Any] = {
             name: self._redis.register_script(self.clock + _LIB + body) for name, body in SCRIPTS.items()}
 

@@ -27,7 +27,7 @@ from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
 from runtime.client import channel
 from runtime.tls import ClientTls
-from tests.conftest import ROOT, ServerProcess, free_port, kiln
+from tests.conftest import ROOT, ServerProcess, free_port, kiln, start_server
 from tests.gateway.conftest import start_gateway, wait_http
 
 
@@ -181,3 +181,29 @@ def start_server_tls(store: Path, tmp_path: Path, pki: Pki, *flags: str) -> Serv
         time.sleep(0.1)
     return server
 
+
+
+def test_redis_ledger_over_tls(pki: Pki, tiny_store: Path, tmp_path: Path) -> None:
+    """`--auth-db rediss://...?ssl_ca_certs=CA`: keys, credits and a charge through a Redis that speaks only TLS."""
+    import shutil
+
+    from bench.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("KILN_REQUIRE_REDIS"):
+            pytest.fail("redis-server is missing and KILN_REQUIRE_REDIS is set")
+        pytest.skip("redis-server is not installed here: the Redis-over-TLS ledger went untested")
+    with RedisServer(tmp_path, tls=(pki.server_cert, pki.server_key, pki.ca)) as redis:
+        assert redis.url.startswith("rediss://")
+        out = kiln("keys", "create", "--auth-db", redis.url, "--tier", "free")
+        assert out.returncode == 0, out.stderr
+        key = out.stdout.strip().splitlines()[-1]
+        plain = redis.url.replace("rediss://", "redis://").split("?")[0]
+        assert kiln("keys", "list", "--auth-db", plain, timeout=60).returncode != 0  # no plaintext port
+        server = start_server(tiny_store, tmp_path / "serve.log", "--auth-db", redis.url)
+        try:
+            out = kiln("generate", "--target", server.target, "--api-key", key, "--model", "tiny", "--prompt", "x",
+                       "--steps", "2", "--quiet", "--out", str(tmp_path / "x.png"))
+            assert out.returncode == 0 and "cost 1 credit(s)" in out.stderr, out.stderr
+        finally:
+            server.stop()
