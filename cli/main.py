@@ -163,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls = ServerTls(Path(args.tls_cert), Path(args.tls_key),
                         Path(args.tls_client_ca) if args.tls_client_ca else None)
     extra["tls"] = tls
+    extra["metrics_port"], extra["metrics_host"] = args.metrics_port, args.metrics_host
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
@@ -589,6 +590,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a dead server's reservations outlive it before their credits come back")
     a.add_argument("--insecure-open", action="store_true",
                    help="allow a non-loopback --host without --auth-db (anyone who reaches it can generate)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (0 picks a port; off by default)")
+    s.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)")
     t = s.add_argument_group("TLS for the gRPC port (README: TLS)")
     t.add_argument("--tls-cert", metavar="PEM", help="certificate chain the server presents; with --tls-key")
     t.add_argument("--tls-key", metavar="PEM", help="its private key")

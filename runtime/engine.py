@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -116,6 +117,8 @@ class Job:
     queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     decoded: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    """When the engine admitted it (its queue time runs to its first model call)."""
 
     @property
     def request_id(self) -> str:
@@ -159,6 +162,10 @@ class Engine:
         self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-model")
         self._task: asyncio.Task[None] | None = None
+        self.on_unet_batch: Callable[[str, int], None] | None = None
+        """Told (model name, rows) for every UNet call (the metrics' batch-size histogram)."""
+        self.on_queued: Callable[[str, float], None] | None = None
+        """Told (model name, seconds) when a request gets its first model call (the queue-time histogram)."""
         self.history: deque[Outcome] = deque(maxlen=history)
         self.batches: deque[BatchRecord] = deque(maxlen=history)
         self.decodes: deque[tuple[str, ...]] = deque(maxlen=history)
@@ -176,6 +183,15 @@ class Engine:
     @property
     def active(self) -> int:
         return len(self._jobs)
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted that have had no model call yet."""
+        return sum(1 for j in self._jobs if j.gen.embeddings is None)
+
+    @property
+    def running(self) -> int:
+        return self.active - self.queued
 
     def check_capacity(self) -> None:
         """Raises RESOURCE_EXHAUSTED (SERVER_BUSY) when the engine holds `max_queue` requests already."""
@@ -302,6 +318,10 @@ class Engine:
     def _encode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
         """One text-encoder call for the jobs (same model), then each one's sampler and starting latents
         (img2img and inpainting: its own VAE-encoder call)."""
+        if self.on_queued:
+            now = time.monotonic()
+            for job in jobs:
+                self.on_queued(job.gen.model.name, now - job.submitted)
         embeddings = encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
 
         def prepare(job: Job, embedding: tuple[np.ndarray, np.ndarray | None]) -> tuple[Event, bool]:
@@ -315,6 +335,8 @@ class Engine:
         """The UNet call, then each job's sampler step (and preview)."""
         outputs = unet_batch(batch[0].gen.model, [j.gen for j in batch])
         self.batches.append(BatchRecord(tuple(j.request_id for j in batch), sum(j.rows for j in batch)))
+        if self.on_unet_batch:
+            self.on_unet_batch(batch[0].gen.model.name, self.batches[-1].rows)
 
         def step(job: Job, out: np.ndarray) -> tuple[Event, bool]:
             gen = job.gen

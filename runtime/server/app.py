@@ -8,7 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,8 +24,10 @@ from runtime.model import LoadedModel, load_store
 from runtime.server.interceptors import ErrorInterceptor
 from runtime.server.interceptors.auth import AuthInterceptor
 from runtime.server.interceptors.limits import TierLimitsInterceptor
+from runtime.server.interceptors.metrics import MetricsInterceptor
 from runtime.server.interceptors.quota import QuotaInterceptor
 from runtime.server.interceptors.rate import RateInterceptor
+from runtime.server.metrics import Metrics
 from runtime.server.pricing import resolve
 from runtime.server.servicer import KilnServicer
 from runtime.tls import ServerTls
@@ -67,6 +69,11 @@ class ServeConfig:
     """Step-level batching and the queue limit (`--max-batch`, `--max-wait-ms`, `--max-queue`, `--no-batching`)."""
     device: DeviceConfig = field(default_factory=DeviceConfig)
     """Where the ONNX Runtime engine runs the graphs (`--device cpu|cuda[:N]`, `--providers`, `--trt-cache`)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics over HTTP on this port (`--metrics-port`; 0 picks one, logged); None: none. With
+    `tls`, the metrics port speaks TLS with the same certificate (and the same client CA)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics port binds (`--metrics-host`)."""
     tls: ServerTls | None = None
     """TLS for the gRPC port (`--tls-cert`, `--tls-key`; mutual TLS with `--tls-client-ca`); None: plaintext."""
     cache_dir: Path | None = field(default_factory=default_cache_dir)
@@ -116,6 +123,15 @@ class KilnServer:
         self.accounts = Accounts(config.accounts) if config.accounts else None
         self.servicer = KilnServicer(self.models, self.engine, self.accounts)
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        self.metrics: Metrics | None = None
+        self._metrics_http: Any = None
+        self.metrics_port = 0
+        if config.metrics_port is not None:
+            self.metrics = Metrics()
+            self.metrics.watch(lambda: self.engine.queued, lambda: self.engine.running, lambda: len(self.models))
+            self.engine.on_unet_batch = lambda model, rows: self.metrics.unet_batch.labels(model).observe(rows)  # type: ignore[union-attr]
+            self.engine.on_queued = lambda model, s: self.metrics.queue_seconds.labels(model).observe(s)  # type: ignore[union-attr]
+            interceptors.append(MetricsInterceptor(self.metrics, lambda name: name in self.models))
         if self.accounts:
             def price(request):  # type: ignore[no-untyped-def]
                 return resolve(self.models, request)
@@ -138,6 +154,8 @@ class KilnServer:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         self.engine.start()
         await self.server.start()
+        if self.metrics is not None:
+            self._start_metrics(self.metrics)
         status = health_pb2.HealthCheckResponse.SERVING if self.models else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
@@ -150,6 +168,20 @@ class KilnServer:
                  self.config.host, self.port, _describe_tls(self.config.tls))
         return self.port
 
+    def _start_metrics(self, metrics: Metrics) -> None:
+        from prometheus_client import start_http_server
+
+        tls = self.config.tls
+        http, _ = start_http_server(
+            self.config.metrics_port or 0, self.config.metrics_host, metrics.registry,
+            certfile=str(tls.cert) if tls else None, keyfile=str(tls.key) if tls else None,
+            client_cafile=str(tls.client_ca) if tls and tls.client_ca else None,
+            client_auth_required=bool(tls and tls.client_ca))
+        self._metrics_http = http
+        self.metrics_port = http.server_port
+        log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", self.config.metrics_host,
+                 self.metrics_port)
+
     async def stop(self) -> None:
         """Health NOT_SERVING and new Generate calls UNAVAILABLE at once; in-flight requests finish
         (up to the grace period) while health checks keep answering; then the server closes."""
@@ -161,6 +193,9 @@ class KilnServer:
                         self.engine.active)
         await self.server.stop(5.0)  # in-flight streams send their last messages
         await self.engine.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         if self.accounts:
             await self.accounts.close()
         log.info("stopped")

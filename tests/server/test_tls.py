@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,9 +104,14 @@ def _list(target: str, tls: ClientTls | None) -> grpc.StatusCode:
 
 def test_tls_server(pki: Pki, tiny_store: Path, tmp_path: Path) -> None:
     server = start_server_tls(tiny_store, tmp_path, pki, "--tls-cert", str(pki.server_cert), "--tls-key",
-                              str(pki.server_key))
+                              str(pki.server_key), "--metrics-port", "0")
     try:
         assert "(TLS)" in server.log()
+        metrics = re.search(r"metrics on (https://127\.0\.0\.1:\d+/metrics)", server.log())
+        assert metrics, server.log()  # the metrics port speaks TLS with the same certificate
+        assert "kiln_requests_total" in httpx.get(metrics.group(1), verify=str(pki.ca), timeout=10).text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(metrics.group(1).replace("https", "http"), timeout=10)
         assert _list(server.target, None) == grpc.StatusCode.UNAVAILABLE  # plaintext is refused
         assert _list(server.target, ClientTls(ca=pki.ca)) == grpc.StatusCode.OK
         out = kiln("generate", "--target", server.target, "--tls-ca", str(pki.ca), "--model", "tiny", "--prompt",
