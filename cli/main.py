@@ -590,6 +590,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a dead server's reservations outlive it before their credits come back")
     a.add_argument("--insecure-open", action="store_true",
                    help="allow a non-loopback --host without --auth-db (anyone who reaches it can generate)")
+    s.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="text lines, or one JSON object per line (access log: one per request, with its fields)")
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (0 picks a port; off by default)")
     s.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)")
@@ -607,6 +609,7 @@ def parser() -> argparse.ArgumentParser:
 
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "
                                         "front of a Kiln gRPC server")
+    gp.add_argument("--log-format", choices=["text", "json"], default="text", help="text lines or JSON objects")
     _gateway_flags(gp)
     gp.set_defaults(func=cmd_gateway)
 
@@ -674,8 +677,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from cli.logs import configure
+
+    configure(args.verbose, getattr(args, "log_format", "text"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # diffusers imports bitsandbytes when installed (Kiln only uses it as the nf4 reference in tests), and it
     # warns about an optional GPU-kernel package on every CPU import

@@ -47,7 +47,7 @@ class GatewayServer:
         self.app = create_app(config)
         self.server = _Uvicorn(uvicorn.Config(
             self.app, host=config.host, port=config.port, log_level="warning", access_log=False,
-            lifespan="on", timeout_graceful_shutdown=10))
+            lifespan="on", timeout_graceful_shutdown=10, log_config=None))  # logs go through kiln's handlers
         self.port = 0
         self._task: asyncio.Task[None] | None = None
 

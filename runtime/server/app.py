@@ -24,9 +24,10 @@ from runtime.model import LoadedModel, load_store
 from runtime.server.interceptors import ErrorInterceptor
 from runtime.server.interceptors.auth import AuthInterceptor
 from runtime.server.interceptors.limits import TierLimitsInterceptor
-from runtime.server.interceptors.metrics import MetricsInterceptor
+from runtime.server.interceptors.observe import ObserveInterceptor, Sink
 from runtime.server.interceptors.quota import QuotaInterceptor
 from runtime.server.interceptors.rate import RateInterceptor
+from runtime.server.logs import access_log
 from runtime.server.metrics import Metrics
 from runtime.server.pricing import resolve
 from runtime.server.servicer import KilnServicer
@@ -129,9 +130,12 @@ class KilnServer:
         if config.metrics_port is not None:
             self.metrics = Metrics()
             self.metrics.watch(lambda: self.engine.queued, lambda: self.engine.running, lambda: len(self.models))
-            self.engine.on_unet_batch = lambda model, rows: self.metrics.unet_batch.labels(model).observe(rows)  # type: ignore[union-attr]
-            self.engine.on_queued = lambda model, s: self.metrics.queue_seconds.labels(model).observe(s)  # type: ignore[union-attr]
-            interceptors.append(MetricsInterceptor(self.metrics, lambda name: name in self.models))
+            self.engine.on_unet_batch = self.metrics.unet_batch_rows
+            self.engine.on_queued = self.metrics.queued_for
+        sinks: list[Sink] = [access_log]
+        if self.metrics:
+            sinks.append(self.metrics.record)
+        interceptors.append(ObserveInterceptor(sinks, lambda name: name in self.models))
         if self.accounts:
             def price(request):  # type: ignore[no-untyped-def]
                 return resolve(self.models, request)

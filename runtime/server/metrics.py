@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from runtime.server.interceptors.observe import CallRecord
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 """Seconds: a tiny model's request (tens of ms) to an SDXL one on a CPU (minutes)."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -46,3 +48,26 @@ class Metrics:
         self.queued.set_function(queued)
         self.running.set_function(running)
         self.models_loaded.set_function(models)
+
+    def unet_batch_rows(self, model: str, rows: int) -> None:
+        self.unet_batch.labels(model).observe(rows)
+
+    def queued_for(self, model: str, seconds: float) -> None:
+        self.queue_seconds.labels(model).observe(seconds)
+
+    def record(self, call: CallRecord) -> None:
+        """A finished Kiln call (an `ObserveInterceptor` sink)."""
+        if call.reason:
+            self.refused.labels(call.reason).inc()
+        if call.method != "Generate":
+            return
+        self.requests.labels(call.model, call.mode, call.status).inc()
+        if call.status != "OK":
+            return
+        self.request_seconds.labels(call.model, call.mode).observe(call.seconds)
+        for stage, seconds in call.stages.items():
+            self.stage_seconds.labels(call.model, stage).observe(seconds)
+        self.images.labels(call.model).inc(call.images)
+        self.steps.labels(call.model).inc(call.steps)
+        if call.cost and call.tier:
+            self.credits.labels(call.tier).inc(call.cost)
