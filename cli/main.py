@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from cli.config_file import ConfigError, apply, config_path
+
 COMPILER_MODULES = frozenset({"compiler", "quantize", "train", "torch", "diffusers", "transformers", "onnx",
                               "safetensors", "accelerate"})
 """What `kiln compile`, `models init` and `train` need beyond the runtime (pip extra `compiler`)."""
@@ -554,6 +556,8 @@ def parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=cmd_train)
 
     s = sub.add_parser("serve", help="serve a store's bundles over gRPC")
+    s.add_argument("--config", metavar="TOML", help="flags from a TOML file (keys: the long flags; the command line "
+                                                    "wins); deploy/kiln.toml documents every key")
     s.add_argument("--store", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
@@ -610,6 +614,8 @@ def parser() -> argparse.ArgumentParser:
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "
                                         "front of a Kiln gRPC server")
     gp.add_argument("--log-format", choices=["text", "json"], default="text", help="text lines or JSON objects")
+    gp.add_argument("--config", metavar="TOML", help="flags from a TOML file (keys: the long flags; the command "
+                                                     "line wins)")
     _gateway_flags(gp)
     gp.set_defaults(func=cmd_gateway)
 
@@ -667,6 +673,8 @@ def parser() -> argparse.ArgumentParser:
     _api_key(g)
     g.set_defaults(func=cmd_generate)
 
+    p.config_commands = {"serve": s, "gateway": gp}  # type: ignore[attr-defined]
+
     w = sub.add_parser("wait", help="wait until a server reports SERVING")
     w.add_argument("--target", default="127.0.0.1:50051")
     w.add_argument("--timeout", type=float, default=60.0)
@@ -676,7 +684,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    if (path := config_path(argv)) is not None:
+        command = next((t for t in argv if not t.startswith("-")), "")
+        sub = p.config_commands.get(command)  # type: ignore[attr-defined]
+        if sub is None:
+            p.error(f"--config applies to {' and '.join(p.config_commands)}, not {command!r}")  # type: ignore[attr-defined]
+        try:
+            apply(sub, path)
+        except ConfigError as e:
+            print(f"kiln {command}: error: {e}", file=sys.stderr)
+            return 2
+    args = p.parse_args(argv)
     from cli.logs import configure
 
     configure(args.verbose, getattr(args, "log_format", "text"))
