@@ -101,13 +101,31 @@ def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()
             proc.wait(60)
 
 
+def wait_gateway(url: str, proc: subprocess.Popen, timeout: float) -> None:  # type: ignore[type-arg]
+    """Until the gateway at `url` answers `/healthz` 200 (its gRPC server SERVING); RuntimeError if its process
+    exits first, TimeoutError after `timeout` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kiln gateway exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"kiln gateway not healthy after {timeout}s")
+        time.sleep(0.1)
+
+
 @contextmanager
 def gateway(target: str, *extra: str, timeout: float = 120) -> Iterator[str]:
     """`kiln gateway --target TARGET` on a free loopback port, its own process; yields its URL once `/healthz`
     answers 200 (the gRPC server SERVING)."""
-    import time
-
-    import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,18 +135,7 @@ def gateway(target: str, *extra: str, timeout: float = 120) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     PIDS[url] = proc.pid
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kiln gateway exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"kiln gateway not healthy after {timeout}s")
-            time.sleep(0.1)
+        wait_gateway(url, proc, timeout)
         yield url
     finally:
         PIDS.pop(url, None)

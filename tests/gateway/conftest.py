@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from bench.workspace import wait_gateway
 from tests.conftest import ROOT, ServerProcess, free_port
 
 
@@ -33,18 +32,12 @@ class GatewayProcess:
 
 
 def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"gateway not healthy after {timeout}s:\n{log_path.read_text()}")
+    """`bench.workspace.wait_gateway`, failing the test with the gateway's log."""
+    try:
+        wait_gateway(url, proc, timeout)
+    except (RuntimeError, TimeoutError) as e:
+        proc.kill()
+        raise AssertionError(f"{e}:\n{log_path.read_text()}") from None
 
 
 def start_gateway(target: str, log_path: Path, *extra: str) -> GatewayProcess:
