@@ -46,8 +46,7 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None) -> FastA
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        body = e.openai_body() if request.url.path.startswith("/v1/images") else e.body()
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
+        return render(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -82,6 +81,12 @@ def create_app(config: GatewayConfig, upstream: Upstream | None = None) -> FastA
     return app
 
 
+def render(e: ApiError, path: str) -> JSONResponse:
+    """The refusal in the shape of the route it answers: OpenAI's error object under /v1/images, else Kiln's."""
+    body = e.openai_body() if path.startswith("/v1/images") else e.body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
 class BodyLimit:
     """413 with the JSON error body for a request body over `max_bytes`, by Content-Length or as it streams."""
 
@@ -112,7 +117,6 @@ class BodyLimit:
         return f"the request body has {size} bytes or more; at most {self.max_bytes} are accepted"
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
-        e = ApiError(413, "INVALID_ARGUMENT", self._message(size), [("body", self._message(size))])
-        body = e.openai_body() if scope.get("path", "").startswith("/v1/images") else e.body()
-        response = JSONResponse(body, status_code=413, headers={"Connection": "close"})
-        await response(scope, receive, send)
+        e = ApiError(413, "INVALID_ARGUMENT", self._message(size), [("body", self._message(size))],
+                     headers={"Connection": "close"})
+        await render(e, scope.get("path", ""))(scope, receive, send)

@@ -6,12 +6,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import grpc
 from fastapi import Depends, Request
 
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
-from gateway.errors import from_rpc_error, no_models
+from gateway.errors import no_models, rpc_errors
 from gateway.image_store import ImageStore
 from gateway.jobs import Jobs, preview_every
 from gateway.upstream import NoModels, Upstream, key_metadata
@@ -45,9 +44,8 @@ class Gateway:
     async def default_model(self, who: Caller) -> str:
         """The server's first model, for a request that names none (see `Upstream.default_model`)."""
         try:
-            return await self.upstream.default_model(who.key)
-        except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e) from None
+            with rpc_errors():
+                return await self.upstream.default_model(who.key)
         except NoModels:
             raise no_models() from None
 

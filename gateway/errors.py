@@ -3,8 +3,9 @@ gateway's own refusals (bad JSON, wrong types, bad base64). Bad input is a 4xx n
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,10 @@ BUSY_REASONS = frozenset({"SERVER_BUSY"})
 PASSED_HEADERS = ("x-request-id", "x-credits-cost", "x-credits-remaining", "x-credits-reset", "x-ratelimit-remaining")
 """gRPC metadata a response passes on as HTTP headers of the same names."""
 
+
 def passed_headers(metadata: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in metadata.items() if k in PASSED_HEADERS}
+
 
 RESOURCE_FIELDS = {"model": "model", "adapter": "loras"}
 """A NOT_FOUND's ResourceInfo.resource_type -> the GenerateRequest field that named the missing resource."""
@@ -68,14 +71,16 @@ class ApiError(Exception):
     def renamed(self, names: Mapping[str, str]) -> ApiError:
         """The same error with field names translated (`guidance_scale` -> `cfg_scale`); a nested field
         (`loras[0].scale`) is translated by its first part."""
+        def head(name: str) -> str:
+            return name.split(".")[0].split("[")[0]
+
         def one(name: str) -> str:
-            head = name.split(".")[0].split("[")[0]
-            return names[head] + name[len(head):] if head in names else name
+            h = head(name)
+            return names[h] + name[len(h):] if h in names else name
 
         def text(name: str, description: str) -> str:  # "guidance_scale=999 must ..." -> "cfg_scale=999 must ..."
-            head = name.split(".")[0].split("[")[0]
-            return names[head] + description[len(head):] if head in names and description.startswith(head + "=") \
-                else description
+            h = head(name)
+            return names[h] + description[len(h):] if h in names and description.startswith(h + "=") else description
 
         self.violations = [(one(f), text(f, d)) for f, d in self.violations]
         for d in self.details:
@@ -87,8 +92,8 @@ class ApiError(Exception):
         """Kiln's and AUTOMATIC1111's routes: `error`, `message`, `field`, FastAPI-style `detail`, `details`."""
         return {
             "error": self.code, "message": self.message, "field": self.field,
-            "detail": [{"loc": ["body", *_loc(f.removeprefix("body"))], "msg": d, "type": "value_error"} for f, d in self.violations]
-                      or self.message,
+            "detail": [{"loc": ["body", *_loc(f.removeprefix("body"))], "msg": d, "type": "value_error"}
+                       for f, d in self.violations] or self.message,
             "details": self.details,
         }
 
@@ -150,6 +155,15 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ApiError:
     if code == grpc.StatusCode.UNAVAILABLE and not details and "shutting down" not in message:
         message = f"the Kiln server is unreachable: {message}"
     return ApiError(status, code.name, message, violations, details, headers, reason)
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """A gRPC call's refusal, as the ApiError the HTTP client gets."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
 
 
 def bad_request(field_name: str, message: str, status: int = 422) -> ApiError:

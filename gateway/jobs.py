@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.errors import ApiError, from_rpc_error
+from gateway.errors import ApiError, from_rpc_error, rpc_errors
 from gateway.upstream import Call, Upstream
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -110,9 +110,6 @@ class Jobs:
         jobs = self._jobs.get(client)
         return jobs[0] if jobs else None
 
-    def count(self, client: str) -> int:
-        return len(self._jobs.get(client, ()))
-
     def interrupt(self, client: str) -> int:
         jobs = list(self._jobs.get(client, ()))
         for job in jobs:
@@ -162,7 +159,7 @@ async def _run(upstream: Upstream, job: Job, request: pb.GenerateRequest,
     got: dict[str, str] = {}
     try:
         async for call, event in events:
-            got = call.metadata  # filled with the trailers when the stream ends
+            got = call.metadata  # the same dict each time: the trailers fill it when the stream ends
             kind = event.WhichOneof("event")
             if kind == "started":
                 started = event.started
@@ -185,10 +182,8 @@ async def stream(upstream: Upstream, job: Job, request: pb.GenerateRequest,
     mid-stream), Interrupted when the client's interrupt cancelled it; cancels the call if the consumer stops."""
     if job.interrupted:
         raise Interrupted({})
-    try:
+    with rpc_errors():
         call, first = await upstream.start(request, metadata)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
     job.calls.add(call)
     if job.interrupted:  # interrupted while the call started: the read after Started raises
         call.cancel()

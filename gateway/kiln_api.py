@@ -11,13 +11,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import grpc
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 
 from gateway.context import CallerDep, gateway
-from gateway.errors import ApiError, bad_request, from_rpc_error, passed_headers
+from gateway.errors import ApiError, bad_request, passed_headers, rpc_errors
 from gateway.images import decode_base64
 from gateway.jobs import Interrupted, stream
 from proto.kiln.v1 import kiln_pb2 as pb
@@ -61,9 +60,9 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 @router.post("/v1/generate", summary="Generate, streaming Server-Sent Events",
              response_description="text/event-stream: started, progress*, artifact*, done (or error)")
-async def generate(request: Request, body: Annotated[Any, Body(examples=[{"model": "tiny", "prompt": "a red circle", "steps": 4,
-                                                          "preview_every": 1}])],
-                   who: CallerDep) -> StreamingResponse:
+async def generate(request: Request, who: CallerDep,
+                   body: Annotated[Any, Body(examples=[{"model": "tiny", "prompt": "a red circle", "steps": 4,
+                                                        "preview_every": 1}])]) -> StreamingResponse:
     gw = gateway(request)
     message = parse_request(body)
     job = gw.jobs.open(who.client)
@@ -102,10 +101,8 @@ async def generate(request: Request, body: Annotated[Any, Body(examples=[{"model
 async def models(request: Request, who: CallerDep) -> JSONResponse:
     """One path for two clients: Kiln's (`models`: ListModels as JSON) and OpenAI SDKs' `models.list()`
     (`object: "list"`, `data: [{id, object: "model", created, owned_by}]`)."""
-    try:
+    with rpc_errors():
         listing = await gateway(request).upstream.list_models(who.key)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
     created = int(time.time())
     return JSONResponse({
         "object": "list",
@@ -116,10 +113,8 @@ async def models(request: Request, who: CallerDep) -> JSONResponse:
 
 @router.get("/v1/balance", summary="The calling key's credits today (GetBalance)")
 async def balance(request: Request, who: CallerDep) -> JSONResponse:
-    try:
+    with rpc_errors():
         b = await gateway(request).upstream.balance(who.key)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
     return JSONResponse({f.name: getattr(b, f.name) for f in b.DESCRIPTOR.fields})  # int64 as numbers
 
 

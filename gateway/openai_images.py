@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import re
 import time
 from typing import Any, Literal
@@ -23,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.context import Caller, CallerDep, Gateway, gateway
 from gateway.errors import ApiError, bad_request, from_validation, passed_headers
-from gateway.images import open_image
+from gateway.images import open_image, png_bytes
 from gateway.jobs import run
 from proto.kiln.v1 import kiln_pb2 as pb
 
@@ -220,9 +219,7 @@ def edit_mask(image: bytes, mask: bytes | None) -> bytes:
         if mask is not None:
             raise bad_request("mask", "mask has no fully transparent pixel (alpha 0), so nothing would be edited")
         return b""
-    buf = io.BytesIO()
-    edit.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(edit)
 
 
 def openai_fields(e: ApiError) -> ApiError:

@@ -8,7 +8,6 @@ import base64
 import json
 from typing import Annotated, Any
 
-import grpc
 from fastapi import APIRouter, Body, Query, Request, Response
 from PIL import Image, ImageOps
 
@@ -26,7 +25,7 @@ from gateway.a1111.models import (
     Txt2Img,
 )
 from gateway.context import Caller, CallerDep, Gateway, gateway
-from gateway.errors import ApiError, bad_request, from_rpc_error, no_models, passed_headers
+from gateway.errors import ApiError, bad_request, no_models, passed_headers, rpc_errors
 from gateway.images import decode_base64, open_image, png_bytes
 from gateway.jobs import run
 from proto.kiln.v1 import kiln_pb2 as pb
@@ -49,10 +48,8 @@ EXIF_ORIENTATION = 0x0112
 # ---- model choice ----------------------------------------------------------------------------------------------
 
 async def _models(gw: Gateway, who: Caller) -> list[pb.ModelInfo]:
-    try:
+    with rpc_errors():
         return list((await gw.upstream.list_models(who.key)).models)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
 
 
 def _checkpoint_name(title: str) -> str:
@@ -167,10 +164,10 @@ def _model_not_found(e: ApiError, field: str) -> ApiError | None:
     return None
 
 
-async def _generate(request: Request, response: Response, req: Txt2Img, who: Caller,
-                    img2img: bool) -> GenerationResponse:
+async def _generate(request: Request, response: Response, req: Txt2Img, who: Caller) -> GenerationResponse:
     gw = gateway(request)
-    jsoncheck.check(req.model_dump())  # every field, the ignored ones included: they are echoed back
+    parameters = req.model_dump()  # echoed back, as AUTOMATIC1111 does
+    jsoncheck.check(parameters)  # every field, the ignored ones included
     model, model_field = await _model_for(gw, who, req)
     message = _grpc_request(req, model)
     if isinstance(req, Img2Img):  # decoding and resizing client images takes a while: off the event loop
@@ -191,13 +188,12 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
             except ApiError as e:
                 if not i:
                     raise _model_not_found(e, model_field) or e.renamed(names) from None
-                else:
-                    # a later call refused (credits ran out, say): the images already made and paid for are
-                    # returned, with the refusal in info.error and the x-kiln-incomplete header
-                    incomplete = e
-                    response.headers.update(passed_headers(e.headers))
-                    response.headers["x-kiln-incomplete"] = f"{e.code}: {e.message}"[:500]
-                    break
+                # a later call refused (credits ran out, say): the images already made and paid for are
+                # returned, with the refusal in info.error and the x-kiln-incomplete header
+                incomplete = e
+                response.headers.update(passed_headers(e.headers))
+                response.headers["x-kiln-incomplete"] = f"{e.code}: {e.message}"[:500]
+                break
             if i == 0:
                 started = result.started
             for a in sorted(result.artifacts, key=lambda a: a.index):
@@ -210,6 +206,7 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
     if not req.send_images:
         images = []
     s = started
+    img2img = isinstance(req, Img2Img)
     strength = s.strength if img2img else None
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds), "negative_prompt": req.negative_prompt,
@@ -224,7 +221,6 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
         "version": "kiln", "interrupted": job.interrupted,
         "error": {"error": incomplete.code, "message": incomplete.message} if incomplete else None,
     }
-    parameters = req.model_dump()
     if img2img:
         parameters.update(init_images=None, mask=None)
     return GenerationResponse(images=images, parameters=parameters, info=json.dumps(info))
@@ -233,13 +229,13 @@ async def _generate(request: Request, response: Response, req: Txt2Img, who: Cal
 @router.post("/txt2img", response_model=GenerationResponse)
 async def txt2img(request: Request, response: Response, req: Txt2Img,
                   who: CallerDep) -> GenerationResponse:
-    return await _generate(request, response, req, who, img2img=False)
+    return await _generate(request, response, req, who)
 
 
 @router.post("/img2img", response_model=GenerationResponse)
 async def img2img(request: Request, response: Response, req: Img2Img,
                   who: CallerDep) -> GenerationResponse:
-    return await _generate(request, response, req, who, img2img=True)
+    return await _generate(request, response, req, who)
 
 
 # ---- progress and interrupt ------------------------------------------------------------------------------------

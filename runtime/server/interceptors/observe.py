@@ -5,8 +5,9 @@ error interceptor, so it sees the KilnError of each refusal (with its reason) be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ def _mode(request: Any) -> str:
 
 
 def _outcome(error: BaseException) -> tuple[str, str]:
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the client went away
         return "CANCELLED", "CANCELLED"
     if isinstance(error, KilnError):
         return error.code.name, str(getattr(error, "reason", "") or error.code.name)
@@ -65,16 +66,23 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
         self.sinks = sinks
         self.served = served
 
-    def _finish(self, record: CallRecord, t0: float, error: BaseException | None) -> None:
-        record.seconds = time.perf_counter() - t0
-        record.request_id = REQUEST_ID.get()
-        account = ACCOUNT.get()
-        if account is not None:
-            record.key_id, record.tier = account.key_id, account.tier.name
-        if error is not None:
-            record.status, record.reason = _outcome(error)
-        for sink in self.sinks:
-            sink(record)
+    @contextlib.contextmanager
+    def _observed(self, record: CallRecord) -> Iterator[None]:
+        """Times the call and hands its record, with the outcome, to the sinks."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except BaseException as e:
+            record.status, record.reason = _outcome(e)
+            raise
+        finally:
+            record.seconds = time.perf_counter() - t0
+            record.request_id = REQUEST_ID.get()
+            account = ACCOUNT.get()
+            if account is not None:
+                record.key_id, record.tier = account.key_id, account.tier.name
+            for sink in self.sinks:
+                sink(record)
 
     async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
         handler = await continuation(details)
@@ -84,23 +92,16 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(behaviour: Unary) -> Unary:
             async def run(request, context):  # type: ignore[no-untyped-def]
-                t0, record, error = time.perf_counter(), CallRecord(method), None
-                try:
+                with self._observed(CallRecord(method)):
                     return await behaviour(request, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    self._finish(record, t0, error)
 
             return run
 
         def streaming(behaviour: Streaming) -> Streaming:
             async def run(request, context):  # type: ignore[no-untyped-def]
-                t0, error = time.perf_counter(), None
                 record = CallRecord(method, model=request.model if self.served(request.model) else "unknown",
                                     mode=_mode(request))
-                try:
+                with self._observed(record):
                     async for response in behaviour(request, context):
                         kind = response.WhichOneof("event")
                         if kind == "started":
@@ -113,11 +114,6 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
                             if record.images == 1:
                                 record.stages = {t.stage: t.seconds for t in response.artifact.timings}
                         yield response
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    self._finish(record, t0, error)
 
             return run
 
