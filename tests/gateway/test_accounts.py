@@ -183,3 +183,18 @@ def test_gateway_on_the_network_in_front_of_a_server_with_accounts(accounts, tmp
         assert httpx.post(f"{g.url}/sdapi/v1/txt2img", json=BODY).status_code == 401
     finally:
         assert g.stop() == 0
+
+
+def test_a_model_outside_the_tier_is_403(tiny_store: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'auth.db'}"
+    tiers = _tiers(tmp_path / "tiers.toml", models='["other"]')
+    key = _create_key(db, tiers)
+    server = _serve(tiny_store, tmp_path / "serve.log", db, tiers)
+    gateway = start_gateway(server.target, tmp_path / "gateway.log")
+    try:
+        r = httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json={**BODY, "override_settings": {
+            "sd_model_checkpoint": "tiny"}}, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 403 and r.json()["error"] == "PERMISSION_DENIED" and "tier" in r.json()["message"]
+    finally:
+        gateway.stop()
+        server.stop()

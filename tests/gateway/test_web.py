@@ -315,3 +315,24 @@ def test_credits(browser: Browser, tiny_store: Path, tmp_path: Path) -> None:
         context.close()
         gw.stop()
         server.stop()
+
+
+def test_readable_on_a_phone(browser: Browser, gateway: GatewayProcess) -> None:
+    """At a phone's 390x844 CSS pixels: one column, nothing wider than the screen, and a generation works."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=3, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    try:
+        page.set_default_timeout(30_000)
+        page.goto(gateway.url + "/")
+        expect(page.get_by_label("Model")).to_have_value("tiny")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        form = page.get_by_role("form", name="Generate").bounding_box()
+        assert form is not None and form["x"] >= 0 and form["x"] + form["width"] <= 390
+        page.get_by_label("Prompt", exact=True).fill("a red circle")
+        page.get_by_label("Steps").fill("2")
+        page.get_by_role("button", name="Generate").tap()
+        expect(gallery_items(page)).to_have_count(1)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        context.close()
