@@ -237,9 +237,10 @@ def _component_fidelity(component: str, session: Any, model: Any, ref: Run, text
     fp32 = model.sessions.get(component)  # None when the reference run recorded its outputs
     errors = []
     every = max(1, len(ref.feeds[component]) // REL_ERROR_FEEDS)
-    recorded = ref.outputs.get(component) or [None] * len(ref.feeds[component])
-    for feed, out in list(zip(ref.feeds[component], recorded, strict=True))[::every][:REL_ERROR_FEEDS]:
-        want = next(iter((out if out is not None else fp32.run(feed)).values()))
+    recorded: list[Any] = [None] * len(ref.feeds[component])  # outputs the reference run kept, else computed
+    recorded = ref.outputs.get(component) or recorded
+    for feed, outputs in list(zip(ref.feeds[component], recorded, strict=True))[::every][:REL_ERROR_FEEDS]:
+        want = next(iter((outputs if outputs is not None else fp32.run(feed)).values()))
         got = next(iter(session.run(feed).values()))
         errors.append(rel_error(want, got))
     out: dict[str, Any] = {"rel_error": round(float(np.mean(errors)), 6)}
