@@ -88,12 +88,16 @@ class LoadedModel:
 
     @property
     def decoders(self) -> dict[str, Decoder]:
-        """`full`, and `tiny` for a bundle compiled with --tiny-decoder (manifest `model.decoders`; bundles from
-        before it have the full one only)."""
-        m = self.manifest.model
-        given = m.get("decoders") or {"full": {"component": "vae_decoder", "scaling_factor": m["vae_scaling_factor"]}}
-        return {name: Decoder(str(d["component"]), float(d["scaling_factor"])) for name, d in given.items()
-                if d["component"] in self.sessions}
+        return manifest_decoders(self.manifest)
+
+
+def manifest_decoders(manifest: Manifest) -> dict[str, Decoder]:
+    """`full`, and `tiny` for a bundle compiled with --tiny-decoder (manifest `model.decoders`; bundles from before
+    it have the full one only), among the components the bundle has."""
+    m = manifest.model
+    given = m.get("decoders") or {"full": {"component": "vae_decoder", "scaling_factor": m["vae_scaling_factor"]}}
+    return {name: Decoder(str(d["component"]), float(d["scaling_factor"])) for name, d in given.items()
+            if d["component"] in manifest.components}
 
 
 def load_bundle(ref: BundleRef, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",
