@@ -150,7 +150,6 @@ def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                     wait_ready(server.target, timeout=60)
                 except TimeoutError:
                     raise AssertionError(f"server did not become ready:\n{server.log()}") from None
-            replicas[2].wait_for_log("serving 0 model(s)")
             c = Cluster(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{stats_port}/stats;csv", replicas[:2], metrics,
                         replicas[2], haproxy, log, ledger, tiers)
             # the empty-store replica listens and answers, but NOT_SERVING: the check's timeout keeps it out
