@@ -242,6 +242,7 @@ def test_64_calls_on_10_credits_through_haproxy(cluster: Cluster) -> None:
 
 
 def test_a_replica_killed_mid_load(cluster: Cluster) -> None:
+    """Last in this module: it kills one of the module's replicas."""
     key, other_key = cluster.key("thirty"), cluster.key("ten")
     cost = 3  # 30 steps at 256 x 256: long enough to be mid-run at the kill
     jobs = {f"job-{i}": _request(steps=30, width=256, height=256, seed=i) for i in range(4)}
