@@ -136,11 +136,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from cli.flags import from_args
     from runtime.accounts.accounts import AccountsConfig
     from runtime.accounts.tiers import DEFAULT_TIERS
     from runtime.device import DeviceConfig
     from runtime.engine import EngineConfig
     from runtime.server.app import ServeConfig, serve
+    from runtime.server.tracing_config import TracingConfig
 
     accounts = None
     if args.auth_db:
@@ -166,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         Path(args.tls_client_ca) if args.tls_client_ca else None)
     extra["tls"] = tls
     extra["metrics_port"], extra["metrics_host"] = args.metrics_port, args.metrics_host
+    extra["tracing"] = from_args(TracingConfig, args)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
@@ -427,6 +430,13 @@ def _client_tls(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                      key=Path(args.tls_key) if args.tls_key else None)
 
 
+def _tracing_flags(p) -> None:  # type: ignore[no-untyped-def]
+    from cli.flags import add_flags
+    from runtime.server.tracing_config import TracingConfig
+
+    add_flags(p, TracingConfig)
+
+
 def _gateway_flags(p, skip: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
     from cli.flags import add_flags
     from gateway.config import GatewayConfig
@@ -609,6 +619,7 @@ def parser() -> argparse.ArgumentParser:
                     help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
     gw.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default: 127.0.0.1)")
     _gateway_flags(gw, skip=("target", "host", "port", "insecure_open"))
+    _tracing_flags(s.add_argument_group("OpenTelemetry tracing (README: Observability)"))
     s.set_defaults(func=cmd_serve)
 
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "
