@@ -223,6 +223,36 @@ def test_batched_requests_each_continue_their_callers_trace(tiny_store, tiny_mod
     assert (a.start_time, a.end_time) == (b.start_time, b.end_time)
 
 
+def test_the_gateway_passes_the_http_callers_trace_context_to_the_server(tiny_store, tiny_model, spans) -> None:
+    import httpx
+
+    from gateway.config import GatewayConfig
+    from gateway.server import GatewayServer
+
+    trace_id, span_id = "c0ffee" * 5 + "00", "5" * 16
+
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, spans) as server:
+            gateway = GatewayServer(GatewayConfig(target=f"127.0.0.1:{server.port}", port=0))
+            port = await gateway.start()
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                    good = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2},
+                                             headers={"traceparent": f"00-{trace_id}-{span_id}-01"})
+                    bad = await client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2},
+                                            headers={"traceparent": "00-not-a-trace-01"})
+                    return good.status_code, bad.status_code
+            finally:
+                await gateway.stop()
+
+    assert asyncio.run(run()) == (200, 200)
+    roots = [s for s in finished(spans, 2) if s.name == "kiln.Generate"]
+    assert len(roots) == 2
+    continued, fresh = sorted(roots, key=lambda s: s.start_time or 0)
+    assert f"{continued.context.trace_id:032x}" == trace_id and f"{continued.parent.span_id:016x}" == span_id
+    assert fresh.parent is None  # a malformed traceparent is dropped: the server starts a trace of its own
+
+
 def test_tracing_config_names_a_bad_endpoint_and_reads_the_standard_variables(monkeypatch, tiny_store) -> None:
     with pytest.raises(ValueError, match=r"otlp_endpoint='collector:4317/v1/traces' must be host:port"):
         TracingConfig(otlp_endpoint="collector:4317/v1/traces")
