@@ -619,7 +619,7 @@ def parser() -> argparse.ArgumentParser:
                     help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
     gw.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default: 127.0.0.1)")
     _gateway_flags(gw, skip=("target", "host", "port", "insecure_open"))
-    _tracing_flags(s.add_argument_group("OpenTelemetry tracing (README: Observability)"))
+    _tracing_flags(s.add_argument_group("OpenTelemetry tracing (README: Tracing)"))
     s.set_defaults(func=cmd_serve)
 
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "

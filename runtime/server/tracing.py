@@ -52,13 +52,18 @@ def fail(span: Span, error: BaseException) -> None:
         span.record_exception(error)
 
 
-@contextlib.contextmanager
-def check_span(name: str) -> Iterator[None]:
-    """A child span of the RPC's span around an interceptor's check (nothing when the RPC is not traced)."""
+_UNTRACED = contextlib.nullcontext()
+
+
+def check_span(name: str) -> contextlib.AbstractContextManager[None]:
+    """A child span of the RPC's span around an interceptor's check; when the RPC is not traced, a shared
+    do-nothing context (a few hundred ns, where a generator-based one costs 1.5 us)."""
     tracer = TRACER.get()
-    if tracer is None:
-        yield
-        return
+    return _UNTRACED if tracer is None else _check_span(tracer, name)
+
+
+@contextlib.contextmanager
+def _check_span(tracer: Tracer, name: str) -> Iterator[None]:
     with tracer.start_as_current_span(name, record_exception=False, set_status_on_exception=False) as span:
         try:
             yield
@@ -91,10 +96,12 @@ def stage_spans(tracer: Tracer, job: Job, status: str) -> None:
     if job.marks is None or job.context is None or not job.marks:
         return
     parent: otel_context.Context = job.context.run(otel_context.get_current)
-    if not trace.get_current_span(parent).is_recording():
+    traced = trace.get_current_span(parent).get_span_context()  # ended already when the client cancelled: still ours
+    if not (traced.is_valid and traced.trace_flags.sampled):
         return
     gen = job.gen
-    common = {"kiln.request_id": job.request_id, "kiln.model": gen.model.name, "kiln.model_version": gen.model.version}
+    common: dict[str, Any] = {"kiln.request_id": job.request_id, "kiln.model": gen.model.name,
+                              "kiln.model_version": gen.model.version}
     steps = [m for m in job.marks if m.stage == "denoise"]
     for m in job.marks:
         if m.stage == "denoise":

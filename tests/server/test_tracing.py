@@ -223,6 +223,30 @@ def test_batched_requests_each_continue_their_callers_trace(tiny_store, tiny_mod
     assert (a.start_time, a.end_time) == (b.start_time, b.end_time)
 
 
+def test_a_cancelled_request_ends_its_trace_cancelled_after_the_steps_it_ran(tiny_store, tiny_model, spans,
+                                                                              caplog) -> None:
+    async def run():  # type: ignore[no-untyped-def]
+        async with serving(tiny_store, {"tiny": tiny_model}, spans) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                call = pb_grpc.KilnStub(ch).Generate(pb.GenerateRequest(model="tiny", prompt="x", steps=20), timeout=60)
+                async for r in call:
+                    if r.WhichOneof("event") == "progress" and r.progress.step == 2:
+                        call.cancel()
+                        break
+            await asyncio.sleep(0.3)  # the engine drops it before its next step
+
+    asyncio.run(run())
+    root = next(s for s in finished(spans, 1) if s.kind is SpanKind.SERVER)
+    assert root.status.status_code is StatusCode.ERROR and root.attributes["kiln.status"] == "CANCELLED"
+    children = tree(list(spans.get_finished_spans()), root)
+    assert [s.name for s in children] == STAGES[:4]  # it never reached the decoder
+    denoise = children[-1]
+    ran = len(denoise.events)
+    assert 2 <= ran < 20 and denoise.status.status_code is StatusCode.ERROR
+    assert denoise.status.description == f"cancelled after {ran}/20 steps"
+    assert "Failed to detach context" not in caplog.text
+
+
 def test_the_gateway_passes_the_http_callers_trace_context_to_the_server(tiny_store, tiny_model, spans) -> None:
     import httpx
 
