@@ -78,16 +78,18 @@ def run(args: argparse.Namespace) -> Path:
             p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
             added = "-" if name == "off" else \
                 f"{p50 - np.percentile(base, 50):+.2f} / {p99 - np.percentile(base, 99):+.2f}"
+            paired = "-" if name == "off" else f"{np.median(ms - base):+.2f}"
             rows.append([rpc, "off (no endpoint)" if name == "off" else "OTLP/gRPC to a local collector",
-                         f"{p50:.2f}", f"{p99:.2f}", added])
+                         f"{p50:.2f}", f"{p99:.2f}", added, paired])
     n = args.warmup + args.requests
     body = (
         f"{args.requests} timed requests per RPC per server after {args.warmup} warm-up ones, one at a time, "
         "servers in turn (`kiln serve` processes on loopback over one tiny bundle; client: Python grpcio, sync). "
-        "`added`: p50 and p99 minus the untraced server's. The collector received "
+        "`added`: p50 and p99 minus the untraced server's; `paired`: the median of the differences between each "
+        "request and the untraced one sent just before it (less sensitive to load that comes and goes). The collector received "
         f"{received['spans']} spans for the traced server's {n} ListModels and {n} Generate calls "
         f"({n} + {n} x 7 expected). Other agents' work shared this 2-core machine: compare the rows of one run, "
         "not runs.\n\n"
-        + report.table(["RPC", "tracing", "p50 ms", "p99 ms", "added p50 / p99 ms"], rows)
+        + report.table(["RPC", "tracing", "p50 ms", "p99 ms", "added p50 / p99 ms", "paired ms"], rows)
     )
     return report.write(args.out, "Tracing: latency OpenTelemetry tracing adds", body)
