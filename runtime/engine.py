@@ -353,7 +353,7 @@ class Engine:
                 self.on_queued(job.gen.model.name, now - job.submitted)
         t0 = time.time_ns()
         embeddings = encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
-        t1, rows = time.time_ns(), sum(j.rows for j in jobs)
+        t1, rows = time.time_ns(), sum(len(j.gen.tokens) for j in jobs)  # text-encoder rows: prompts
 
         def prepare(job: Job, embedding: tuple[np.ndarray, np.ndarray | None]) -> tuple[Event, bool]:
             _mark(job, "queue", job.submitted_ns, t0)

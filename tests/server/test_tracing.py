@@ -215,6 +215,7 @@ def test_batched_requests_each_continue_their_callers_trace(tiny_store, tiny_mod
         stages = {s.name: s for s in in_trace}
         assert all(s.attributes["kiln.request_id"] == rid for s in in_trace)
         assert stages["kiln.text_encode"].attributes["kiln.batch.requests"] == 2
+        assert stages["kiln.text_encode"].attributes["kiln.batch.rows"] == 4  # each: a negative and a positive prompt
         assert [e.attributes["kiln.batch.requests"] for e in stages["kiln.denoise"].events] == [2, 2, 2]
         assert [e.attributes["kiln.batch.rows"] for e in stages["kiln.denoise"].events] == [4, 4, 4]
     # the shared calls are one interval seen from both traces
