@@ -7,6 +7,7 @@ tracing interceptor and no engine hook: these functions are not called at all.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ def outcome(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status an exception becomes, and its reason (ErrorInfo reason, else the status name)."""
     if isinstance(error, KilnError):
         return error.code, str(getattr(error, "reason", "") or error.code.name)
-    if isinstance(error, GeneratorExit) or type(error).__name__ == "CancelledError":
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):  # the client went away
         return grpc.StatusCode.CANCELLED, "CANCELLED"
     return grpc.StatusCode.INTERNAL, "INTERNAL"
 
