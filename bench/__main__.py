@@ -19,12 +19,13 @@ from bench import (
     single_file,
     throughput,
     tome,
+    tracing,
 )
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
              "single-file": single_file, "decoders": decoders, "lora": lora,
-             "gateway": gateway}
+             "gateway": gateway, "tracing": tracing}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,11 +136,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from cli.flags import from_args
     from runtime.accounts.accounts import AccountsConfig
     from runtime.accounts.tiers import DEFAULT_TIERS
     from runtime.device import DeviceConfig
     from runtime.engine import EngineConfig
+    from runtime.pool.config import PoolConfig
     from runtime.server.app import ServeConfig, serve
+    from runtime.server.tracing_config import TracingConfig
 
     accounts = None
     if args.auth_db:
@@ -166,17 +169,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         Path(args.tls_client_ca) if args.tls_client_ca else None)
     extra["tls"] = tls
     extra["metrics_port"], extra["metrics_host"] = args.metrics_port, args.metrics_host
-    from cli.flags import from_args
-    from runtime.pool.config import PoolConfig
-
     extra["pool"] = from_args(PoolConfig, args)
+    extra["tracing"] = from_args(TracingConfig, args)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
                          shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
                          device=device, **extra)
     gateway = None
     if args.gateway_port is not None:  # the HTTP gateway beside the server, in the same process (a single box)
-        from cli.flags import from_args
         from gateway.config import GatewayConfig
 
         # the server's own accounts decide: the gateway beside an open server is as open as the server
@@ -480,6 +480,13 @@ def _client_tls(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                      key=Path(args.tls_key) if args.tls_key else None)
 
 
+def _tracing_flags(p) -> None:  # type: ignore[no-untyped-def]
+    from cli.flags import add_flags
+    from runtime.server.tracing_config import TracingConfig
+
+    add_flags(p, TracingConfig)
+
+
 def _gateway_flags(p, skip: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
     from cli.flags import add_flags
     from gateway.config import GatewayConfig
@@ -682,6 +689,7 @@ def parser() -> argparse.ArgumentParser:
                     help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
     gw.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default: 127.0.0.1)")
     _gateway_flags(gw, skip=("target", "host", "port", "insecure_open"))
+    _tracing_flags(s.add_argument_group("OpenTelemetry tracing (README: Tracing)"))
     s.set_defaults(func=cmd_serve)
 
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "

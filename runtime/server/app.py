@@ -29,10 +29,13 @@ from runtime.server.interceptors.limits import TierLimitsInterceptor
 from runtime.server.interceptors.observe import ObserveInterceptor, Sink
 from runtime.server.interceptors.quota import QuotaInterceptor
 from runtime.server.interceptors.rate import RateInterceptor
+from runtime.server.interceptors.trace import TraceInterceptor
 from runtime.server.logs import access_log
 from runtime.server.metrics import Metrics
 from runtime.server.pricing import resolve
 from runtime.server.servicer import KilnServicer
+from runtime.server.tracing import Tracing, annotate
+from runtime.server.tracing_config import TracingConfig, otlp_provider
 from runtime.tls import ServerTls
 
 if TYPE_CHECKING:
@@ -85,6 +88,9 @@ class ServeConfig:
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     """Where verified files' sha256 are remembered (`--cache-dir`; default $KILN_CACHE_DIR, else ~/.cache/kiln),
     so a restart does not hash the store again; None: hash every file at every start."""
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """OpenTelemetry tracing over OTLP (`--otlp-endpoint`, `--otlp-insecure`, `--otlp-service-name`); off without
+    an endpoint."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -110,8 +116,11 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
 class KilnServer:
     """The running server: build with `start()`, stop with `stop()` (health goes NOT_SERVING first)."""
 
-    def __init__(self, config: ServeConfig, models: dict[str, LoadedModel] | None = None):
-        """`models`: versions already loaded (tests share them between servers); the pool starts with them."""
+    def __init__(self, config: ServeConfig, models: dict[str, LoadedModel] | None = None,
+                 tracer_provider: Any = None):
+        """`models`: versions already loaded (tests share them between servers); the pool starts with them.
+        `tracer_provider`: trace to this OpenTelemetry TracerProvider (tests, embedders) rather than to the one
+        `config.tracing` describes."""
         self.config = config
         from runtime.sessions_openvino import OpenVinoConfig, require_openvino
 
@@ -151,6 +160,11 @@ class KilnServer:
         sinks: list[Sink] = [access_log]
         if self.metrics:
             sinks.append(self.metrics.record)
+        self.tracing = _tracing(config.tracing, tracer_provider)
+        if self.tracing:
+            interceptors.append(TraceInterceptor(self.tracing))
+            sinks.append(annotate)
+            self.engine.on_finish = self.tracing.engine_finished
         interceptors.append(ObserveInterceptor(sinks, lambda name: self.pool.card_or_none(name) is not None))
         if self.accounts:
             def price(request):  # type: ignore[no-untyped-def]
@@ -250,7 +264,15 @@ class KilnServer:
             self._metrics_http.server_close()
         if self.accounts:
             await self.accounts.close()
+        if self.tracing:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the batched spans: blocking I/O
         log.info("stopped")
+
+
+def _tracing(config: TracingConfig, provider: Any) -> Tracing | None:
+    if provider is not None:
+        return Tracing(provider)
+    return Tracing(otlp_provider(config), owned=True) if config.endpoint() else None
 
 
 def _describe_tls(tls: ServerTls | None) -> str:
