@@ -22,11 +22,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from model_store import BundleRef
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
 from runtime.accounts.accounts import AccountsConfig
 from runtime.engine import EngineConfig
 from runtime.model import LoadedModel
+from runtime.pool.card import BundleCard
 from runtime.server.app import KilnServer, ServeConfig
 from runtime.server.pricing import resolve
 from runtime.server.tracing_config import TracingConfig
@@ -142,7 +144,7 @@ def test_a_generate_is_one_trace_from_the_server_span_through_the_engine_stages(
 
 def test_refusals_are_errors_with_their_status_and_reason(tiny_store, tiny_model, spans, tmp_path) -> None:
     request = pb.GenerateRequest(model="tiny", prompt="a red circle", seed=1, steps=2)
-    cost = resolve({"tiny": tiny_model}, request).cost  # type: ignore[union-attr]
+    cost = resolve(BundleCard(BundleRef(tiny_model.path, tiny_model.manifest)), request).cost  # type: ignore[union-attr]
     accounts = AccountsConfig(f"sqlite:///{tmp_path / 'auth.db'}", _tiers(tmp_path / "tiers.toml", credits=cost))
 
     async def run():  # type: ignore[no-untyped-def]
