@@ -172,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra["pool"] = from_args(PoolConfig, args)
     extra["tracing"] = from_args(TracingConfig, args)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
-                         shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
+                         shutdown_grace_s=args.shutdown_grace, lame_duck_s=args.lame_duck, accounts=accounts,
+                         insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
                          device=device, **extra)
     gateway = None
@@ -638,6 +639,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--lame-duck", type=float, default=0.0,
+                   help="seconds new calls are still taken after SIGTERM turned health NOT_SERVING, so a load "
+                        "balancer drops the server first (default 0: refused at once)")
     s.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where ONNX Runtime runs the graphs: cpu (default), or an NVIDIA GPU (needs onnxruntime-gpu; "
                         "fp16 bundles need one)")

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,10 @@ class ServeConfig:
     """ONNX Runtime intra-op threads per session; 0 means one per core."""
     shutdown_grace_s: float = 300.0
     """On SIGTERM, how long in-flight requests may run before they are cancelled."""
+    lame_duck_s: float = 0.0
+    """On SIGTERM, how long the server keeps taking new calls after its health turns NOT_SERVING, so a load
+    balancer's health checks drop it before it refuses anything (set it above the balancer's check interval times
+    its fall count); 0: refuse at once (UNAVAILABLE)."""
     max_receive_bytes: int = 16 << 20
     """Largest request message accepted."""
     max_send_bytes: int = 64 << 20
@@ -95,6 +100,9 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be between 0 and 65535")
+        if not 0 <= self.lame_duck_s <= self.shutdown_grace_s:
+            raise ValueError(f"lame_duck_s={self.lame_duck_s} must be between 0 and shutdown_grace_s="
+                             f"{self.shutdown_grace_s}")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be 0 (one per core) or more")
         if self.device.gpu and self.inference_engine != "onnxruntime":
@@ -245,16 +253,23 @@ class KilnServer:
                  self.metrics_port)
 
     async def stop(self) -> None:
-        """Health NOT_SERVING and new Generate calls UNAVAILABLE at once; in-flight requests finish
-        (up to the grace period) while health checks keep answering; then the server closes."""
-        log.info("shutting down: health NOT_SERVING, finishing %d in-flight request(s)", self.engine.active)
-        self.servicer.accepting = False
+        """Health NOT_SERVING at once; new Generate calls are still taken for the lame-duck period, then refused
+        UNAVAILABLE; in-flight requests finish (up to the grace period) while health checks keep answering; then
+        the server closes."""
+        log.info("shutting down: health NOT_SERVING, finishing %d in-flight request(s)%s", self.engine.active,
+                 f"; new calls taken for {self.config.lame_duck_s:g}s more" if self.config.lame_duck_s else "")
         self._stop_watch.set()
+        await self.health.enter_graceful_shutdown()
+        t0 = time.monotonic()
+        if self.config.lame_duck_s:
+            await asyncio.sleep(self.config.lame_duck_s)
+            log.info("lame-duck period over: refusing new calls")
+        self.servicer.accepting = False
         if self._watch is not None:
             await asyncio.wait({self._watch}, timeout=5.0)
         await self.pool.close()
-        await self.health.enter_graceful_shutdown()
-        if not await self.engine.drain(self.config.shutdown_grace_s):
+        grace = max(self.config.shutdown_grace_s - (time.monotonic() - t0), 0.0)
+        if not await self.engine.drain(grace):
             log.warning("grace period of %gs over: cancelling %d request(s)", self.config.shutdown_grace_s,
                         self.engine.active)
         await self.server.stop(5.0)  # in-flight streams send their last messages
