@@ -455,6 +455,9 @@ class ModelPool:
                  old, old)
         self._retire(name, keep=card.version)
         self.release(slot)
+        wanted = self.catalog.wanted(name)
+        if wanted is not None and wanted.version != card.version:  # published again while this one loaded
+            asyncio.get_running_loop().call_soon(lambda: self._background(f"{name} (again)", self.refresh()))
 
     def _retire(self, name: str, keep: str = "") -> None:
         for (n, version), slot in list(self.slots.items()):
@@ -468,12 +471,20 @@ class ModelPool:
         from watchfiles import awatch
 
         poll = self.config.watch_poll_s
-        async for _ in awatch(self.catalog.store.root, stop_event=stop, force_polling=poll > 0 or None,
-                              poll_delay_ms=int(poll * 1000) or 300, debounce=200, recursive=True):
+        root = self.catalog.store.root
+        while not stop.is_set():
             try:
-                await self.refresh()
-            except Exception:
-                log.exception("refreshing the store failed; serving on")
+                async for _ in awatch(root, stop_event=stop, force_polling=poll > 0 or None,
+                                      poll_delay_ms=int(poll * 1000) or 1000, debounce=200, recursive=True):
+                    try:
+                        await self.refresh()
+                    except Exception:
+                        log.exception("refreshing the store failed; serving on")
+            except (OSError, RuntimeError) as e:  # no store folder yet, or out of inotify watches
+                if poll <= 0:
+                    log.warning("watching %s for new bundles failed (%s): polling it every second instead", root, e)
+                    poll = 1.0
+                await asyncio.sleep(1.0)
 
     async def close(self) -> None:
         for task in list(self._switching.values()):

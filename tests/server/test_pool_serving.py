@@ -7,6 +7,8 @@ rollback through `kiln models alias`, a store that starts empty, and a per-model
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto.kiln.v1 import kiln_pb2 as pb
 from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, kiln, publish_copy, start_server
+from tests.conftest import ROOT, ServerProcess, free_port, kiln, publish_copy, start_server
 
 
 def generate(target: str, model: str, steps: int = 3) -> tuple[grpc.StatusCode, list[pb.GenerateResponse]]:
@@ -207,17 +209,11 @@ def test_hot_publish_while_requests_stream(tiny_bundle: Path, tmp_path: Path) ->
 def test_a_store_that_starts_empty_serves_once_a_bundle_is_published(tiny_bundle: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    from tests.conftest import free_port
-
     port = free_port()
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(store), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(store), "--port", str(port),
+                                 "--watch-poll-s", "0.2"],  # polling, for file systems without events
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, f"127.0.0.1:{port}", log)
     try:
