@@ -10,7 +10,7 @@ from pathlib import Path
 
 from model_store import BundleRef, Manifest
 from runtime.adapters import ADAPTERS_DIR
-from runtime.model import Decoder, manifest_decoders
+from runtime.model import BundleFacts
 from runtime.samplers.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class AdapterListing:
 
 
 @dataclass
-class BundleCard:
+class BundleCard(BundleFacts):
     ref: BundleRef
     schedule: NoiseSchedule = field(init=False)
     adapters: dict[str, AdapterListing] = field(init=False)
@@ -38,32 +38,12 @@ class BundleCard:
             else {}
 
     @property
-    def manifest(self) -> Manifest:
+    def manifest(self) -> Manifest:  # type: ignore[override]
         return self.ref.manifest
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
     @property
     def key(self) -> tuple[str, str]:
         return self.name, self.version
-
-    @property
-    def decoders(self) -> dict[str, Decoder]:
-        return manifest_decoders(self.manifest)
-
-    @property
-    def sdxl(self) -> bool:
-        return self.manifest.model.get("architecture") == "sdxl"
-
-    @property
-    def inpainting(self) -> bool:
-        return int(self.manifest.model.get("unet_in_channels", 4)) == 9
 
     @property
     def max_loras(self) -> int:
