@@ -133,6 +133,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_dreambooth(args: argparse.Namespace) -> int:
+    from cli.flags import from_args
+    from train.dreambooth.config import DreamboothConfig
+    from train.dreambooth.trainer import train as train_dreambooth
+
+    try:
+        config = from_args(DreamboothConfig, args)
+        path = train_dreambooth(args.base, args.out, args.instance_images, config, resume=args.resume,
+                                progress=not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"kiln: train dreambooth: {e}", file=sys.stderr)
+        return 2
+    print(f"{'LoRA (kohya format)' if config.lora else 'fine-tuned model (diffusers folder)'} written to {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -630,6 +646,24 @@ def parser() -> argparse.ArgumentParser:
     ts.add_argument("--dataset-size", type=int, default=None, help="override the recipe")
     ts.add_argument("--quiet", action="store_true")
     ts.set_defaults(func=cmd_train)
+    try:  # the flags come from the config dataclass, which a serving install (the Docker image) lacks
+        from train.dreambooth.config import DreamboothConfig
+    except ModuleNotFoundError:
+        DreamboothConfig = None  # type: ignore[assignment,misc]
+    td = t.add_parser("dreambooth", help="teach a model a subject from a few images under a rare token, with "
+                      "class-prior preservation; a full UNet fine-tune or a LoRA (train/README.md)")
+    td.add_argument("base", help="the base model: an SD 1.x / 2.x diffusers folder")
+    td.add_argument("out", help="folder for class images, checkpoints, losses.csv and the output (OUT/model or "
+                    "OUT/lora.safetensors)")
+    td.add_argument("--instance-images", required=True, metavar="DIR", help="the subject's images (3-5 usually)")
+    td.add_argument("--instance-prompt", required=True, help="their prompt, with the token (e.g. 'a photo of sks dog')")
+    if DreamboothConfig is not None:
+        from cli.flags import add_flags
+
+        add_flags(td, DreamboothConfig, skip=("instance_prompt",))
+    td.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same flags)")
+    td.add_argument("--quiet", action="store_true", help="no progress bars")
+    td.set_defaults(func=cmd_train_dreambooth)
 
     s = sub.add_parser("serve", help="serve a store's bundles over gRPC")
     s.add_argument("--config", metavar="TOML", help="flags from a TOML file (keys: the long flags; the command line "

@@ -1,0 +1,295 @@
+"""The Dreambooth loop: latents cached once (VAE frozen), instance and class examples in the same batch,
+loss = instance MSE + prior_loss_weight x class MSE, checkpoints that resume bit-for-bit, a CSV of the losses,
+and the output (a diffusers folder, or one kohya LoRA file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.dreambooth import lora
+from train.dreambooth.class_images import class_images
+from train.dreambooth.config import DreamboothConfig
+from train.dreambooth.data import image_files, load_images, to_pixels
+
+CSV_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr")
+
+
+class Trainer:
+    def __init__(self, base: Path, out: Path, instance_images: Path, config: DreamboothConfig,
+                 progress: bool = True, device: str | None = None):
+        import torch
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.torch = torch
+        self.base, self.out, self.config, self.progress = Path(base), Path(out), config, progress
+        if (self.base / "text_encoder_2").is_dir():
+            raise ValueError(f"{base}: an SDXL model; kiln train dreambooth takes SD 1.x / 2.x diffusers folders")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp_dtype = self._amp_dtype()
+        # the instance images are checked before anything slow happens
+        self.instance_files = image_files(instance_images)
+        self.instance_images = load_images(self.instance_files, config.resolution)
+        torch.manual_seed(config.seed)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.base / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(self.base / "text_encoder", torch_dtype=torch.float32)
+        self.vae = AutoencoderKL.from_pretrained(self.base / "vae", torch_dtype=torch.float32)
+        self.unet = UNet2DConditionModel.from_pretrained(self.base / "unet", torch_dtype=torch.float32)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(self.base / "scheduler")
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
+        self.unet.requires_grad_(not config.lora)
+        if config.lora:
+            lora.add(self.unet, lora.UNET_TARGETS, config.rank, "UNet")
+            if config.train_text_encoder:
+                lora.add(self.text_encoder, lora.TEXT_TARGETS, config.rank, "text encoder")
+        self.modules = {"unet": self.unet}
+        """The modules that train (their trainable parameters go to the optimizer and the checkpoints)."""
+        if config.train_text_encoder:
+            self.modules["text_encoder"] = self.text_encoder
+        for m in (self.text_encoder, self.vae, self.unet):
+            m.to(self.device)
+        self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=1e-2)
+        warmup = config.lr_warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.generator = torch.Generator("cpu").manual_seed(config.seed)
+        """Draws the noise and the timesteps (on CPU, so a run is the same wherever it trains)."""
+        self.rng = np.random.default_rng(config.seed)
+        """Draws the data order."""
+        self.state: dict[str, Any] = {"step": 0, "order": [], "class_order": []}
+        """The step and what is left of the current epochs' image orders."""
+
+    def _amp_dtype(self):  # type: ignore[no-untyped-def]
+        torch, mode = self.torch, self.config.mixed_precision
+        if mode == "no" or self.device.type != "cuda":
+            return None
+        if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+
+    # data ---------------------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of every training image."""
+        return self.instance_images.shape[2], self.instance_images.shape[1]
+
+    def prepare(self) -> None:
+        """Class images (drawn or reused), latents (VAE posterior means x scaling factor) and prompt ids."""
+        torch, c = self.torch, self.config
+        self.class_files: list[Path] = []
+        self.class_latents = None
+        if c.prior_preservation:
+            self.class_files = class_images(self.base, self.out / "class-images", c, self.size, self.progress)
+            self.class_latents = self._encode(load_images(self.class_files, 0))
+        self.instance_latents = self._encode(self.instance_images)
+        self.ids = {name: self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+                    for name, prompt in (("instance", c.instance_prompt), ("class", c.class_prompt))}
+        self.embeddings = {}
+        if not c.train_text_encoder:  # a frozen text encoder: its outputs are cached too
+            with torch.inference_mode():
+                self.embeddings = {k: self.text_encoder(v).last_hidden_state.clone() for k, v in self.ids.items()}
+
+    def _encode(self, images: np.ndarray):  # type: ignore[no-untyped-def]
+        torch = self.torch
+        scale = self.vae.config.scaling_factor
+        with torch.inference_mode():
+            chunks = [self.vae.encode(to_pixels(images[i:i + 16]).to(self.device)).latent_dist.mean * scale
+                      for i in range(0, len(images), 16)]
+        return torch.cat(chunks).clone()
+
+    def _take(self, key: str, n: int, count: int) -> list[int]:
+        """The next `count` indices of a shuffled pass over `n` items (a new permutation when one runs out)."""
+        out = []
+        while len(out) < count:
+            if not self.state[key]:
+                self.state[key] = self.rng.permutation(n).tolist()
+            out.append(self.state[key].pop(0))
+        return out
+
+    # the step -----------------------------------------------------------------------------------------------------
+    def losses(self):  # type: ignore[no-untyped-def]
+        """(total, instance MSE, class MSE or None) on the next batch."""
+        torch, c = self.torch, self.config
+        F = torch.nn.functional
+        b = c.batch_size
+        latents = self.instance_latents[self._take("order", len(self.instance_latents), b)]
+        kinds = ["instance"]
+        if self.class_latents is not None:
+            latents = torch.cat([latents, self.class_latents[self._take("class_order", len(self.class_latents), b)]])
+            kinds.append("class")
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                          generator=self.generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.embeddings:
+            states = torch.cat([self.embeddings[k].expand(b, -1, -1) for k in kinds])
+        else:
+            ids = torch.cat([self.ids[k].expand(b, -1) for k in kinds])
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            if not self.embeddings:
+                states = self.text_encoder(ids).last_hidden_state
+            pred = self.unet(noisy, t, states).sample.float()
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            raise ValueError(f"{self.base}/scheduler: prediction_type={kind!r}; allowed epsilon, v_prediction")
+        instance = F.mse_loss(pred[:b], target[:b])
+        prior = F.mse_loss(pred[b:], target[b:]) if len(kinds) == 2 else None
+        total = instance + c.prior_loss_weight * prior if prior is not None else instance
+        return total, instance, prior
+
+    def step(self) -> dict[str, float]:
+        torch, c = self.torch, self.config
+        total, instance, prior = self.losses()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.state["step"] += 1
+        return {"step": self.state["step"], "loss": total.item(), "instance_loss": instance.item(),
+                "prior_loss": prior.item() if prior is not None else float("nan"), "lr": lr}
+
+    # checkpoints --------------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _run_config(self) -> dict:
+        return {**asdict(self.config), "base": str(self.base.resolve()),
+                "instance_images": [f.name for f in self.instance_files]}
+
+    def save_checkpoint(self) -> None:
+        torch = self.torch
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({
+            "config": self._run_config(), "state": self.state,
+            "weights": {name: {k: p.detach().cpu().clone() for k, p in m.named_parameters() if p.requires_grad}
+                        for name, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "generator": self.generator.get_state(), "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        torch = self.torch
+        ck = torch.load(self.checkpoint_path, weights_only=False)
+        if ck["config"] != self._run_config():
+            changed = sorted(k for k in ck["config"] if ck["config"][k] != self._run_config().get(k))
+            raise ValueError(f"{self.checkpoint_path} was made with another run config (differs in: "
+                             f"{', '.join(changed)}); resume with the same flags, or choose a new folder")
+        with torch.no_grad():
+            for name, m in self.modules.items():
+                params = dict(m.named_parameters())
+                for k, v in ck["weights"][name].items():
+                    params[k].copy_(v)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.lr_scheduler.load_state_dict(ck["lr_scheduler"])
+        if self.scaler is not None and ck["scaler"] is not None:
+            self.scaler.load_state_dict(ck["scaler"])
+        self.generator.set_state(ck["generator"])
+        self.rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        if ck["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        self.state = ck["state"]
+
+    # the run ------------------------------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> Path | None:
+        """Train to `config.steps` (or stop after step `stop_after`, with a checkpoint there: how tests and
+        impatient people interrupt a run), then export. Returns the output (None when stopped early)."""
+        from tqdm import tqdm
+
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self._run_config(), indent=2) + "\n")
+        self.prepare()
+        for m in self.modules.values():
+            m.train()
+        log = self.out / "losses.csv"
+        if self.state["step"] == 0 or not log.exists():
+            with open(log, "w", newline="") as f:
+                csv.writer(f).writerow(CSV_FIELDS)
+        else:  # resumed: drop rows logged after the checkpoint, so the log matches the weights
+            rows = list(csv.reader(open(log, newline="")))
+            with open(log, "w", newline="") as f:
+                csv.writer(f).writerows([rows[0], *[r for r in rows[1:] if int(r[0]) <= self.state["step"]]])
+        bar = tqdm(total=c.steps, initial=self.state["step"], desc="dreambooth", disable=not self.progress,
+                   dynamic_ncols=True)
+        while self.state["step"] < c.steps:
+            row = self.step()
+            with open(log, "a", newline="") as f:
+                csv.writer(f).writerow([row[k] for k in CSV_FIELDS])
+            bar.update(1)
+            shown = {"loss": f"{row['loss']:.4f}", "instance": f"{row['instance_loss']:.4f}"}
+            if self.class_latents is not None:
+                shown["prior"] = f"{row['prior_loss']:.4f}"
+            bar.set_postfix(shown)
+            step = self.state["step"]
+            if step % c.checkpoint_every == 0 or step == c.steps or step == stop_after:
+                self.save_checkpoint()
+            if step == stop_after:
+                bar.close()
+                return None
+        bar.close()
+        return self.export()
+
+    # output -------------------------------------------------------------------------------------------------------
+    def export(self) -> Path:
+        """LoRA: OUT/lora.safetensors (kohya format). Full: OUT/model, the base folder with the trained UNet (and
+        text encoder) in fp32 safetensors, which `kiln compile` takes as it is."""
+        if self.config.lora:
+            te = self.text_encoder if self.config.train_text_encoder else None
+            return lora.export(self.unet, te, self.out / "lora.safetensors")
+        folder = self.out / "model"
+        tmp = self.out / "model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(self.base, tmp, ignore=shutil.ignore_patterns(*self.modules))
+        for name, m in self.modules.items():
+            m.to("cpu").save_pretrained(tmp / name, safe_serialization=True)
+            m.to(self.device)
+        (tmp / "training.json").write_text(json.dumps(
+            {"kind": "dreambooth", "config": self._run_config(), "steps": self.state["step"]}, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.replace(folder)
+        return folder
+
+
+def train(base: str | Path, out: str | Path, instance_images: str | Path, config: DreamboothConfig,
+          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or with `resume` continue) a Dreambooth fine-tune; returns the output file or folder."""
+    trainer = Trainer(Path(base), Path(out), Path(instance_images), config, progress)
+    if resume:
+        if not trainer.checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {trainer.checkpoint_path}")
+        trainer.load_checkpoint()
+    elif trainer.checkpoint_path.exists():
+        raise FileExistsError(f"{trainer.checkpoint_path} exists: pass --resume to continue, or choose a new folder")
+    return trainer.run(stop_after)
