@@ -54,7 +54,8 @@ class Trainer:
         """The modules that train (their trainable parameters go to the optimizer and the checkpoints)."""
         if config.train_text_encoder:
             self.modules["text_encoder"] = self.text_encoder
-        for m in (self.text_encoder, self.vae, self.unet):
+        parts: list[Any] = [self.text_encoder, self.vae, self.unet]
+        for m in parts:
             m.to(self.device)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=1e-2)
@@ -110,7 +111,7 @@ class Trainer:
 
     def _take(self, key: str, n: int, count: int) -> list[int]:
         """The next `count` indices of a shuffled pass over `n` items (a new permutation when one runs out)."""
-        out = []
+        out: list[int] = []
         while len(out) < count:
             if not self.state[key]:
                 self.state[key] = self.rng.permutation(n).tolist()
@@ -236,7 +237,8 @@ class Trainer:
             with open(log, "w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)
         else:  # resumed: drop rows logged after the checkpoint, so the log matches the weights
-            rows = list(csv.reader(open(log, newline="")))
+            with open(log, newline="") as f:
+                rows = list(csv.reader(f))
             with open(log, "w", newline="") as f:
                 csv.writer(f).writerows([rows[0], *[r for r in rows[1:] if int(r[0]) <= self.state["step"]]])
         bar = tqdm(total=c.steps, initial=self.state["step"], desc="dreambooth", disable=not self.progress,
