@@ -113,9 +113,9 @@ def test_class_images_are_drawn_by_the_base_model_cached_and_redrawn_when_the_re
     assert {f.name: f.stat().st_mtime_ns for f in copy.iterdir()} == copied  # same recipe: nothing touched
     assert [f.name for f in again] == ["0000.png", "0001.png"]
     t0 = (copy / "0000.png").stat().st_mtime_ns
-    redrawn = class_images(tiny_source, copy, dataclasses.replace(FULL, class_prompt="a circle",
-                                                                  num_class_images=3), (64, 64), progress=False)
-    assert len(redrawn) == 3 and '"prompt": "a circle"' in (copy / MADE).read_text()
+    redrawn = class_images(tiny_source, copy, dataclasses.replace(FULL, class_prompt="a circle"), (64, 64),
+                           progress=False)
+    assert len(redrawn) == 2 and '"prompt": "a circle"' in (copy / MADE).read_text()
     assert (copy / "0000.png").stat().st_mtime_ns != t0
     assert not np.array_equal(np.asarray(Image.open(copy / "0001.png")), np.asarray(Image.open(files[1])))
 
@@ -153,11 +153,15 @@ def test_resume_continues_bit_for_bit(kind: str, full_run: Path, lora_run: Path,
                                       instances: Path, tmp_path: Path) -> None:
     straight, config = (full_run, FULL) if kind == "full" else (lora_run, LORA)
     out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(straight / "class-images", out / "class-images")  # same recipe: reused (saves drawing them)
     assert train(tiny_source, out, instances, config, progress=False, stop_after=2) is None  # "killed" at step 2
     with open(out / "losses.csv", "a") as f:  # ... after logging a step the checkpoint does not hold
         f.write("3,9.0,9.0,9.0,0.05\n")
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(tiny_source, out, instances, config, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        train(tiny_source, tmp_path / "elsewhere", instances, config, resume=True, progress=False)
     with pytest.raises(ValueError, match=r"another run config \(differs in: steps\)"):
         train(tiny_source, out, instances, dataclasses.replace(config, steps=5), resume=True, progress=False)
     train(tiny_source, out, instances, config, resume=True, progress=False)

@@ -21,6 +21,18 @@ from train.dreambooth.data import image_files, load_images, to_pixels
 CSV_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr")
 
 
+def run_config(base: Path, instance_files: list[Path], config: DreamboothConfig) -> dict:
+    """What a checkpoint must have been made with to be resumed: the config, the base model, the image names."""
+    return {**asdict(config), "base": str(Path(base).resolve()), "instance_images": [f.name for f in instance_files]}
+
+
+def check_same_run(checkpoint: Path, made_with: dict, now: dict) -> None:
+    if made_with != now:
+        changed = sorted(k for k in {*made_with, *now} if made_with.get(k) != now.get(k))
+        raise ValueError(f"{checkpoint} was made with another run config (differs in: {', '.join(changed)}); "
+                         "resume with the same flags, or choose a new folder")
+
+
 class Trainer:
     def __init__(self, base: Path, out: Path, instance_images: Path, config: DreamboothConfig,
                  progress: bool = True, device: str | None = None):
@@ -179,8 +191,7 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def _run_config(self) -> dict:
-        return {**asdict(self.config), "base": str(self.base.resolve()),
-                "instance_images": [f.name for f in self.instance_files]}
+        return run_config(self.base, self.instance_files, self.config)
 
     def save_checkpoint(self) -> None:
         torch = self.torch
@@ -200,10 +211,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         torch = self.torch
         ck = torch.load(self.checkpoint_path, weights_only=False)
-        if ck["config"] != self._run_config():
-            changed = sorted(k for k in ck["config"] if ck["config"][k] != self._run_config().get(k))
-            raise ValueError(f"{self.checkpoint_path} was made with another run config (differs in: "
-                             f"{', '.join(changed)}); resume with the same flags, or choose a new folder")
+        check_same_run(self.checkpoint_path, ck["config"], self._run_config())
         with torch.no_grad():
             for name, m in self.modules.items():
                 params = dict(m.named_parameters())
@@ -287,11 +295,17 @@ class Trainer:
 def train(base: str | Path, out: str | Path, instance_images: str | Path, config: DreamboothConfig,
           resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or with `resume` continue) a Dreambooth fine-tune; returns the output file or folder."""
+    checkpoint = Path(out) / "checkpoint.pt"  # checked before the models load
+    if resume and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}")
+    if not resume and checkpoint.exists():
+        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue, or choose a new folder")
+    if resume:  # a checkpoint of another run is refused before the models load (load_checkpoint checks again)
+        import torch
+
+        made_with = torch.load(checkpoint, weights_only=False)["config"]
+        check_same_run(checkpoint, made_with, run_config(Path(base), image_files(Path(instance_images)), config))
     trainer = Trainer(Path(base), Path(out), Path(instance_images), config, progress)
     if resume:
-        if not trainer.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {trainer.checkpoint_path}")
         trainer.load_checkpoint()
-    elif trainer.checkpoint_path.exists():
-        raise FileExistsError(f"{trainer.checkpoint_path} exists: pass --resume to continue, or choose a new folder")
     return trainer.run(stop_after)
