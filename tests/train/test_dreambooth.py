@@ -268,6 +268,8 @@ def test_bad_inputs_are_refused_naming_the_problem(tiny_source: Path, instances:
         Trainer(tiny_source, tmp_path / "x", instances, dataclasses.replace(LORA, rank=64), progress=False)
     with pytest.raises(ValueError, match="no images"):
         Trainer(tiny_source, tmp_path / "x", empty, FULL, progress=False)
+    with pytest.raises(ValueError, match=r"instances\d*: not a diffusers folder \(no model_index.json\)"):
+        Trainer(instances, tmp_path / "x", instances, FULL, progress=False)
     # the CLI says the same, with a non-zero exit and nothing trained
     r = kiln("train", "dreambooth", str(tiny_source), str(tmp_path / "cli"), "--instance-images", str(instances),
              "--instance-prompt", "a photo of a square", "--quiet")

@@ -50,6 +50,9 @@ class DreamboothConfig:
     """Seeds the data order, the noise, the timesteps and the class images."""
     checkpoint_every: int = 100
     """Optimizer steps between checkpoints (OUT/checkpoint.pt; the last step always writes one)."""
+    offset_noise: float = 0.0
+    """Std of a per-image, per-channel constant added to the training noise (0: none). A base trained with
+    offset noise (Kiln's shapes model: 0.25, train/shapes/trainer.py) should be fine-tuned with the same."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this norm."""
     mixed_precision: str = "auto"
@@ -78,6 +81,8 @@ class DreamboothConfig:
         if self.resolution < 0 or self.resolution % 8:
             raise ValueError(f"resolution={self.resolution} must be 0 (the images' size) or a positive multiple "
                              "of 8")
+        if self.offset_noise < 0:
+            raise ValueError(f"offset_noise={self.offset_noise} must be at least 0")
         if self.prior_loss_weight < 0:
             raise ValueError(f"prior_loss_weight={self.prior_loss_weight} must be at least 0")
         if self.learning_rate <= 0:

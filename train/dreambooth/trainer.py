@@ -42,6 +42,9 @@ class Trainer:
 
         self.torch = torch
         self.base, self.out, self.config, self.progress = Path(base), Path(out), config, progress
+        if not (self.base / "model_index.json").is_file():
+            raise ValueError(f"{base}: not a diffusers folder (no model_index.json); kiln train dreambooth takes "
+                             "an SD 1.x / 2.x diffusers folder (kiln models init writes one)")
         if (self.base / "text_encoder_2").is_dir():
             raise ValueError(f"{base}: an SDXL model; kiln train dreambooth takes SD 1.x / 2.x diffusers folders")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -141,7 +144,10 @@ class Trainer:
         if self.class_latents is not None:
             latents = torch.cat([latents, self.class_latents[self._take("class_order", len(self.class_latents), b)]])
             kinds.append("class")
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        if c.offset_noise:
+            noise = noise + c.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator)
+        noise = noise.to(self.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
                           generator=self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
