@@ -13,6 +13,7 @@ from bench import (
     latency,
     lora,
     memory,
+    observe,
     precision,
     quality,
     quota,
@@ -24,7 +25,7 @@ from bench import (
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
              "single-file": single_file, "decoders": decoders, "lora": lora,
-             "gateway": gateway}
+             "gateway": gateway, "observe": observe}
 
 
 def main(argv: list[str] | None = None) -> int:
