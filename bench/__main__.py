@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from bench import (
+    cold_load,
     compile_memory,
     decoders,
     gateway,
@@ -25,7 +26,7 @@ from bench import (
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
              "single-file": single_file, "decoders": decoders, "lora": lora,
-             "gateway": gateway, "observe": observe}
+             "gateway": gateway, "observe": observe, "cold-load": cold_load}
 
 
 def main(argv: list[str] | None = None) -> int:
