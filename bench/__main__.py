@@ -19,6 +19,7 @@ from bench import (
     quality,
     quota,
     single_file,
+    switch,
     throughput,
     tome,
 )
@@ -26,7 +27,7 @@ from bench import (
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
              "single-file": single_file, "decoders": decoders, "lora": lora,
-             "gateway": gateway, "observe": observe, "cold-load": cold_load}
+             "gateway": gateway, "observe": observe, "cold-load": cold_load, "switch": switch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 import time

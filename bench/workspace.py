@@ -73,12 +73,11 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
 
 
 @contextmanager
-def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = (), log: Path | None = None,
-           names: tuple[str, ...] = ()) -> Iterator[str]:
+def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = (),
+           log: Path | None = None) -> Iterator[str]:
     """`kiln serve` on a free loopback port over a store holding only `bundle_dirs` (links to them, so a scratch
     store full of other bundles, e.g. SD v1 ones, is not loaded too); yields its target. `log`: a file its stderr
-    (its log lines) is appended to, else discarded. `names`: the model name each bundle is linked under (default:
-    its folder's name in its store)."""
+    (its log lines) is appended to, else discarded."""
     import tempfile
 
     from runtime.client import wait_ready
@@ -88,10 +87,9 @@ def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()
         port = sock.getsockname()[1]
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=WORK, prefix="serve-") as tmp:
-        for i, b in enumerate(bundle_dirs):
-            name = names[i] if names else b.parent.name
-            (Path(tmp) / name).mkdir(exist_ok=True)
-            (Path(tmp) / name / b.name).symlink_to(b.resolve(), target_is_directory=True)
+        for b in bundle_dirs:
+            (Path(tmp) / b.parent.name).mkdir(exist_ok=True)
+            (Path(tmp) / b.parent.name / b.name).symlink_to(b.resolve(), target_is_directory=True)
         stderr = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", tmp, "--port", str(port), *extra],
                                 stderr=stderr, cwd=ROOT)
