@@ -6,7 +6,9 @@ to a file as a production service would: **plain** (the default text log; its ac
 whatever the flags, so plain pays for text logging), **metrics + JSON logs** (`--metrics-port 0 --log-format
 json`, scraped every `--scrape-s` seconds as Prometheus would), and **+ tracing** (`--otlp-endpoint` to an OTLP
 receiver in the bench process) when `kiln serve` has that flag (the OpenTelemetry work; the row says so when it
-does not). Requests are identical across configurations (fixed seeds, `omit_progress`, the stream read to its end).
+does not). A **second plain server** is an A/A control: what two
+identical servers differ by in the same run, the noise floor of the added figures. Requests are identical across
+configurations (fixed seeds, `omit_progress`, the stream read to its end).
 
 Interleaving cancels drift: one client sends request i to every configuration in turn (order alternating ABC,
 CBA); with several concurrent clients, blocks of `--block` requests per client alternate the same way. p50/p99
@@ -38,10 +40,12 @@ MODEL = "tiny-fp32"
 """The bundle's name in the bench's work store (the one `gateway` and `throughput` use too)."""
 TARGET_MS = 0.5
 PLAIN = "plain"
+CONTROL = "second plain server"
 METRICS_JSON = "metrics + JSON logs"
 TRACING = "metrics + JSON logs + tracing"
 CONFIGS: dict[str, tuple[str, ...]] = {
     PLAIN: (),
+    CONTROL: (),  # an A/A control: what two identical servers differ by in this run (the noise floor)
     "metrics": ("--metrics-port", "0"),
     "JSON logs": ("--log-format", "json"),
     METRICS_JSON: ("--metrics-port", "0", "--log-format", "json"),
@@ -53,7 +57,7 @@ OTLP_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", default=f"{PLAIN},{METRICS_JSON},{TRACING}",
+    p.add_argument("--configs", default=f"{PLAIN},{CONTROL},{METRICS_JSON},{TRACING}",
                    help="comma-separated, the baseline first, from: " + ", ".join(CONFIGS))
     p.add_argument("--clients", default="1,4", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=2000, help="timed requests per configuration per level")
@@ -368,7 +372,11 @@ def _report(args: argparse.Namespace, configs: list[str], levels: list[int],
             rows.append([str(n), c, str(len(lat)), f"{p50 * 1e3:.2f}", f"{p99 * 1e3:.2f}",
                          f"{(p50 - b50) * 1e3:+.2f}" if added else "", f"{(p99 - b99) * 1e3:+.2f}" if added else "",
                          f"{cpu[(c, n)] / len(lat) * 1e3:.2f}"])
-            if added:
+            if added and c == CONTROL:
+                control = (f"A/A control ({c} vs {base}, the same flags), {n} client{'s' if n > 1 else ''}: "
+                           f"p50 {(p50 - b50) * 1e3:+.2f} ms, p99 {(p99 - b99) * 1e3:+.2f} ms")
+                verdicts.append(control)
+            elif added:
                 parts = []
                 for q, d in (("p50", (p50 - b50) * 1e3), ("p99", (p99 - b99) * 1e3)):
                     parts.append(f"{q} {d:+.2f} ms ({'met' if d <= TARGET_MS else f'missed by {d - TARGET_MS:.2f} ms'})")
@@ -382,6 +390,8 @@ def _report(args: argparse.Namespace, configs: list[str], levels: list[int],
         "serve` on loopback, all running at once, stderr written to a log file): "
         + "; ".join(f"**{c}**: `{' '.join(CONFIGS[c]) or 'no flags (text log)'}`"
                     + (" + `--otlp-endpoint` to a receiver in the bench" if c == TRACING else "") for c in configs)
+        + (f". **{CONTROL}** is an A/A control: a second plain server, to show what identical servers differ by in "
+           "this run" if CONTROL in configs else "")
         + ". The text access line per request is written in every configuration (it cannot be turned off), so "
         "**added** = what metrics and the JSON format cost on top of a plain server's text logging. "
         f"Interleaved: 1 client sends each request to every configuration in turn (ABC, CBA, ...); at more clients, "

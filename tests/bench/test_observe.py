@@ -31,8 +31,8 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
     text = out.read_text()
     assert text.startswith("# Observability overhead") and "- command: `python -m bench " in text
     tracing = "--otlp-endpoint" in observe.serve_flags()
-    configs = {observe.PLAIN, observe.METRICS_JSON} | ({observe.TRACING} if tracing else set())
-    rows = re.findall(r"^\| (\d) \| ([a-zA-Z +]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+)? \| "
+    configs = {observe.PLAIN, observe.CONTROL, observe.METRICS_JSON} | ({observe.TRACING} if tracing else set())
+    rows = re.findall(r"^\| (\d) \| ([a-zA-Z +,]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+)? \| "
                       r"([+-][\d.]+)? \| ([\d.]+) \|$", text, re.M)
     assert {(r[0], r[1]) for r in rows} == {(n, c) for n in "12" for c in configs}, text
     for clients, config, requests, p50, p99, added50, added99, cpu in rows:
@@ -40,7 +40,9 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
         assert bool(added50) == bool(added99) == (config != observe.PLAIN)
         assert float(cpu) > 0
     # every server counted (metrics) and logged (access lines) exactly the 1 + 4 + 4 requests it was sent
-    assert "counted exactly the requests sent (plain: 9, metrics + JSON logs: 9" in text, text
+    assert "counted exactly the requests sent (plain: 9, second plain server: 9, metrics + JSON logs: 9" in text, text
+    assert re.search(r"A/A control \(second plain server vs plain, the same flags\), 2 clients: p50 [+-][\d.]+ ms, "
+                     r"p99 [+-][\d.]+ ms", text), text
     assert re.search(r"metrics \+ JSON logs, 1 client: p50 [+-][\d.]+ ms \((met|missed by [\d.]+ ms)\), p99", text)
     assert ("not measured: `kiln serve` has no `--otlp-endpoint`" in text) != tracing
     sinks = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \|$", text, re.M))
