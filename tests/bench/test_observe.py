@@ -47,6 +47,10 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
     assert ("not measured: `kiln serve` has no `--otlp-endpoint`" in text) != tracing
     sinks = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \|$", text, re.M))
     assert len(sinks) == 4 and all(float(us) > 0 for us in sinks.values()), sinks
+    added_us = float(sinks[observe.SINK_BOTH]) - float(sinks[observe.SINK_TEXT])
+    m = re.search(r"metrics \+ JSON logs add (-?\d+) µs per request of CPU over plain's text log "
+                  r"\((met|missed): -?\d+% of the target\)", text)
+    assert m and abs(int(m.group(1)) - added_us) <= 1, text  # the table's figures are rounded
     json_log = (work / "observe" / "metrics-json-logs.log").read_text().splitlines()
     assert sum('"logger": "kiln.access"' in line for line in json_log) == 9
     assert not list(work.glob("store/tiny-fp32"))  # nothing compiled
