@@ -20,7 +20,7 @@ COPY proto ./proto
 COPY gateway ./gateway
 # runtime dependencies (numpy, onnxruntime, tokenizers, grpcio, pillow, safetensors, redis) and the gateway's
 # (fastapi, uvicorn): no [compiler] extra
-RUN python -m venv /opt/kiln && /opt/kiln/bin/pip install --no-cache-dir ".[gateway]"
+RUN python -m venv /opt/kiln && /opt/kiln/bin/pip install --no-cache-dir ".[gateway,otel]"
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 kiln && useradd --system --uid 10001 --gid kiln --home-dir /nonexistent --shell /usr/sbin/nologin kiln \

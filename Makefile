@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # and onnxruntime-gpu instead of onnxruntime.
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 
-.PHONY: install demo test redis chromium lint proto bench clean
+.PHONY: install demo test redis chromium haproxy lint proto bench clean
 
 install: $(STAMP)
 
@@ -29,14 +29,17 @@ demo: install
 # Debian's package when it is missing and then requires it (KILN_REQUIRE_REDIS). Where it cannot be installed (no
 # apt-get, or sudo wants a password) the Redis tests skip and the run ends with a banner saying so
 # (tests/conftest.py). The web page's tests drive Debian's Chromium (/usr/bin/chromium) with Playwright: installed
-# and required the same way (KILN_REQUIRE_CHROMIUM), else they skip saying so. PYTEST_ARGS picks tests:
+# and required the same way (KILN_REQUIRE_CHROMIUM), else they skip saying so. So is Debian's HAProxy
+# (KILN_REQUIRE_HAPROXY): tests/deploy runs deploy/haproxy.cfg in front of two replicas. PYTEST_ARGS picks tests:
 # make test PYTEST_ARGS=tests/accounts
 PYTEST_ARGS ?=
 CHROMIUM := /usr/bin/chromium
+HAPROXY := /usr/sbin/haproxy
 
-test: install redis chromium
+test: install redis chromium haproxy
 	KILN_REQUIRE_REDIS=$${KILN_REQUIRE_REDIS:-$$(command -v redis-server >/dev/null && echo 1)} \
 	KILN_REQUIRE_CHROMIUM=$${KILN_REQUIRE_CHROMIUM:-$$(test -x $(CHROMIUM) && echo 1)} \
+	KILN_REQUIRE_HAPROXY=$${KILN_REQUIRE_HAPROXY:-$$(test -x $(HAPROXY) && echo 1)} \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
 # sudo -n: never stop a test run at a password prompt
@@ -64,6 +67,21 @@ chromium:
 		else \
 			echo "make: $(CHROMIUM) is missing and cannot be installed here (no apt-get, or sudo wants a password);" \
 				"the web page's browser tests will skip"; \
+		fi; }
+
+# Debian's package (the load balancer of deploy/compose.yaml, version 2.6 on Debian 12); the package's service is
+# not needed: the tests start haproxy themselves
+haproxy:
+	@test -x $(HAPROXY) || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get"; \
+		if command -v apt-get >/dev/null 2>&1 && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
+			$$APT install -y -q --no-install-recommends haproxy \
+				|| { $$APT update -q && $$APT install -y -q --no-install-recommends haproxy; } \
+				|| echo "make: installing haproxy failed; the tests of deploy/haproxy.cfg will skip"; \
+		else \
+			echo "make: $(HAPROXY) is missing and cannot be installed here (no apt-get, or sudo wants a password);" \
+				"the tests of deploy/haproxy.cfg will skip"; \
 		fi; }
 
 lint: install

@@ -22,12 +22,13 @@ from bench import (
     switch,
     throughput,
     tome,
+    tracing,
 )
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
              "single-file": single_file, "decoders": decoders, "lora": lora,
-             "gateway": gateway, "observe": observe, "cold-load": cold_load, "switch": switch}
+             "gateway": gateway, "tracing": tracing, "observe": observe, "cold-load": cold_load, "switch": switch}
 
 
 def main(argv: list[str] | None = None) -> int:

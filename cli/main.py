@@ -136,11 +136,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from cli.flags import from_args
     from runtime.accounts.accounts import AccountsConfig
     from runtime.accounts.tiers import DEFAULT_TIERS
     from runtime.device import DeviceConfig
     from runtime.engine import EngineConfig
+    from runtime.pool.config import PoolConfig
     from runtime.server.app import ServeConfig, serve
+    from runtime.server.tracing_config import TracingConfig
 
     accounts = None
     if args.auth_db:
@@ -166,13 +169,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         Path(args.tls_client_ca) if args.tls_client_ca else None)
     extra["tls"] = tls
     extra["metrics_port"], extra["metrics_host"] = args.metrics_port, args.metrics_host
+    extra["pool"] = from_args(PoolConfig, args)
+    extra["tracing"] = from_args(TracingConfig, args)
     config = ServeConfig(store=Path(args.store), host=args.host, port=args.port, threads=args.threads,
-                         shutdown_grace_s=args.shutdown_grace, accounts=accounts, insecure_open=args.insecure_open,
+                         shutdown_grace_s=args.shutdown_grace, lame_duck_s=args.lame_duck, accounts=accounts,
+                         insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
                          device=device, **extra)
     gateway = None
     if args.gateway_port is not None:  # the HTTP gateway beside the server, in the same process (a single box)
-        from cli.flags import from_args
         from gateway.config import GatewayConfig
 
         # the server's own accounts decide: the gateway beside an open server is as open as the server
@@ -349,12 +354,16 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         print(describe_error(e), file=sys.stderr)
         return 1
+    if response.memory_budget_bytes:
+        print(f"# memory budget {response.memory_budget_bytes / 1e6:.0f} MB, models hold "
+              f"{response.memory_used_bytes / 1e6:.0f} MB (process {response.process_resident_bytes / 1e6:.0f} MB)")
     for m in response.models:
         precision = ",".join(f"{k}={v}" for k, v in sorted(m.precision.items()))
         fidelity = ""
         if m.HasField("fidelity"):
             fidelity = f"\tvs fp32 {m.fidelity.psnr_db:.1f} dB" + (" LOW FIDELITY" if m.fidelity.low_fidelity else "")
-        print(f"{m.name}\t{m.version}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
+        state = (f"loaded {m.memory_bytes / 1e6:.0f} MB" if m.loaded else "not loaded") + (" pinned" if m.pinned else "")
+        print(f"{m.name}\t{m.version}\t{state}\t{m.default_width}x{m.default_height}\t{m.default_sampler}/{m.default_steps} "
               f"steps\tsizes {m.limits.min_size}-{m.limits.max_size}\t{precision}{fidelity}"
               + ("\tinpainting model" if m.inpainting_model else "")
               + ("\tSDXL" if m.architecture == "sdxl" else "")
@@ -362,7 +371,52 @@ def cmd_models_list(args: argparse.Namespace) -> int:
               + (f"\tfrom {m.source_family}" if m.source_family not in ("", "diffusers-folder") else "")
               + (f"\tloras {' '.join(f'{lo.name}:{lo.scale:g}' for lo in m.fused_loras)}" if m.fused_loras else "")
               + (f"\tLoRA adapters (up to {m.limits.max_loras}): " + ", ".join(f"{a.name} (rank {a.rank})" for a in m.adapters)
-                 if m.adapters else ""))
+                 if m.adapters else "")
+              + (f"\taliases {' '.join(f'{a}->{v}' for a, v in sorted(m.aliases.items()))}" if m.aliases else "")
+              + (f"\tengine {m.engine}" if m.engine and m.engine != "onnxruntime" else ""))
+    return 0
+
+
+def cmd_models_load(args: argparse.Namespace) -> int:
+    import grpc
+
+    from runtime.client import describe_error, load_model
+
+    unload = args.models_command == "unload"
+    try:
+        m = load_model(args.target, args.model, unload=unload, api_key=args.api_key, tls=_client_tls(args))
+    except grpc.RpcError as e:
+        print(describe_error(e), file=sys.stderr)
+        return 1
+    print(f"{m.name}\t{m.version}\t" + (f"loaded {m.memory_bytes / 1e6:.0f} MB in {m.load_seconds:.2f}s" if m.loaded
+                                         else "not loaded") + (f"\tloaded versions {' '.join(m.loaded_versions)}"
+                                                               if m.loaded_versions else ""))
+    return 0
+
+
+def cmd_models_alias(args: argparse.Namespace) -> int:
+    from model_store import Store
+    from model_store.aliases import AliasError, ModelRef, read_aliases, remove_alias, set_alias
+
+    store = Store(args.store)
+    try:
+        if args.remove:
+            target = remove_alias(store.root, args.remove)
+            print(f"removed alias {args.remove} (was {target})")
+        elif args.target_version:
+            ref = ModelRef.parse(args.target_version)
+            if not args.alias:
+                raise AliasError("give the alias: kiln models alias NAME@VERSION ALIAS")
+            set_alias(store.root, ref, args.alias, store.versions(ref.name), store.names())
+            print(f"{args.alias} -> {ref}" + ("  (the plain name now serves this version; --remove "
+                                             f"{args.alias} to follow the newest again)" if args.alias == ref.name
+                                             else ""))
+        else:
+            for alias, ref in sorted(read_aliases(store.root).items()):
+                print(f"{alias}\t{ref}")
+    except AliasError as e:
+        print(f"kiln models alias: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -427,6 +481,13 @@ def _client_tls(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                      key=Path(args.tls_key) if args.tls_key else None)
 
 
+def _tracing_flags(p) -> None:  # type: ignore[no-untyped-def]
+    from cli.flags import add_flags
+    from runtime.server.tracing_config import TracingConfig
+
+    add_flags(p, TracingConfig)
+
+
 def _gateway_flags(p, skip: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
     from cli.flags import add_flags
     from gateway.config import GatewayConfig
@@ -456,6 +517,21 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--target", default="127.0.0.1:50051")
     _api_key(ls)
     ls.set_defaults(func=cmd_models_list)
+    for name, helptext in (("load", "load a model on a running server now (admin keys on servers with accounts)"),
+                           ("unload", "unload a model from a running server once its requests end (admin keys)")):
+        lp = models.add_parser(name, help=helptext)
+        lp.add_argument("model", help="NAME, NAME@VERSION or an alias")
+        lp.add_argument("--target", default="127.0.0.1:50051")
+        _api_key(lp)
+        lp.set_defaults(func=cmd_models_load)
+    al = models.add_parser("alias", help="name one version of a model (in the store; running servers follow): "
+                                         "`NAME@VERSION ALIAS`; ALIAS = NAME pins what the plain name serves "
+                                         "(rollback); without arguments, list the aliases")
+    al.add_argument("target_version", nargs="?", metavar="NAME@VERSION")
+    al.add_argument("alias", nargs="?", metavar="ALIAS")
+    al.add_argument("--store", required=True)
+    al.add_argument("--remove", metavar="ALIAS", help="remove an alias (a plain name follows its newest version again)")
+    al.set_defaults(func=cmd_models_alias)
 
     c = sub.add_parser("compile", help="compile a local diffusers folder or single-file checkpoint into a bundle")
     c.add_argument("source", help="local diffusers folder (model_index.json, unet/, vae/, ...) or a single-file "
@@ -563,6 +639,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per session (0: one per core)")
     s.add_argument("--shutdown-grace", type=float, default=300.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--lame-duck", type=float, default=0.0,
+                   help="seconds new calls are still taken after SIGTERM turned health NOT_SERVING, so a load "
+                        "balancer drops the server first (default 0: refused at once)")
     s.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where ONNX Runtime runs the graphs: cpu (default), or an NVIDIA GPU (needs onnxruntime-gpu; "
                         "fp16 bundles need one)")
@@ -604,11 +683,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--tls-key", metavar="PEM", help="its private key")
     t.add_argument("--tls-client-ca", metavar="PEM",
                    help="mutual TLS: clients must present a certificate this CA signed")
+    from cli.flags import add_flags
+    from runtime.pool.config import PoolConfig
+
+    pool = s.add_argument_group("model pool and hot publish (README: Model pool)")
+    add_flags(pool, PoolConfig)
     gw = s.add_argument_group("HTTP gateway beside the server (README: HTTP API)")
     gw.add_argument("--gateway-port", type=int, default=None,
                     help="also serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, web page) on this port; 0 picks one")
     gw.add_argument("--gateway-host", default="127.0.0.1", help="address the gateway binds (default: 127.0.0.1)")
     _gateway_flags(gw, skip=("target", "host", "port", "insecure_open"))
+    _tracing_flags(s.add_argument_group("OpenTelemetry tracing (README: Tracing)"))
     s.set_defaults(func=cmd_serve)
 
     gp = sub.add_parser("gateway", help="serve the HTTP gateway (AUTOMATIC1111 and OpenAI APIs, SSE, web page) in "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from opentelemetry import propagate, trace
 
 from gateway.auth import api_key, client_id
 from gateway.config import GatewayConfig
@@ -69,6 +71,9 @@ class Caller:
     """The client's `X-Request-Id`, passed on as gRPC `x-request-id` metadata (the server validates and logs it)."""
     idempotency_key: str = ""
     """The client's `Idempotency-Key`: a retry with the same key is charged once (gRPC `x-idempotency-key`)."""
+    trace: tuple[tuple[str, str], ...] = ()
+    """W3C trace context (`traceparent`, `tracestate`) for the gRPC calls, so the server's spans continue the
+    client's trace (or the gateway's own HTTP span, where FastAPI's telemetry has an SDK to record it)."""
 
     def metadata(self, call: int = 0) -> tuple[tuple[str, str], ...]:
         """gRPC metadata for the request's `call`-th Generate call (AUTOMATIC1111's n_iter makes several: each
@@ -78,7 +83,7 @@ class Caller:
             md.append(("x-request-id", self.request_id if not call else f"{self.request_id}-{call}"))
         if self.idempotency_key:
             md.append(("x-idempotency-key", self.idempotency_key if not call else f"{self.idempotency_key}:{call}"))
-        return tuple(md)
+        return (*md, *self.trace)
 
 
 def gateway(request: Request) -> Gateway:
@@ -90,7 +95,16 @@ async def caller(request: Request) -> Caller:
     FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request for a few microseconds' work."""
     key = api_key(request.headers, gateway(request).config.api_auth)
     return Caller(key, client_id(key), request.headers.get("x-request-id", "")[:128],
-                  request.headers.get("idempotency-key", "")[:128])
+                  request.headers.get("idempotency-key", "")[:128], trace_context(request.headers))
+
+
+def trace_context(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The trace context to pass on: the current span's where one is recording here, else the request's own
+    `traceparent` (parsed and re-encoded by OpenTelemetry's W3C propagator: a malformed one is dropped)."""
+    current = trace.get_current_span().get_span_context().is_valid
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, None if current else propagate.extract(headers))
+    return tuple(carrier.items())
 
 
 CallerDep = Annotated[Caller, Depends(caller)]

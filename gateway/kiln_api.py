@@ -59,7 +59,8 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 @router.post("/v1/generate", summary="Generate, streaming Server-Sent Events",
-             response_description="text/event-stream: started, progress*, artifact*, done (or error)")
+             response_description="text/event-stream: [progress (stage loading)*], started, progress*, "
+                                  "artifact*, done (or error)")
 async def generate(request: Request, who: CallerDep,
                    body: Annotated[Any, Body(examples=[{"model": "tiny", "prompt": "a red circle", "steps": 4,
                                                         "preview_every": 1}])]) -> StreamingResponse:
@@ -78,7 +79,8 @@ async def generate(request: Request, who: CallerDep,
 
     async def body_stream() -> AsyncIterator[bytes]:
         try:
-            yield sse("started", message_json(first))
+            # `started`, or `progress` with stage "loading" first when the model loads for this request
+            yield sse(first.WhichOneof("event") or "event", message_json(first))
             try:
                 async for _, event in events:
                     yield sse(event.WhichOneof("event") or "event", message_json(event))

@@ -53,7 +53,8 @@ class Bar:
                 return
             self._last = (stage, tenth)
         filled = int(self.width * step / total) if total else 0
-        line = f"{stage:<11} [{'#' * filled}{'.' * (self.width - filled)}] {step}/{total} {elapsed:6.1f}s"
+        counts = f"{step}/{total}" if total else "..."  # `loading` (the model): no steps to count
+        line = f"{stage:<11} [{'#' * filled}{'.' * (self.width - filled)}] {counts} {elapsed:6.1f}s"
         self.stream.write(("\r" + line) if self.tty else line + "\n")
         self.stream.flush()
 
@@ -164,6 +165,17 @@ def list_models(target: str, timeout: float = 10.0, api_key: str = "",
                 tls: ClientTls | None = None) -> pb.ListModelsResponse:
     with channel(target, tls) as ch:
         return pb_grpc.KilnStub(ch).ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=key_metadata(api_key))
+
+
+def load_model(target: str, model: str, unload: bool = False, timeout: float = 600.0, api_key: str = "",
+               tls: ClientTls | None = None) -> pb.ModelInfo:
+    """LoadModel (or UnloadModel): returns when the model is loaded (or unloaded)."""
+    with channel(target, tls) as ch:
+        stub = pb_grpc.KilnStub(ch)
+        call = stub.UnloadModel(pb.UnloadModelRequest(model=model), timeout=timeout, metadata=key_metadata(api_key)) \
+            if unload else stub.LoadModel(pb.LoadModelRequest(model=model), timeout=timeout,
+                                          metadata=key_metadata(api_key))
+        return call
 
 
 def get_balance(target: str, api_key: str, timeout: float = 10.0, tls: ClientTls | None = None) -> pb.Balance:

@@ -16,6 +16,7 @@ failure is that request's only.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -110,6 +111,23 @@ class BatchRecord:
     rows: int
 
 
+@dataclass(frozen=True)
+class StageMark:
+    """When one of a request's stages ran (Unix ns, like OpenTelemetry's clock), and with how many others: the
+    engine keeps these only while `Engine.on_finish` is set (tracing builds the request's stage spans from them)."""
+
+    stage: str
+    """queue | text_encode | prepare | denoise | vae_decode | png_encode."""
+    start_ns: int
+    end_ns: int
+    rows: int = 0
+    """Batch rows of the shared model call (0 for per-request work)."""
+    requests: int = 1
+    """Requests in the shared model call."""
+    index: int = 0
+    """denoise: the step number (1-based); vae_decode and png_encode: the image index."""
+
+
 @dataclass
 class Job:
     gen: Generation
@@ -119,6 +137,12 @@ class Job:
     decoded: int = 0
     submitted: float = field(default_factory=time.monotonic)
     """When the engine admitted it (its queue time runs to its first model call)."""
+    marks: list[StageMark] | None = None
+    """Its stages' times, kept while the engine has an `on_finish` listener (else None)."""
+    context: contextvars.Context | None = None
+    """The submitter's context variables (the RPC's trace context), kept with `marks`."""
+    submitted_ns: int = 0
+    """`submitted` on the Unix clock, kept with `marks`."""
 
     @property
     def request_id(self) -> str:
@@ -166,6 +190,9 @@ class Engine:
         """Told (model name, rows) for every UNet call (the metrics' batch-size histogram)."""
         self.on_queued: Callable[[str, float], None] | None = None
         """Told (model name, seconds) when a request gets its first model call (the queue-time histogram)."""
+        self.on_finish: Callable[[Job, str], None] | None = None
+        """Told (job, finished | cancelled | failed) when a request leaves the engine; while set, jobs keep their
+        stage marks and their submitter's context (tracing turns them into spans)."""
         self.history: deque[Outcome] = deque(maxlen=history)
         self.batches: deque[BatchRecord] = deque(maxlen=history)
         self.decodes: deque[tuple[str, ...]] = deque(maxlen=history)
@@ -204,6 +231,8 @@ class Engine:
     def submit(self, gen: Generation) -> Job:
         self.check_capacity()
         job = Job(gen, Pipeline(gen.model))
+        if self.on_finish is not None:
+            job.marks, job.context, job.submitted_ns = [], contextvars.copy_context(), time.time_ns()
         self._jobs.append(job)
         self._idle.clear()
         self._wake.set()
@@ -322,18 +351,26 @@ class Engine:
             now = time.monotonic()
             for job in jobs:
                 self.on_queued(job.gen.model.name, now - job.submitted)
+        t0 = time.time_ns()
         embeddings = encode_text_batch(jobs[0].gen.model, [j.gen for j in jobs])
+        t1, rows = time.time_ns(), sum(len(j.gen.tokens) for j in jobs)  # text-encoder rows: prompts
 
         def prepare(job: Job, embedding: tuple[np.ndarray, np.ndarray | None]) -> tuple[Event, bool]:
+            _mark(job, "queue", job.submitted_ns, t0)
+            _mark(job, "text_encode", t0, t1, rows, len(jobs))
             job.gen.embeddings, job.gen.pooled = embedding
+            p0 = time.time_ns()
             job.pipeline.prepare(job.gen)
+            _mark(job, "prepare", p0, time.time_ns())
             return Progress("text_encode", 0, job.gen.total_steps, job.gen.elapsed), False
 
         return _each(jobs, embeddings, prepare)
 
     def _denoise(self, batch: list[Job]) -> list[tuple[Event, bool]]:
         """The UNet call, then each job's sampler step (and preview)."""
+        t0 = time.time_ns()
         outputs = unet_batch(batch[0].gen.model, [j.gen for j in batch])
+        t1 = time.time_ns()
         self.batches.append(BatchRecord(tuple(j.request_id for j in batch), sum(j.rows for j in batch)))
         if self.on_unet_batch:
             self.on_unet_batch(batch[0].gen.model.name, self.batches[-1].rows)
@@ -341,6 +378,7 @@ class Engine:
         def step(job: Job, out: np.ndarray) -> tuple[Event, bool]:
             gen = job.gen
             job.pipeline.apply_unet_output(gen, out)
+            _mark(job, "denoise", t0, t1, self.batches[-1].rows, len(batch), gen.steps_done)
             return Progress("denoise", gen.steps_done, gen.total_steps, gen.elapsed, job.pipeline.preview(gen)), False
 
         return _each(batch, outputs, step)
@@ -348,12 +386,17 @@ class Engine:
     def _decode(self, jobs: list[Job]) -> list[tuple[Event, bool]]:
         """The next image of each job (same model and size) in one VAE-decoder call, then each one's finished
         image (inpainting: pasted over the init image) and PNG."""
+        t0 = time.time_ns()
         images = decode_batch(jobs[0].gen.model, [(j.gen, j.decoded) for j in jobs])
+        t1 = time.time_ns()
         self.decodes.append(tuple(j.request_id for j in jobs))
 
         def finish(job: Job, image: np.ndarray) -> tuple[Event, bool]:
             gen, k = job.gen, job.decoded
+            _mark(job, "vae_decode", t0, t1, len(jobs), len(jobs), k)
+            p0 = time.time_ns()
             png = job.pipeline.encode_png(gen, k, job.pipeline.finish_image(gen, image))
+            _mark(job, "png_encode", p0, time.time_ns(), index=k)
             job.decoded += 1
             return Artifact(k, png, gen.params.image_seed(k), dict(gen.timings)), job.decoded == gen.params.num_images
 
@@ -373,6 +416,13 @@ class Engine:
         self.history.append(outcome)
         log.info("request %s %s after %d/%d steps (%.2fs)", outcome.request_id, status,
                  outcome.steps_done, outcome.total_steps, job.gen.elapsed)
+        if self.on_finish is not None:
+            self.on_finish(job, status)
+
+
+def _mark(job: Job, stage: str, start_ns: int, end_ns: int, rows: int = 0, requests: int = 1, index: int = 0) -> None:
+    if job.marks is not None:
+        job.marks.append(StageMark(stage, start_ns, end_ns, rows, requests, index))
 
 
 def _each(jobs: list[Job], shares: list, update) -> list[tuple[Event, bool]]:  # type: ignore[no-untyped-def]
@@ -389,4 +439,4 @@ def _each(jobs: list[Job], shares: list, update) -> list[tuple[Event, bool]]:  #
     return out
 
 
-__all__ = ["Artifact", "BatchRecord", "Engine", "EngineConfig", "Event", "Failed", "Job", "Outcome", "Progress"]
+__all__ = ["Artifact", "BatchRecord", "Engine", "EngineConfig", "Event", "Failed", "Job", "Outcome", "Progress", "StageMark"]

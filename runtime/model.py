@@ -33,8 +33,36 @@ class Decoder:
     TAESD, which is trained on the scaled latents themselves)."""
 
 
+class BundleFacts:
+    """What a bundle's manifest says about it, for classes with a `manifest` (a loaded model, a pool's card)."""
+
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def sdxl(self) -> bool:
+        """Two text encoders and the UNet's added conditioning (pooled text embeddings, size/crop ids)."""
+        return self.manifest.model.get("architecture") == "sdxl"
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting checkpoints."""
+        return int(self.manifest.model.get("unet_in_channels", 4)) == 9
+
+    @property
+    def decoders(self) -> dict[str, Decoder]:
+        return manifest_decoders(self.manifest)
+
+
 @dataclass
-class LoadedModel:
+class LoadedModel(BundleFacts):
     manifest: Manifest
     path: Path
     sessions: dict[str, ModelSession]
@@ -44,11 +72,6 @@ class LoadedModel:
     """Bundles compiled with --lora-inputs: their adapters and the feeds of each selection; else None."""
     tokenizer_2: PromptTokenizer | None = None
     """SDXL: the second text encoder's tokenizer (same vocabulary, its own padding); else None."""
-
-    @property
-    def sdxl(self) -> bool:
-        """Two text encoders and the UNet's added conditioning (pooled text embeddings, size/crop ids)."""
-        return self.manifest.model.get("architecture") == "sdxl"
 
     @property
     def adapters(self) -> dict[str, Adapter]:
@@ -73,27 +96,15 @@ class LoadedModel:
             return
         self.lora = LoraFeeds(shapes, load_adapters(folder, shapes))
 
-    @property
-    def name(self) -> str:
-        return self.manifest.name
 
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
-    @property
-    def inpainting(self) -> bool:
-        """A 9-channel UNet (latents + mask + masked-image latents), like SD's inpainting checkpoints."""
-        return int(self.manifest.model.get("unet_in_channels", 4)) == 9
-
-    @property
-    def decoders(self) -> dict[str, Decoder]:
-        """`full`, and `tiny` for a bundle compiled with --tiny-decoder (manifest `model.decoders`; bundles from
-        before it have the full one only)."""
-        m = self.manifest.model
-        given = m.get("decoders") or {"full": {"component": "vae_decoder", "scaling_factor": m["vae_scaling_factor"]}}
-        return {name: Decoder(str(d["component"]), float(d["scaling_factor"])) for name, d in given.items()
-                if d["component"] in self.sessions}
+def manifest_decoders(manifest: Manifest) -> dict[str, Decoder]:
+    """`full`, and `tiny` for a bundle compiled with --tiny-decoder (manifest `model.decoders`; bundles from before
+    it have the full one only), among the components the bundle has."""
+    m = manifest.model
+    given = m.get("decoders") or {"full": {"component": "vae_decoder", "scaling_factor": m["vae_scaling_factor"]}}
+    return {name: Decoder(str(d["component"]), float(d["scaling_factor"])) for name, d in given.items()
+            if d["component"] in manifest.components}
 
 
 def load_bundle(ref: BundleRef, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",

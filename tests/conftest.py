@@ -292,3 +292,31 @@ def load_latest(store: Path, name: str):  # type: ignore[no-untyped-def]
     from runtime.model import load_bundle
 
     return load_bundle(Store(store).latest(name))
+
+
+def publish_copy(bundle: Path, store: Path, name: str, version: str) -> Path:
+    """Publish a copy of `bundle` as `name` version `version` (now), the way `kiln compile` publishes: built in a
+    hidden staging folder of the store, then renamed into place. The manifest's files are unchanged, so it verifies."""
+    import json
+    from datetime import UTC, datetime
+
+    from model_store.store import TMP_PREFIX
+
+    staging = store / name / f"{TMP_PREFIX}{version}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle, staging)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    manifest.update(name=name, version=version, created_at=datetime.now(UTC).isoformat())
+    (staging / "manifest.json").write_text(json.dumps(manifest))
+    final = store / name / version
+    staging.rename(final)
+    return final
+
+
+@pytest.fixture(scope="session")
+def three_models(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with models a, b and c (copies of the tiny bundle, version v1), for the model pool's tests."""
+    store = tmp_path_factory.mktemp("three-models")
+    for name in "abc":
+        publish_copy(tiny_bundle, store, name, "v1")
+    return store

@@ -29,7 +29,8 @@ class Tier:
     models: tuple[str, ...]
     """Bundle names the tier may use; `*` allows all."""
     admin: bool = False
-    """Whether keys of this tier may call the admin RPCs (GrantCredits, CreateKey, RevokeKey)."""
+    """Whether keys of this tier may call the admin RPCs (GrantCredits, CreateKey, RevokeKey, LoadModel,
+    UnloadModel)."""
 
     def allows_model(self, model: str) -> bool:
         return "*" in self.models or model in self.models

@@ -41,13 +41,35 @@ class Metrics:
         self.queued = Gauge("kiln_requests_queued", "Requests admitted, waiting for their first model call",
                             registry=r)
         self.running = Gauge("kiln_requests_running", "Requests with model work under way", registry=r)
-        self.models_loaded = Gauge("kiln_models_loaded", "Bundles loaded and served", registry=r)
+        self.models_loaded = Gauge("kiln_models_loaded", "Bundle versions loaded", registry=r)
+        self.model_loads = Counter("kiln_model_loads_total", "Bundle version loads (verify + open), by outcome",
+                                   ["model", "status"], registry=r)
+        self.model_load_seconds = Histogram("kiln_model_load_duration_seconds", "Bundle version load time (verify + "
+                                            "open)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.model_evictions = Counter("kiln_model_evictions_total", "Bundle versions unloaded, by reason (budget: "
+                                       "room for another; unload: UnloadModel; replaced: a newer version took over)",
+                                       ["model", "reason"], registry=r)
+        self.models_memory = Gauge("kiln_models_memory_bytes", "Resident memory the loaded models account for",
+                                   registry=r)
+        self.memory_budget = Gauge("kiln_memory_budget_bytes", "--memory-budget (0: none)", registry=r)
 
     def watch(self, queued: Callable[[], int], running: Callable[[], int], models: Callable[[], int]) -> None:
         """Gauges read at scrape time."""
         self.queued.set_function(queued)
         self.running.set_function(running)
         self.models_loaded.set_function(models)
+
+    def watch_memory(self, used: Callable[[], int], budget: int | None) -> None:
+        self.models_memory.set_function(used)
+        self.memory_budget.set(budget or 0)
+
+    def model_loaded(self, model: str, seconds: float, ok: bool) -> None:
+        self.model_loads.labels(model, "ok" if ok else "failed").inc()
+        if ok:
+            self.model_load_seconds.labels(model).observe(seconds)
+
+    def model_evicted(self, model: str, reason: str) -> None:
+        self.model_evictions.labels(model, reason).inc()
 
     def unet_batch_rows(self, model: str, rows: int) -> None:
         self.unet_batch.labels(model).observe(rows)

@@ -15,24 +15,62 @@ from runtime import engine as ev
 from runtime.accounts.accounts import Accounts
 from runtime.accounts.ledger import Balance
 from runtime.accounts.tiers import Tier
+from runtime.adapters import Adapter
 from runtime.engine import Engine
 from runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Unavailable
 from runtime.model import LoadedModel
 from runtime.pipeline import Generation, Pipeline
+from runtime.pool.card import AdapterListing, BundleCard
+from runtime.pool.memory import rss
+from runtime.pool.pool import ModelLoadFailed, ModelPool
 from runtime.samplers import SAMPLERS
 from runtime.server.context import ACCOUNT, COST, REQUEST_ID
 from runtime.validate import MAX_PROMPT_CHARS, validate
 
+LOADING_EVERY_S = 1.0
+"""While a request waits for its model to load, a `loading` progress event this often."""
+
 
 class KilnServicer(pb_grpc.KilnServicer):
-    def __init__(self, models: dict[str, LoadedModel], engine: Engine, accounts: Accounts | None = None):
-        self.models = models
+    def __init__(self, pool: ModelPool, engine: Engine, accounts: Accounts | None = None):
+        self.pool = pool
         self.engine = engine
         self.accounts = accounts
         self.accepting = True
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(m) for m in self.models.values()])
+        pool = self.pool
+        return pb.ListModelsResponse(models=[self._info(name) for name in pool.names],
+                                     memory_budget_bytes=pool.budget or 0, memory_used_bytes=pool.used_bytes,
+                                     process_resident_bytes=rss())
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        card = self.pool.resolve(request.model)
+        await self.pool.load(card)
+        return self._info(card.name)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        card = self.pool.resolve(request.model)
+        await self.pool.unload(card)
+        return self._info(card.name)
+
+    def _info(self, name: str) -> pb.ModelInfo:
+        pool = self.pool
+        card = pool.resolve(name)
+        slots = sorted((s for s in pool.slots.values() if s.card.name == name and s.model is not None),
+                       key=lambda s: s.key)
+        current = pool.slots.get(card.key)
+        info = model_info(card, pool.resident(card))
+        info.loaded = current is not None and current.model is not None
+        info.memory_bytes = sum(s.bytes for s in slots)
+        info.last_used_unix = max((s.last_used for s in slots), default=current.last_used if current else 0.0)
+        info.pinned = current is not None and pool.pinned(current)
+        info.versions.extend(pool.catalog.versions(name))
+        info.loaded_versions.extend(s.card.version for s in slots)
+        info.aliases.update(pool.catalog.aliases_of(name))
+        info.engine = pool.engine_for(name)
+        info.load_seconds = current.load_s if current is not None else 0.0
+        return info
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -41,23 +79,59 @@ class KilnServicer(pb_grpc.KilnServicer):
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
         if not request.model:
-            raise InvalidArgument([FieldViolation("model", f"model is required; available: {', '.join(self.models)}")])
-        model = self.models.get(request.model)
-        if model is None:
-            raise NotFound("model", request.model, sorted(self.models))
-        m = model.manifest
-        args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, model.schedule,
-                "vae_encoder" in model.sessions)
-        check = functools.partial(validate, decoders=tuple(model.decoders), adapters=model.adapters,
-                                  max_loras=model.max_loras, sdxl=model.sdxl)
+            raise InvalidArgument([FieldViolation("model", f"model is required; available: {', '.join(self.pool.names)}")])
+        card = self.pool.resolve(request.model)
+        resident = self.pool.resident(card)
+        m = card.manifest
+        args = (request, m.defaults, m.limits, REQUEST_ID.get(), "latent_rgb" in m.model, card.schedule,
+                "vae_encoder" in m.components)
+        check = functools.partial(validate, decoders=tuple(card.decoders),
+                                  adapters=resident.adapters if resident else card.adapters,
+                                  max_loras=card.max_loras, sdxl=card.sdxl)
         # decoding client images takes a while (up to 4096x4096): off the event loop
         params = await asyncio.to_thread(check, *args) if request.init_image else check(*args)
         self.engine.check_capacity()  # SERVER_BUSY before anything is streamed
-        gen = Generation(params, model, started=t0)
-        gen.timings["validate"] = time.perf_counter() - t0
-        truncations = Pipeline(model).tokenize(gen)
         rid = params.request_id
+        slot = None
+        try:
+            waited = time.perf_counter()
+            while slot is None:
+                leasing = asyncio.ensure_future(self.pool.acquire(card))
+                try:
+                    while not leasing.done():
+                        if resident is None:  # say why nothing happens yet
+                            yield pb.GenerateResponse(request_id=rid, progress=pb.Progress(
+                                stage="loading", elapsed_s=time.perf_counter() - t0))
+                        await asyncio.wait({leasing}, timeout=LOADING_EVERY_S)
+                    slot = leasing.result()
+                except ModelLoadFailed:
+                    retry = self.pool.card_or_none(request.model) if "@" not in request.model else None
+                    if retry is None or retry.key == card.key:
+                        raise
+                    card = retry  # the plain name moved to an older version that may load
+                finally:
+                    if not leasing.done():
+                        leasing.cancel()
+                    elif slot is None and not leasing.cancelled() and leasing.exception() is None:
+                        self.pool.release(leasing.result())  # cancelled just as it was granted
+            model = slot.model
+            assert model is not None
+            missing = [name for name, _ in params.loras if name not in model.adapters]
+            if missing:
+                raise NotFound("adapter", missing[0], sorted(model.adapters))
+            gen = Generation(params, model, started=t0)
+            gen.timings["validate"] = waited - t0
+            if resident is None:
+                gen.timings["load"] = time.perf_counter() - waited
+            async for response in self._run(request, gen, rid):
+                yield response
+        finally:
+            if slot is not None:
+                self.pool.release(slot)
 
+    async def _run(self, request: pb.GenerateRequest, gen: Generation, rid: str) -> AsyncIterator[pb.GenerateResponse]:
+        params, model = gen.params, gen.model
+        truncations = Pipeline(model).tokenize(gen)
         yield pb.GenerateResponse(request_id=rid, started=pb.Started(
             model=model.name, model_version=model.version, width=params.width, height=params.height,
             steps=params.steps, guidance_scale=params.guidance_scale, sampler=params.sampler, seed=params.seed,
@@ -87,7 +161,6 @@ class KilnServicer(pb_grpc.KilnServicer):
                     ))
         finally:
             job.cancel()  # a no-op when finished; on client cancel or deadline, stops before the next step
-
 
     # accounts ---------------------------------------------------------------------------------------------------
     def _accounts(self) -> Accounts:
@@ -140,9 +213,11 @@ def _balance(key_id: str, tier: Tier, b: Balance) -> pb.Balance:
                       granted=b.granted, spent=b.spent, held=b.held, reset_unix=int(b.reset))
 
 
-def model_info(model: LoadedModel) -> pb.ModelInfo:
-    m = model.manifest
+def model_info(card: BundleCard, model: LoadedModel | None = None) -> pb.ModelInfo:
+    """A bundle version's listing; its adapters are the loaded model's (those that fit it) once it is loaded."""
+    m = card.manifest
     d, lim = m.defaults, m.limits
+    adapters: list[Adapter | AdapterListing] = list((model.adapters if model is not None else card.adapters).values())
     return pb.ModelInfo(
         name=m.name, version=m.version, precision=m.precision,
         default_width=d["width"], default_height=d["height"], default_steps=d["steps"],
@@ -150,14 +225,14 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
         limits=pb.ModelLimits(
             min_size=lim["min_size"], max_size=lim["max_size"], max_steps=lim["max_steps"],
             max_images=lim["max_images"], max_guidance_scale=lim["max_guidance_scale"],
-            max_prompt_chars=MAX_PROMPT_CHARS, max_loras=model.max_loras,
+            max_prompt_chars=MAX_PROMPT_CHARS, max_loras=card.max_loras,
         ),
         adapters=[pb.LoraInfo(name=a.name, sha256=a.sha256, scale=1.0, rank=a.rank)
-                  for a in sorted(model.adapters.values(), key=lambda a: a.name)],
+                  for a in sorted(adapters, key=lambda a: a.name)],
         samplers=list(SAMPLERS),
-        inpainting_model=model.inpainting,
-        embedding_tokens=model.tokenizer.embedding_tokens,
-        decoders=list(model.decoders),
+        inpainting_model=card.inpainting,
+        embedding_tokens=[e["token"] for e in m.tokenizer.get("embeddings", [])],
+        decoders=list(card.decoders),
         fidelity=pb.Fidelity(
             psnr_db=f["psnr"], ssim=f["ssim"], low_fidelity=bool(f.get("low_fidelity")), failures=f.get("failures", []),
         ) if (f := m.fidelity) else None,

@@ -88,11 +88,18 @@ def test_serve_with_gateway_port(tiny_store: Path, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", str(tiny_store), "--port",
-                                 str(port), "--gateway-port", str(http), "--preview-every", "0"], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
+                                 str(port), "--gateway-port", str(http), "--preview-every", "0", "--preload", "none"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{http}"
         wait_http(url, proc, log)
+        # the model is not loaded yet: the stream says so before Started
+        with httpx.stream("POST", f"{url}/v1/generate", json={**REQUEST, "num_images": 1}, timeout=120) as r:
+            events = sse_events(r)
+        kinds = [e for e, _ in events]
+        first = kinds.index("started")
+        assert first >= 1 and {d["progress"]["stage"] for _, d in events[:first]} == {"loading"}
+        assert kinds[-2:] == ["artifact", "done"]
         r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "seed": 4}, timeout=120)
         assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [4]
         assert f"-> gRPC 127.0.0.1:{port}" in log.read_text()

@@ -137,7 +137,7 @@ def test_health_and_reflection(server) -> None:
         pool = DescriptorPool(db)
         svc = pool.FindServiceByName("kiln.v1.Kiln")
         assert {m.name for m in svc.methods} == {"Generate", "ListModels", "GetBalance", "GrantCredits", "CreateKey",
-                                                 "RevokeKey"}
+                                                 "RevokeKey", "LoadModel", "UnloadModel"}
         gen = svc.methods_by_name["Generate"]
         assert gen.server_streaming and gen.input_type.full_name == "kiln.v1.GenerateRequest"
         assert "prompt" in gen.input_type.fields_by_name

@@ -142,12 +142,15 @@ def test_bad_image_input_is_refused_naming_the_field(server: ServerProcess) -> N
 
 def test_cost_counts_the_steps_run(tiny_model) -> None:  # type: ignore[no-untyped-def]
     """Charged by int(steps x strength), and at the init image's size when width/height are unset."""
-    models = {"tiny": tiny_model}
+    from model_store import BundleRef
+    from runtime.pool.card import BundleCard
+
+    card = BundleCard(BundleRef(tiny_model.path, tiny_model.manifest))
     image = encode(pattern())
-    text = resolve(models, pb.GenerateRequest(model="tiny", steps=20))
-    half = resolve(models, pb.GenerateRequest(model="tiny", steps=20, init_image=image, strength=0.5))
-    default = resolve(models, pb.GenerateRequest(model="tiny", steps=20, init_image=image))
-    big = resolve(models, pb.GenerateRequest(model="tiny", steps=10, init_image=encode(pattern(1024, 600))))
+    text = resolve(card, pb.GenerateRequest(model="tiny", steps=20))
+    half = resolve(card, pb.GenerateRequest(model="tiny", steps=20, init_image=image, strength=0.5))
+    default = resolve(card, pb.GenerateRequest(model="tiny", steps=20, init_image=image))
+    big = resolve(card, pb.GenerateRequest(model="tiny", steps=10, init_image=encode(pattern(1024, 600))))
     assert text is not None and half is not None and default is not None and big is not None
     assert (text.steps, text.cost) == (20, 2)
     assert (half.steps, half.cost) == (10, 1)

@@ -74,3 +74,21 @@ def test_sigterm_goes_not_serving_finishes_in_flight_and_exits_zero(tiny_store: 
     assert events[-1].WhichOneof("event") == "artifact"  # the in-flight request finished
     assert server.proc.wait(60) == 0
     assert "request in-flight finished after 12/12 steps" in server.log()
+
+
+def test_lame_duck_takes_new_calls_while_not_serving_then_refuses(tiny_store: Path, tmp_path: Path) -> None:
+    """`--lame-duck`: after SIGTERM health is NOT_SERVING at once (a balancer stops routing), but calls that still
+    arrive are served until the period ends; then they are refused UNAVAILABLE."""
+    server = start_server(tiny_store, tmp_path / "serve.log", "--lame-duck", "4")
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for_log("shutting down")
+    with channel(server.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = list(pb_grpc.KilnStub(ch).Generate(pb.GenerateRequest(model="tiny", prompt="late", steps=2), timeout=10))
+        assert late[-1].WhichOneof("event") == "artifact"
+    server.wait_for_log("lame-duck period over")
+    with channel(server.target) as ch, pytest.raises(grpc.RpcError) as refused:
+        list(pb_grpc.KilnStub(ch).Generate(pb.GenerateRequest(model="tiny", prompt="later"), timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert server.proc.wait(60) == 0

@@ -291,6 +291,11 @@ def test_keys_tiers_and_admin_rpcs(auth_db: str, tiny_store: Path, tmp_path: Pat
         assert code_of(stub.ListModels, pb.ListModelsRequest(), user)[0] == grpc.StatusCode.OK
         code, err = code_of(stub.CreateKey, pb.CreateKeyRequest(tier="t"), user)
         assert code == grpc.StatusCode.PERMISSION_DENIED and _details(err)["ErrorInfo"].reason == "ADMIN_ONLY"  # type: ignore[attr-defined]
+        for admin_only, req in ((stub.LoadModel, pb.LoadModelRequest(model="tiny")),  # the model pool's admin RPCs
+                                (stub.UnloadModel, pb.UnloadModelRequest(model="tiny"))):
+            code, err = code_of(admin_only, req, user)
+            assert code == grpc.StatusCode.PERMISSION_DENIED and _details(err)["ErrorInfo"].reason == "ADMIN_ONLY"  # type: ignore[attr-defined]
+        assert code_of(stub.LoadModel, pb.LoadModelRequest(model="tiny"), boss)[0] == grpc.StatusCode.OK
         # tier limits: a model outside the tier, then too many steps / pixels / images
         code, _, _, call = asyncio.run(_generate(server.target, user, _request()))
         assert code == grpc.StatusCode.PERMISSION_DENIED and _details(call)["ErrorInfo"].reason == "MODEL_NOT_IN_TIER"  # type: ignore[attr-defined]

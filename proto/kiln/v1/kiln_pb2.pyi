@@ -185,14 +185,39 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "memory_budget_bytes", "memory_used_bytes", "process_resident_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    memory_budget_bytes: int
+    memory_used_bytes: int
+    process_resident_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., process_resident_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "precision", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_sampler", "limits", "samplers", "fidelity", "inpainting_model", "source_family", "fused_loras", "embedding_tokens", "adapters", "decoders", "architecture")
+    __slots__ = ("name", "version", "precision", "default_width", "default_height", "default_steps", "default_guidance_scale", "default_sampler", "limits", "samplers", "fidelity", "inpainting_model", "source_family", "fused_loras", "embedding_tokens", "adapters", "decoders", "architecture", "loaded", "memory_bytes", "last_used_unix", "pinned", "versions", "loaded_versions", "aliases", "engine", "load_seconds")
     class PrecisionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +242,15 @@ class ModelInfo(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     DECODERS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     precision: _containers.ScalarMap[str, str]
@@ -235,7 +269,16 @@ class ModelInfo(_message.Message):
     adapters: _containers.RepeatedCompositeFieldContainer[LoraInfo]
     decoders: _containers.RepeatedScalarFieldContainer[str]
     architecture: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[_Mapping[str, str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., samplers: _Optional[_Iterable[str]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., inpainting_model: _Optional[bool] = ..., source_family: _Optional[str] = ..., fused_loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., embedding_tokens: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., decoders: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ...) -> None: ...
+    loaded: bool
+    memory_bytes: int
+    last_used_unix: float
+    pinned: bool
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    loaded_versions: _containers.RepeatedScalarFieldContainer[str]
+    aliases: _containers.ScalarMap[str, str]
+    engine: str
+    load_seconds: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., precision: _Optional[_Mapping[str, str]] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_sampler: _Optional[str] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., samplers: _Optional[_Iterable[str]] = ..., fidelity: _Optional[_Union[Fidelity, _Mapping]] = ..., inpainting_model: _Optional[bool] = ..., source_family: _Optional[str] = ..., fused_loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., embedding_tokens: _Optional[_Iterable[str]] = ..., adapters: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., decoders: _Optional[_Iterable[str]] = ..., architecture: _Optional[str] = ..., loaded: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., pinned: _Optional[bool] = ..., versions: _Optional[_Iterable[str]] = ..., loaded_versions: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., engine: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class LoraInfo(_message.Message):
     __slots__ = ("name", "sha256", "scale", "rank")

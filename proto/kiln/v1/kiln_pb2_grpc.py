@@ -46,6 +46,16 @@ class KilnStub:
                 request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/kiln.v1.Kiln/LoadModel',
+                request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/kiln.v1.Kiln/UnloadModel',
+                request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ModelInfo.FromString,
+                _registered_method=True)
         self.GetBalance = channel.unary_unary(
                 '/kiln.v1.Kiln/GetBalance',
                 request_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.GetBalanceRequest.SerializeToString,
@@ -83,7 +93,24 @@ class KilnServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The bundles this server serves, with their defaults and limits.
+        """The bundles this server serves, with their defaults and limits, and which are loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Admin keys only (on servers with accounts): load a model (NAME or NAME@VERSION) now, evicting idle ones if
+        the memory budget needs room; returns once it is loaded. FAILED_PRECONDITION MODEL_LOAD_FAILED when it
+        does not verify or open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Admin keys only: unload a model once its running requests end. FAILED_PRECONDITION MODEL_PINNED for a
+        model pinned with --pin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +163,16 @@ def add_KilnServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsRequest.FromString,
                     response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.LoadModelRequest.FromString,
+                    response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ModelInfo.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.UnloadModelRequest.FromString,
+                    response_serializer=proto_dot_kiln_dot_v1_dot_kiln__pb2.ModelInfo.SerializeToString,
             ),
             'GetBalance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBalance,
@@ -214,6 +251,60 @@ class Kiln:
             '/kiln.v1.Kiln/ListModels',
             proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsRequest.SerializeToString,
             proto_dot_kiln_dot_v1_dot_kiln__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/LoadModel',
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.LoadModelRequest.SerializeToString,
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.Kiln/UnloadModel',
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.UnloadModelRequest.SerializeToString,
+            proto_dot_kiln_dot_v1_dot_kiln__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

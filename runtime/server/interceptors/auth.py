@@ -10,7 +10,8 @@ from runtime.errors import PermissionDenied, Unauthenticated
 from runtime.server.context import ACCOUNT
 from runtime.server.interceptors.base import KILN_PREFIX, CheckInterceptor
 
-ADMIN_METHODS = frozenset(KILN_PREFIX + m for m in ("GrantCredits", "CreateKey", "RevokeKey"))
+ADMIN_METHODS = frozenset(KILN_PREFIX + m for m in ("GrantCredits", "CreateKey", "RevokeKey", "LoadModel",
+                                                      "UnloadModel"))
 
 _MESSAGES = {
     "MISSING_KEY": "no API key: send `authorization: Bearer KEY` or `x-api-key: KEY` metadata",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
+from runtime.server.tracing import check_span
 
 Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
@@ -39,7 +42,8 @@ Check = Callable[[str, Any, dict[str, str]], Awaitable[None]]
 
 
 class CheckInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor whose whole job is one check before a Kiln method runs (auth, rate, tier limits)."""
+    """An interceptor whose whole job is one check before a Kiln method runs (auth, rate, tier limits). In a traced
+    call the check is a span of its own (`kiln.auth`, `kiln.rate`, `kiln.tier_limits`: the subclass's name)."""
 
     async def check(self, method: str, request: Any, metadata: dict[str, str]) -> None:
         raise NotImplementedError
@@ -50,7 +54,11 @@ class CheckInterceptor(grpc.aio.ServerInterceptor):
         if not method.startswith(KILN_PREFIX):
             return handler
         metadata = text_metadata(details)
-        check = self.check
+        span = _span_name(type(self).__name__)
+
+        async def check(method: str, request: Any, metadata: dict[str, str]) -> None:
+            with check_span(span):
+                await self.check(method, request, metadata)
 
         def unary(behaviour: Unary) -> Unary:
             async def run(request, context):  # type: ignore[no-untyped-def]
@@ -68,3 +76,8 @@ class CheckInterceptor(grpc.aio.ServerInterceptor):
             return run
 
         return wrap_handler(handler, unary, streaming)
+
+
+def _span_name(cls: str) -> str:
+    """AuthInterceptor -> kiln.auth, TierLimitsInterceptor -> kiln.tier_limits."""
+    return "kiln." + re.sub(r"(?<!^)(?=[A-Z])", "_", cls.removesuffix("Interceptor")).lower()

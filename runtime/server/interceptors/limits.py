@@ -22,11 +22,12 @@ class TierLimitsInterceptor(CheckInterceptor):
         account = ACCOUNT.get()
         assert account is not None, "the auth interceptor runs first"
         tier = account.tier
-        if request.model and not tier.allows_model(request.model):
+        r = self.resolve(request)
+        name = r.model if r is not None else request.model  # NAME@VERSION and aliases: the model's own name
+        if request.model and not (tier.allows_model(name) or tier.allows_model(request.model)):
             raise PermissionDenied(f"model {request.model!r} is not in tier {tier.name!r}; it allows: "
                                    f"{', '.join(tier.models)}", "MODEL_NOT_IN_TIER", tier=tier.name,
                                    model=request.model)
-        r = self.resolve(request)
         if r is None:
             return  # unknown model: the servicer says NOT_FOUND
         bad = []

@@ -38,6 +38,7 @@ from runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidA
 from runtime.server.context import ACCOUNT, COST, RESPONSE_METADATA
 from runtime.server.interceptors.base import KILN_PREFIX, Streaming, Unary, text_metadata, wrap_handler
 from runtime.server.pricing import Resolved
+from runtime.server.tracing import check_span
 
 log = logging.getLogger("kiln.quota")
 GENERATE = KILN_PREFIX + "Generate"
@@ -142,26 +143,30 @@ class QuotaInterceptor(grpc.aio.ServerInterceptor):
         ledger, ttl = self.accounts.ledger, self.accounts.config.hold_ttl_s
         idem = metadata.get("x-idempotency-key", "") or request.request_id
         now = self.accounts.now()
-        try:
-            hold = await ledger.reserve(account.key_id, resolved.cost, account.tier.daily_credits,
-                                        account.tier.max_concurrent, now, ttl, idem, request_hash(request) if idem else "")
-        except CreditsExhausted as e:
-            _set_metadata(remaining=e.remaining, reset=next_reset(now))
-            raise ResourceExhausted(str(e), "CREDITS_EXHAUSTED", f"key:{account.key_id}/daily_credits",
-                                    next_reset(now) - now, cost=str(e.cost), remaining=str(e.remaining)) from None
-        except ConcurrencyLimited as e:
-            raise ResourceExhausted(str(e), "CONCURRENCY_LIMITED", f"key:{account.key_id}/max_concurrent",
-                                    CONCURRENCY_RETRY_S, limit=str(e.limit)) from None
-        except IdempotencyInProgress as e:
-            raise Aborted(str(e)) from None
-        except IdempotencyMismatch as e:
-            raise InvalidArgument([FieldViolation("x-idempotency-key", str(e))]) from None
-        except IdempotencyDone as e:
-            cached = self.cache.get((account.key_id, idem))
-            if cached is None:
-                raise FailedPrecondition(
-                    f"{e}; its result is no longer cached on this server, and it is not run or charged again: "
-                    "send a new idempotency key to generate again", "IDEMPOTENT_RESULT_GONE") from None
+        cached = None
+        with check_span("kiln.quota"):
+            try:
+                hold = await ledger.reserve(account.key_id, resolved.cost, account.tier.daily_credits,
+                                            account.tier.max_concurrent, now, ttl, idem,
+                                            request_hash(request) if idem else "")
+            except CreditsExhausted as e:
+                _set_metadata(remaining=e.remaining, reset=next_reset(now))
+                raise ResourceExhausted(str(e), "CREDITS_EXHAUSTED", f"key:{account.key_id}/daily_credits",
+                                        next_reset(now) - now, cost=str(e.cost), remaining=str(e.remaining)) from None
+            except ConcurrencyLimited as e:
+                raise ResourceExhausted(str(e), "CONCURRENCY_LIMITED", f"key:{account.key_id}/max_concurrent",
+                                        CONCURRENCY_RETRY_S, limit=str(e.limit)) from None
+            except IdempotencyInProgress as e:
+                raise Aborted(str(e)) from None
+            except IdempotencyMismatch as e:
+                raise InvalidArgument([FieldViolation("x-idempotency-key", str(e))]) from None
+            except IdempotencyDone as e:
+                cached = self.cache.get((account.key_id, idem))
+                if cached is None:
+                    raise FailedPrecondition(
+                        f"{e}; its result is no longer cached on this server, and it is not run or charged again: "
+                        "send a new idempotency key to generate again", "IDEMPOTENT_RESULT_GONE") from None
+        if cached is not None:  # a retry of a finished request: its responses again, not charged
             await self._report(account)
             for response in cached:
                 yield response
