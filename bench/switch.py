@@ -51,12 +51,13 @@ def pool_missing() -> list[str]:
     return [f for f in POOL_FLAGS if f not in flags]
 
 
-def twin(bundle: Path, name: str) -> Path:
-    """`bundle` published again as model `name` in the same store: the same files (hard links where the file
-    system allows, else copies) and its manifest with the name changed. Reused while its files match."""
+def twin(bundle: Path, name: str, store: Path | None = None) -> Path:
+    """`bundle` published again as model `name` in `store` (default: its own): the same files (hard links where the
+    file system allows, else copies) and its manifest with the name changed (a store serves a bundle only under its
+    manifest's name). Reused while its files match."""
     from model_store import Manifest
 
-    target = bundle.parent.parent / name / bundle.name
+    target = (store or bundle.parent.parent) / name / bundle.name
     manifest = Manifest.read(bundle)
     if target.is_dir() and Manifest.read(target).files == manifest.files:
         return target
@@ -96,19 +97,22 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def generate(self, model: str, seed: int) -> tuple[float, float]:
-        """(seconds to the first event, seconds to the end of the stream)."""
+    def generate(self, model: str, seed: int) -> tuple[float, float, int]:
+        """(seconds to the Started event, seconds to the end of the stream, `loading` progress events before it)."""
         from proto.kiln.v1 import kiln_pb2 as pb
 
         request = pb.GenerateRequest(model=model, prompt=PROMPT, seed=seed, width=self.size, height=self.size,
                                      steps=self.steps, num_images=1, omit_progress=True)
         t0 = time.perf_counter()
-        first, images = 0.0, 0
+        started, images, loading = 0.0, 0, 0
         for event in self.stub.Generate(request, timeout=1800):
-            first = first or time.perf_counter() - t0
-            images += event.WhichOneof("event") == "artifact"
-        assert images == 1, (model, images)
-        return first, time.perf_counter() - t0
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                started = time.perf_counter() - t0
+            loading += kind == "progress" and event.progress.stage == "loading"
+            images += kind == "artifact"
+        assert images == 1 and started > 0, (model, images, started)
+        return started, time.perf_counter() - t0, loading
 
     def models(self) -> dict:  # type: ignore[type-arg]
         from proto.kiln.v1 import kiln_pb2 as pb
@@ -131,16 +135,18 @@ def sequence(target: str, names: tuple[str, str], args: argparse.Namespace, budg
              pid: int) -> dict[str, list]:  # type: ignore[type-arg]
     """Requests in pairs A, A, B, B, ...; returns the timings of switch and warm requests and the RSS seen."""
     client = Client(target, args.size, args.steps)
-    out: dict[str, list] = {"switch": [], "warm": [], "switch_first": [], "warm_first": [], "rss": []}  # type: ignore[type-arg]
+    out: dict[str, list] = {"switch": [], "warm": [], "switch_started": [], "warm_started": [],  # type: ignore[type-arg]
+                            "switch_loading": [], "warm_loading": [], "rss": []}
     try:
         client.generate(names[0], 0)  # loads A (lazily when budgeted)
         client.generate(names[0], 1)
         for i in range(args.switches):
             model = names[(i + 1) % 2]
             for kind in ("switch", "warm"):
-                first, total = client.generate(model, 100 + 2 * i + (kind == "warm"))
+                started, total, loading = client.generate(model, 100 + 2 * i + (kind == "warm"))
                 out[kind].append(total)
-                out[kind + "_first"].append(first)
+                out[kind + "_started"].append(started)
+                out[kind + "_loading"].append(loading)
                 out["rss"].append(_rss(pid))
                 state = loaded(client)
                 if budgeted and {n for n, (is_loaded, _) in state.items() if is_loaded} != {model}:
@@ -191,9 +197,10 @@ def _report(args: argparse.Namespace, names: tuple[str, str], one: int, budget: 
     rows = []
     for label, r in results.items():
         switch, warm = med(r["switch"]), med(r["warm"])
-        rows.append([label, str(len(r["switch"])), f"{switch:.2f}", f"{med(r['switch_first']):.2f}", f"{warm:.2f}",
-                     f"{med(r['warm_first']):.2f}", f"{switch - warm:+.2f}", f"{(switch - warm) / switch:.0%}",
-                     f"{max(r['rss']) / 2**30:.2f}"])
+        rows.append([label, str(len(r["switch"])), f"{switch:.2f}", f"{med(r['switch_started']):.2f}",
+                     str(sum(x > 0 for x in r["switch_loading"])), f"{warm:.2f}", f"{med(r['warm_started']):.2f}",
+                     str(sum(x > 0 for x in r["warm_loading"])), f"{switch - warm:+.2f}",
+                     f"{(switch - warm) / switch:.0%}", f"{max(r['rss']) / 2**30:.2f}"])
     size = f"{args.size}x{args.size}" if args.size else "the model's default size"
     steps = args.steps or "the model's default"
     body = (
@@ -205,10 +212,12 @@ def _report(args: argparse.Namespace, names: tuple[str, str], one: int, budget: 
         f"{size}, {steps} steps, 1 image, `omit_progress`, one client, in pairs A, A, B, B, ...: the first of a pair "
         "is a **switch** (on the budgeted server: evict the other model, load this one, generate), the second "
         "**warm**. The no-budget server ran the same sequence with both models preloaded (its process RSS with both "
-        f"loaded: {both_rss / 2**30:.2f} GiB). Medians; first event = the Started event's arrival. Load share = "
-        "(switch - warm) / switch.\n\n"
-        + report.table(["server", "switches", "switch s", "switch first event s", "warm s", "warm first event s",
-                        "switch - warm s", "load share", "max RSS GiB"], rows)
+        f"loaded: {both_rss / 2**30:.2f} GiB). Medians of end-to-end seconds and of the Started event's arrival (a "
+        "request for a model that is not loaded waits for its load, with `loading` progress events, before it "
+        "starts); loading = how many of those requests saw `loading` events. Load share = (switch - warm) / switch; "
+        "max RSS = the server process's largest VmRSS read after a request.\n\n"
+        + report.table(["server", "switches", "switch s", "switch Started s", "switch loading", "warm s",
+                        "warm Started s", "warm loading", "switch - warm s", "load share", "max RSS GiB"], rows)
         + f"\n\nLoad time per precision and engine in a fresh process (verify, open, RSS): "
           f"[cold-load-{args.arch}.md](cold-load-{args.arch}.md).\n\n"
           "This machine has 2 cores, shared during the run with other work (other agents' builds and tests): "

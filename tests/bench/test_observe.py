@@ -45,6 +45,8 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
                      r"p99 [+-][\d.]+ ms", text), text
     assert re.search(r"metrics \+ JSON logs, 1 client: p50 [+-][\d.]+ ms \((met|missed by [\d.]+ ms)\), p99", text)
     assert ("not measured: `kiln serve` has no `--otlp-endpoint`" in text) != tracing
+    # the traced server's spans reached the bench's OTLP receiver (at the latest when it flushed on SIGTERM)
+    assert bool(re.search(r"The OTLP receiver took [1-9]\d* export calls", text)) == tracing, text
     sinks = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) \|$", text, re.M))
     assert len(sinks) == 4 and all(float(us) > 0 for us in sinks.values()), sinks
     added_us = float(sinks[observe.SINK_BOTH]) - float(sinks[observe.SINK_TEXT])
