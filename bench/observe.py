@@ -12,7 +12,8 @@ configurations (fixed seeds, `omit_progress`, the stream read to its end).
 
 Interleaving cancels drift: one client sends request i to every configuration in turn (order alternating ABC,
 CBA); with several concurrent clients, blocks of `--block` requests per client alternate the same way. p50/p99
-pool every timed request; added = the configuration's percentile minus plain's. Server CPU ms/request is read
+pool every timed request of every round (`--rounds`, each on freshly started servers, so that one process's
+luck does not pass for a configuration's cost); added = the configuration's percentile minus plain's. Server CPU ms/request is read
 from /proc around each block. A second table times the sinks' work alone, in process (no network, no noise from
 the other processes): what the added latency is made of.
 """
@@ -61,7 +62,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=f"{PLAIN},{CONTROL},{METRICS_JSON},{TRACING}",
                    help="comma-separated, the baseline first, from: " + ", ".join(CONFIGS))
     p.add_argument("--clients", default="1,4", help="comma-separated concurrency levels")
-    p.add_argument("--requests", type=int, default=2000, help="timed requests per configuration per level")
+    p.add_argument("--requests", type=int, default=2000,
+                   help="timed requests per configuration per level, over all rounds")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="rounds, each on freshly started servers (a process's own luck averages out)")
     p.add_argument("--block", type=int, default=5,
                    help="requests per client per interleaved block when clients > 1 (1 client: every request "
                         "alternates)")
@@ -228,7 +232,7 @@ async def _block(clients: Clients, config: str, concurrency: int, per_client: in
     return out
 
 
-async def _measure(targets: dict[str, str], pids: dict[str, int], model: str, levels: list[int],
+async def _measure(targets: dict[str, str], pids: dict[str, int], model: str, levels: list[int], requests: int,
                    args: argparse.Namespace) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], float]]:
     """(latencies, server CPU seconds) per (configuration, concurrency)."""
     configs = list(targets)
@@ -240,7 +244,7 @@ async def _measure(targets: dict[str, str], pids: dict[str, int], model: str, le
             await _block(clients, config, 1, args.warmup, 10**6)
         for concurrency in levels:
             per_client = 1 if concurrency == 1 else args.block
-            blocks = max(1, round(args.requests / (per_client * concurrency)))
+            blocks = max(1, round(requests / (per_client * concurrency)))
             for b in range(blocks):
                 for config in (configs if b % 2 == 0 else configs[::-1]):
                     before = _cpu_s(pids[config])
@@ -327,9 +331,29 @@ def run(args: argparse.Namespace) -> Path:
         skipped[TRACING] = "not measured: `kiln serve` has no `--otlp-endpoint` on this commit (OpenTelemetry not merged)"
         configs.remove(TRACING)
     bundle = workspace.bundle(workspace.source_model("tiny", None), MODEL)
+    latencies: dict[tuple[str, int], list[float]] = {}
+    cpu: dict[tuple[str, int], float] = {}
+    sent = dict.fromkeys(configs, 0)
+    scrapes, received = 0, []
+    for r in range(args.rounds):  # fresh processes each round: a process's own luck (cores, layout) averages out
+        lat, used, n_sent, n_scrapes, n_received = _round(r, bundle, configs, levels, flags, args)
+        for k, v in lat.items():
+            latencies.setdefault(k, []).extend(v)
+        for k, v in used.items():
+            cpu[k] = cpu.get(k, 0.0) + v
+        sent = {c: sent[c] + n_sent[c] for c in configs}
+        scrapes, received = scrapes + n_scrapes, received + n_received
+    sinks = sink_costs(args.sink_calls, args.steps or 20)
+    return _report(args, configs, levels, latencies, cpu, skipped, scrapes, received, sinks, sent)
+
+
+def _round(r: int, bundle: Path, configs: list[str], levels: list[int], flags: set[str], args: argparse.Namespace
+           ) -> tuple[dict[tuple[str, int], list[float]], dict[tuple[str, int], float], dict[str, int], int, list[int]]:
+    """One round on fresh server processes: (latencies, server CPU seconds, requests sent per configuration,
+    scrapes, OTLP export sizes); RuntimeError unless every server counted and logged exactly what it was sent."""
     logs_dir = workspace.WORK / "observe"
     logs_dir.mkdir(parents=True, exist_ok=True)
-    log_files = {c: logs_dir / f"{SLUGS[c]}.log" for c in configs}
+    log_files = {c: logs_dir / f"{SLUGS[c]}-round{r + 1}.log" for c in configs}
     for f in log_files.values():
         f.unlink(missing_ok=True)
     received: list[int] = []
@@ -343,8 +367,9 @@ def run(args: argparse.Namespace) -> Path:
             targets[c] = stack.enter_context(workspace.server(bundle, extra=tuple(extra), log=log_files[c]))
         pids = {c: workspace.PIDS[t] for c, t in targets.items()}
         urls = {c: metrics_url(log_files[c]) for c in configs if "--metrics-port" in CONFIGS[c]}
+        requests = max(1, round(args.requests / args.rounds))
         with Scraper(list(urls.values()), args.scrape_s) as scraper:
-            latencies, cpu = asyncio.run(_measure(targets, pids, MODEL, levels, args))
+            latencies, cpu = asyncio.run(_measure(targets, pids, MODEL, levels, requests, args))
         sent = {c: args.warmup + sum(len(latencies[(c, n)]) for n in levels) for c in configs}
         counted = {c: generated_ok(u, MODEL) for c, u in urls.items()}
     logged = {c: access_lines(log_files[c], "--log-format" in CONFIGS[c]) for c in configs}
@@ -353,9 +378,9 @@ def run(args: argparse.Namespace) -> Path:
     problems += [f"{c}: the log file has {logged[c]} access lines for {sent[c]} requests" for c in configs
                  if logged[c] != sent[c]]
     if problems:
-        raise RuntimeError("the configurations did not observe what they were sent: " + "; ".join(problems))
-    sinks = sink_costs(args.sink_calls, args.steps or 20)
-    return _report(args, configs, levels, latencies, cpu, skipped, scraper.scrapes, received, sinks, sent)
+        raise RuntimeError(f"round {r + 1}: the configurations did not observe what they were sent: "
+                           + "; ".join(problems))
+    return latencies, cpu, sent, scraper.scrapes, received
 
 
 def _report(args: argparse.Namespace, configs: list[str], levels: list[int],
@@ -398,9 +423,11 @@ def _report(args: argparse.Namespace, configs: list[str], levels: list[int],
         "**added** = what metrics and the JSON format cost on top of a plain server's text logging. "
         f"Interleaved: 1 client sends each request to every configuration in turn (ABC, CBA, ...); at more clients, "
         f"blocks of {args.block} requests per client alternate the same way. {args.warmup} warm-up requests per "
-        f"configuration; p50/p99 pool every timed request. Metrics endpoints scraped every {args.scrape_s:g} s "
+        f"configuration per round; {args.rounds} rounds, each on freshly started servers (one process's luck, e.g. its "
+        "cores or memory layout, would otherwise pass for a configuration's cost); p50/p99 pool every timed "
+        f"request of every round. Metrics endpoints scraped every {args.scrape_s:g} s "
         f"({scrapes} scrapes in all). Checked after the run: each metrics endpoint counted exactly the requests "
-        f"sent ({', '.join(f'{c}: {n}' for c, n in sent.items())}), and each log file has one access line per "
+        f"sent ({', '.join(f'{c}: {n}' for c, n in sent.items())} in all), and each log file has one access line per "
         f"request (every line of the JSON ones parses).{tracing} Server CPU ms/request: CPU time (user + system, all "
         "threads) of that configuration's `kiln serve` process over its requests.\n\n"
         f"Target: metrics + JSON logs add at most {TARGET_MS:g} ms at p50 and p99. Measured: "

@@ -25,7 +25,7 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
     monkeypatch.setattr(observe, "MODEL", "tiny")
     out = tmp_path / "observe.md"
 
-    assert main(["observe", "--clients", "1,2", "--requests", "4", "--block", "1", "--warmup", "1",
+    assert main(["observe", "--clients", "1,2", "--requests", "4", "--rounds", "2", "--block", "1", "--warmup", "1",
                  "--sink-calls", "200", "--scrape-s", "0.2", "--out", str(out)]) == 0
 
     text = out.read_text()
@@ -39,8 +39,8 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
         assert int(requests) == 4 and 0 < float(p50) <= float(p99) < 10_000, (clients, config, p50, p99)
         assert bool(added50) == bool(added99) == (config != observe.PLAIN)
         assert float(cpu) > 0
-    # every server counted (metrics) and logged (access lines) exactly the 1 + 4 + 4 requests it was sent
-    assert "counted exactly the requests sent (plain: 9, second plain server: 9, metrics + JSON logs: 9" in text, text
+    # every server counted (metrics) and logged (access lines) exactly the 1 + 2 + 2 requests of its round
+    assert "counted exactly the requests sent (plain: 10, second plain server: 10, metrics + JSON logs: 10" in text, text
     assert re.search(r"A/A control \(second plain server vs plain, the same flags\), 2 clients: p50 [+-][\d.]+ ms, "
                      r"p99 [+-][\d.]+ ms", text), text
     assert re.search(r"metrics \+ JSON logs, 1 client: p50 [+-][\d.]+ ms \((met|missed by [\d.]+ ms)\), p99", text)
@@ -53,6 +53,7 @@ def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: P
     m = re.search(r"metrics \+ JSON logs add (-?\d+) µs per request of CPU over plain's text log "
                   r"\((met|missed): -?\d+% of the target\)", text)
     assert m and abs(int(m.group(1)) - added_us) <= 1, text  # the table's figures are rounded
-    json_log = (work / "observe" / "metrics-json-logs.log").read_text().splitlines()
-    assert sum('"logger": "kiln.access"' in line for line in json_log) == 9
+    for r in (1, 2):  # a fresh server per round
+        json_log = (work / "observe" / f"metrics-json-logs-round{r}.log").read_text().splitlines()
+        assert sum('"logger": "kiln.access"' in line for line in json_log) == 5
     assert not list(work.glob("store/tiny-fp32"))  # nothing compiled
