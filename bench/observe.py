@@ -10,8 +10,8 @@ does not). A **second plain server** is an A/A control: what two
 identical servers differ by in the same run, the noise floor of the added figures. Requests are identical across
 configurations (fixed seeds, `omit_progress`, the stream read to its end).
 
-Interleaving cancels drift: one client sends request i to every configuration in turn (order alternating ABC,
-CBA); with several concurrent clients, blocks of `--block` requests per client alternate the same way. p50/p99
+Interleaving cancels drift: one client sends request i to every configuration in turn (the order rotating ABC,
+BCA, CAB: never one server twice in a row); with several concurrent clients, blocks of `--block` requests per client alternate the same way. p50/p99
 pool every timed request of every round (`--rounds`, each on freshly started servers, so that one process's
 luck does not pass for a configuration's cost); added = the configuration's percentile minus plain's. Server CPU ms/request is read
 from /proc around each block. A second table times the sinks' work alone, in process (no network, no noise from
@@ -246,7 +246,9 @@ async def _measure(targets: dict[str, str], pids: dict[str, int], model: str, le
             per_client = 1 if concurrency == 1 else args.block
             blocks = max(1, round(requests / (per_client * concurrency)))
             for b in range(blocks):
-                for config in (configs if b % 2 == 0 else configs[::-1]):
+                # rotated (ABC, BCA, CAB, ...), not mirrored (ABC, CBA): mirrored, the first and last configurations
+                # get two requests back to back (A, A), on a server still warm from the last one, and look cheaper
+                for config in configs[b % len(configs):] + configs[:b % len(configs)]:
                     before = _cpu_s(pids[config])
                     lat = await _block(clients, config, concurrency, per_client, b * 10)
                     cpu[(config, concurrency)] = cpu.get((config, concurrency), 0.0) + _cpu_s(pids[config]) - before
@@ -421,8 +423,9 @@ def _report(args: argparse.Namespace, configs: list[str], levels: list[int],
            "run, the noise floor of every added figure" if CONTROL in configs else "")
         + ". The text access line per request is written in every configuration (it cannot be turned off), so "
         "**added** = what metrics and the JSON format cost on top of a plain server's text logging. "
-        f"Interleaved: 1 client sends each request to every configuration in turn (ABC, CBA, ...); at more clients, "
-        f"blocks of {args.block} requests per client alternate the same way. {args.warmup} warm-up requests per "
+        f"Interleaved: 1 client sends each request to every configuration in turn, the order rotating (ABC, BCA, "
+        f"CAB, ...: no server gets two in a row); at more clients, blocks of {args.block} requests per client rotate "
+        "the same way. {args.warmup} warm-up requests per "
         f"configuration per round; {args.rounds} rounds, each on freshly started servers (one process's luck, e.g. its "
         "cores or memory layout, would otherwise pass for a configuration's cost); p50/p99 pool every timed "
         f"request of every round. Metrics endpoints scraped every {args.scrape_s:g} s "
