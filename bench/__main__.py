@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from bench import (
+    cold_load,
     compile_memory,
     decoders,
     gateway,
@@ -13,10 +14,12 @@ from bench import (
     latency,
     lora,
     memory,
+    observe,
     precision,
     quality,
     quota,
     single_file,
+    switch,
     throughput,
     tome,
     tracing,
@@ -25,7 +28,7 @@ from bench import (
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
              "single-file": single_file, "decoders": decoders, "lora": lora,
-             "gateway": gateway, "tracing": tracing}
+             "gateway": gateway, "tracing": tracing, "observe": observe, "cold-load": cold_load, "switch": switch}
 
 
 def main(argv: list[str] | None = None) -> int:

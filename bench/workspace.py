@@ -73,9 +73,11 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
 
 
 @contextmanager
-def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()) -> Iterator[str]:
+def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = (),
+           log: Path | None = None) -> Iterator[str]:
     """`kiln serve` on a free loopback port over a store holding only `bundle_dirs` (links to them, so a scratch
-    store full of other bundles, e.g. SD v1 ones, is not loaded too); yields its target."""
+    store full of other bundles, e.g. SD v1 ones, is not loaded too); yields its target. `log`: a file its stderr
+    (its log lines) is appended to, else discarded."""
     import tempfile
 
     from runtime.client import wait_ready
@@ -88,8 +90,9 @@ def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()
         for b in bundle_dirs:
             (Path(tmp) / b.parent.name).mkdir(exist_ok=True)
             (Path(tmp) / b.parent.name / b.name).symlink_to(b.resolve(), target_is_directory=True)
+        stderr = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--store", tmp, "--port", str(port), *extra],
-                                stderr=subprocess.DEVNULL, cwd=ROOT)
+                                stderr=stderr, cwd=ROOT)
         target = f"127.0.0.1:{port}"
         PIDS[target] = proc.pid
         try:
@@ -99,6 +102,8 @@ def server(*bundle_dirs: Path, timeout: float = 600, extra: tuple[str, ...] = ()
             PIDS.pop(target, None)
             proc.terminate()
             proc.wait(60)
+            if log is not None:
+                stderr.close()  # type: ignore[union-attr]
 
 
 def wait_gateway(url: str, proc: subprocess.Popen, timeout: float) -> None:  # type: ignore[type-arg]

@@ -1,0 +1,43 @@
+"""`python -m bench cold-load` end to end on the tiny model: fresh-process loads on both engines in every situation,
+what each hashed, and the result file's rows. The session's compiled tiny bundle stands in for the bench's own, so
+nothing is compiled here."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import cold_load, workspace
+from bench.__main__ import main
+
+
+def test_cold_load_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino", reason="the openvino rows need the kiln[openvino] extra")
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    (work / "models" / "tiny-seed0").symlink_to(tiny_source, target_is_directory=True)
+    (work / "store").mkdir()
+    (work / "store" / "bench-tiny").symlink_to(tiny_store / "tiny", target_is_directory=True)
+    monkeypatch.setattr(workspace, "WORK", work)
+    out = tmp_path / "cold.md"
+
+    assert main(["cold-load", "--arch", "tiny", "--precisions", "fp32", "--repeats", "1", "--out", str(out)]) == 0
+
+    text = out.read_text()
+    assert text.startswith("# Cold load per precision and engine (tiny)") and "- kiln commit: " in text
+    rows = re.findall(r"^\| fp32 \| (\w+) \| ([a-z ]+) \| ([\d.]+) \| (\d+) of (\d+) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d.]+)-([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text, re.M)
+    assert {(r[0], r[1]) for r in rows} == {(e, s) for e in cold_load.ENGINES for s in cold_load.SITUATIONS}, text
+    files = len(cold_load.bundle_files(cold_load.bundle("tiny", "fp32")))
+    for engine, situation, verify, hashed, of, opened, load, lo, hi, rss, peak in rows:
+        assert int(of) == files
+        # a cold hash cache hashes every file; a warm one none (the size checks remain)
+        assert int(hashed) == (files if situation == "first start" else 0), (engine, situation, hashed)
+        assert float(opened) > 0 and abs(float(load) - float(verify) - float(opened)) < 0.015
+        assert float(lo) == float(hi) == float(load)  # one repeat
+        assert float(peak) >= float(rss)
+    assert "[latency-cold-sd-v1.md](latency-cold-sd-v1.md)" in text
+    assert [p.name for p in (work / "store").iterdir()] == ["bench-tiny"]  # nothing compiled
