@@ -173,7 +173,7 @@ class KilnServer:
             interceptors.append(TraceInterceptor(self.tracing))
             sinks.append(annotate)
             self.engine.on_finish = self.tracing.engine_finished
-        interceptors.append(ObserveInterceptor(sinks, lambda name: self.pool.card_or_none(name) is not None))
+        interceptors.append(ObserveInterceptor(sinks, self._model_name))
         if self.accounts:
             def price(request):  # type: ignore[no-untyped-def]
                 return resolve(self.pool.card_or_none(request.model), request)
@@ -185,6 +185,10 @@ class KilnServer:
         self._serving: bool | None = None
         self._stop_watch = asyncio.Event()
         self._watch: asyncio.Task | None = None
+
+    def _model_name(self, text: str) -> str | None:
+        card = self.pool.card_or_none(text)
+        return card.name if card is not None else None
 
     @property
     def models(self) -> list[str]:

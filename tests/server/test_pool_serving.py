@@ -201,6 +201,9 @@ def test_hot_publish_while_requests_stream(tiny_bundle: Path, tmp_path: Path) ->
         assert bad.returncode == 2 and "m has no version 'v9'; versions: v1, v2, v3" in bad.stderr
         code, _ = generate(server.target, "m@v9")
         assert code == grpc.StatusCode.NOT_FOUND
+        # metrics label a request by its model's own name, whatever version or alias it named
+        labels = {dict(key[1]).get("model") for key in scrape(server) if key[0] == "kiln_requests_total"}
+        assert labels == {"m", "unknown"}
     finally:
         stop.set()
         server.stop()

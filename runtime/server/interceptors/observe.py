@@ -27,7 +27,8 @@ class CallRecord:
     """The caller's key id (never its secret); "" without accounts."""
     tier: str = ""
     model: str = ""
-    """The served model's name; "unknown" for a name the server does not serve (labels stay bounded)."""
+    """The served model's own name (for NAME@VERSION and aliases too); "unknown" for a name the server does not
+    serve (labels stay bounded)."""
     version: str = ""
     mode: str = ""
     width: int = 0
@@ -62,9 +63,10 @@ def _outcome(error: BaseException) -> tuple[str, str]:
 
 
 class ObserveInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, sinks: list[Sink], served: Callable[[str], bool]):
+    def __init__(self, sinks: list[Sink], model_name: Callable[[str], str | None]):
+        """`model_name`: the model a request's `model` names (NAME, NAME@VERSION, an alias), None if none."""
         self.sinks = sinks
-        self.served = served
+        self.model_name = model_name
 
     @contextlib.contextmanager
     def _observed(self, record: CallRecord) -> Iterator[None]:
@@ -99,7 +101,7 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
 
         def streaming(behaviour: Streaming) -> Streaming:
             async def run(request, context):  # type: ignore[no-untyped-def]
-                record = CallRecord(method, model=request.model if self.served(request.model) else "unknown",
+                record = CallRecord(method, model=self.model_name(request.model) or "unknown",
                                     mode=_mode(request))
                 with self._observed(record):
                     async for response in behaviour(request, context):
