@@ -417,7 +417,11 @@ class ModelPool:
             if wanted is None or wanted.version == now or name in self._switching:
                 continue
             old = self.slots.get((name, now)) if now else None
-            if now is None:
+            if now is not None and self.catalog.find(name, now) is None:  # its folder was removed: move on at once
+                log.info("model %s version %s left the store; now serving version %s", name, now, wanted.version)
+                self.current[name] = wanted.version
+                self._retire(name, keep=wanted.version)
+            elif now is None:
                 log.info("new model %s version %s", name, wanted.version)
                 self.current[name] = wanted.version
                 if "all" in self.config.preload or name in self.config.pin:

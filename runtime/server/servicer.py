@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -40,7 +41,11 @@ class KilnServicer(pb_grpc.KilnServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         pool = self.pool
-        return pb.ListModelsResponse(models=[self._info(name) for name in pool.names],
+        infos = []
+        for name in pool.names:
+            with contextlib.suppress(NotFound):  # removed from the store since `names` was read
+                infos.append(self._info(name))
+        return pb.ListModelsResponse(models=infos,
                                      memory_budget_bytes=pool.budget or 0, memory_used_bytes=pool.used_bytes,
                                      process_resident_bytes=rss())
 

@@ -202,3 +202,25 @@ def test_names_versions_and_aliases_resolve(three_models: Path, tiny_bundle: Pat
         assert p.resolve("m").version == "v1"
 
     asyncio.run(run())
+
+
+def test_a_version_removed_from_the_store_while_loaded(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    store = tmp_path / "store"
+    publish_copy(tiny_bundle, store, "m", "v1")
+    v2 = publish_copy(tiny_bundle, store, "m", "v2")
+
+    async def run() -> None:
+        p = pool(store)
+        await p.start()
+        async with p.lease(p.resolve("m")) as running:  # a request still running on v2
+            assert running.card.version == "v2"
+            shutil.rmtree(v2)
+            await p.refresh()
+            assert p.resolve("m").version == "v1"  # new requests at once
+            assert running.model is not None  # the running one keeps its version
+        assert [s.card.version for s in p.loaded] == []  # v2 unloaded when it ended
+        assert await use(p, "m") == "m" and [s.card.version for s in p.loaded] == ["v1"]
+
+    asyncio.run(run())
