@@ -213,25 +213,29 @@ def pytest_report_header(config: pytest.Config) -> str:
     return "redis-server: NOT INSTALLED, the Redis ledger and multi-replica tests will skip (banner at the end)"
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """A banner after the run's last line when Redis tests skipped: `-ra` lists the skips among the others, and
-    a passing run that never tried the multi-replica claim must not look like one that proved it."""
+def untested_banner(config: pytest.Config, reason: str, title: str, lines: tuple[str, ...]) -> None:
+    """A banner after the run's last line when tests skipped with `reason`: `-ra` lists the skips among the
+    others, and a passing run that never tried a claim must not look like one that proved it."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
     skipped = [r for r in reporter.stats.get("skipped", [])
-               if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(REDIS_MISSING)]
+               if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(reason)]
     if not skipped:
         return
-    reporter.write_sep("!", "THE MULTI-REPLICA REDIS CLAIM WENT UNTESTED", red=True, bold=True)
-    for line in (
-        f"{len(skipped)} test(s) skipped: redis-server is not installed, so the Redis ledger",
+    reporter.write_sep("!", title, red=True, bold=True)
+    for line in (f"{len(skipped)} test(s) skipped: {lines[0]}", *lines[1:]):
+        reporter.write_line(line, red=True, bold=True)
+    reporter.write_sep("!", red=True, bold=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    untested_banner(config, REDIS_MISSING, "THE MULTI-REPLICA REDIS CLAIM WENT UNTESTED", (
+        "redis-server is not installed, so the Redis ledger",
         "(`--auth-db redis://`) and replicas sharing one Redis (no overdraw, holds, rates, clock)",
         "were NOT tested. Install it (Debian: sudo apt-get install redis-server) and run",
         "`make test` again: it requires Redis once installed, and CI (.ci/run) always does.",
-    ):
-        reporter.write_line(line, red=True, bold=True)
-    reporter.write_sep("!", red=True, bold=True)
+    ))
 
 
 @dataclass

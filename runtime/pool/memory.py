@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import re
@@ -56,11 +57,21 @@ def parse_budget(text: str) -> int | None:
     return budget
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once (find_library runs ldconfig: not something to do on every eviction)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def release_freed() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim), so the resident size
     measured after an eviction reflects it."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc
-            ctypes.CDLL(name).malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc
+            libc.malloc_trim(0)

@@ -10,18 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import observe, workspace
+from bench import observe
 from bench.__main__ import main
 
 
-def test_observe_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: Path,
+def test_observe_scenario_small(tiny_workspace: Path, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    work = tmp_path / "work"
-    (work / "models").mkdir(parents=True)
-    (work / "models" / "tiny-seed0").symlink_to(tiny_source, target_is_directory=True)
-    (work / "store").mkdir()
-    (work / "store" / "tiny").symlink_to(tiny_store / "tiny", target_is_directory=True)
-    monkeypatch.setattr(workspace, "WORK", work)
+    work = tiny_workspace
     monkeypatch.setattr(observe, "MODEL", "tiny")
     out = tmp_path / "observe.md"
 

@@ -1,5 +1,5 @@
-"""`python -m bench switch` on tiny bundles: the twin bundle the scenario makes is served as a second model, and,
-once `kiln serve` has the model pool, the whole scenario against real servers (a budget that fits one model forces
+"""`python -m bench switch` on tiny bundles: the twin bundle the scenario makes is served as a second model, and
+the whole scenario against real servers (a budget that fits one model forces
 a load on every switch). The session's compiled tiny bundle stands in for the bench's own, so nothing is compiled."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import pytest
 
 from bench import switch, workspace
 from bench.__main__ import main
-from bench.observe import serve_flags
 
 
 @pytest.fixture
@@ -39,8 +38,6 @@ def test_twin_is_served_as_a_second_model(work: Path) -> None:
     assert {n: m.name for n, m in models.items()} == {"bench-tiny": "bench-tiny", "bench-tiny-twin": "bench-tiny-twin"}
 
 
-@pytest.mark.skipif("--memory-budget" not in serve_flags(),
-                    reason="`kiln serve` has no --memory-budget yet (the model pool is not merged)")
 def test_switch_scenario_small(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "switch.md"
 

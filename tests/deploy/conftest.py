@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import untested_banner
+
 HAPROXY_MISSING = "haproxy is not installed here"
 """The skip reason of every HAProxy test on a machine without haproxy; the run's end counts them."""
 
@@ -27,22 +29,12 @@ def haproxy_binary() -> str:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """A banner after the run's last line when HAProxy tests skipped, as tests/conftest.py does for Redis: a
-    passing run that never put replicas behind a real load balancer must not look like one that did."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:
-        return
-    skipped = [r for r in reporter.stats.get("skipped", [])
-               if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(HAPROXY_MISSING)]
-    if not skipped:
-        return
-    reporter.write_sep("!", "THE REPLICAS BEHIND HAPROXY WENT UNTESTED", red=True, bold=True)
-    for line in (
-        f"{len(skipped)} test(s) skipped: haproxy is not installed, so deploy/haproxy.cfg was neither checked",
+    """As tests/conftest.py does for Redis: a passing run that never put replicas behind a real load balancer
+    must not look like one that did."""
+    untested_banner(config, HAPROXY_MISSING, "THE REPLICAS BEHIND HAPROXY WENT UNTESTED", (
+        "haproxy is not installed, so deploy/haproxy.cfg was neither checked",
         "(`haproxy -c`) nor run in front of two `kiln serve` replicas on one Redis (credits across",
         "replicas, a replica killed mid-load, health checks, idempotent retries). Install it (Debian:",
         "sudo apt-get install haproxy, or `make haproxy`) and run `make test` again: it requires HAProxy",
         "once installed, and CI (.ci/run) always does.",
-    ):
-        reporter.write_line(line, red=True, bold=True)
-    reporter.write_sep("!", red=True, bold=True)
+    ))

@@ -31,6 +31,7 @@ from runtime.client import wait_ready
 from tests.conftest import ROOT, ServerProcess, free_port, kiln, redis_url
 from tests.deploy.conftest import haproxy_binary
 from tests.deploy.haproxy_config import for_test
+from tests.server.test_quotas import _generate as quota_generate
 
 HOLD_TTL_S = 4.0
 """The replicas' --hold-ttl: short, so a killed replica's held credits come back within the test."""
@@ -177,20 +178,8 @@ def _request(**kw: object) -> pb.GenerateRequest:
 
 async def _generate(target: str, key: str, request: pb.GenerateRequest, *metadata: tuple[str, str]
                     ) -> tuple[grpc.StatusCode, list[pb.GenerateResponse], status_pb2.Status]:
-    async with grpc.aio.insecure_channel(target) as ch:
-        call = pb_grpc.KilnStub(ch).Generate(request, metadata=(("authorization", f"Bearer {key}"), *metadata),
-                                             timeout=60)
-        got: list[pb.GenerateResponse] = []
-        try:
-            async for r in call:
-                got.append(r)
-        except grpc.aio.AioRpcError:
-            pass
-        status = status_pb2.Status()
-        details = dict(await call.trailing_metadata() or ()).get("grpc-status-details-bin")
-        if details:
-            status.ParseFromString(details)
-        return await call.code(), got, status
+    code, got, _, status = await quota_generate(target, key, request, *metadata, timeout=60)
+    return code, got, status
 
 
 def _reason(status: status_pb2.Status) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -78,6 +79,7 @@ class CheckInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, unary, streaming)
 
 
+@functools.cache
 def _span_name(cls: str) -> str:
     """AuthInterceptor -> kiln.auth, TierLimitsInterceptor -> kiln.tier_limits."""
     return "kiln." + re.sub(r"(?<!^)(?=[A-Z])", "_", cls.removesuffix("Interceptor")).lower()
