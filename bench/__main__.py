@@ -9,6 +9,7 @@ from bench import (
     cold_load,
     compile_memory,
     decoders,
+    dreambooth,
     gateway,
     integrity,
     latency,
@@ -27,7 +28,7 @@ from bench import (
 
 SCENARIOS = {"latency": latency, "quality": quality, "precision": precision, "quota": quota, "throughput": throughput,
              "tome": tome, "memory": memory, "integrity": integrity, "compile-memory": compile_memory,
-             "single-file": single_file, "decoders": decoders, "lora": lora,
+             "single-file": single_file, "decoders": decoders, "dreambooth": dreambooth, "lora": lora,
              "gateway": gateway, "tracing": tracing, "observe": observe, "cold-load": cold_load, "switch": switch}
 
 

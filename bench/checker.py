@@ -1,5 +1,6 @@
 """Reads a 64x64 shapes image with plain image analysis (no learned model): background colour, shape colour,
-shape kind, size and position, in the vocabulary of `train.shapes.spec`."""
+shape kind (the trained shapes, and the ring and star for fine-tunes), size and position, in the vocabulary of
+`train.shapes.spec`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ NAMES = list(COLORS)
 MIN_SHAPE_PIXELS = 12
 LARGE_EXTENT = 23.0
 """Bounding-box side (px) between the small (16 +- 2) and large (30 +- 2) nominal widths."""
+STAR_FILL_BELOW = 0.5
+"""Share of its bounding box a shape covers, below which it is a star (drawn: 0.36-0.43; a circle 0.72-0.82, a
+triangle 0.52-0.57 but told apart first by its top half)."""
 LEFT_BELOW, RIGHT_ABOVE = 24.5, 39.5
 """Centroid x thresholds halfway between the left (17), centre (32) and right (47) columns."""
 
@@ -51,8 +55,12 @@ def read(image: np.ndarray) -> dict[str, str | None]:
     out["position"] = "left" if cx < LEFT_BELOW else "right" if cx > RIGHT_ABOVE else "centre"
     fill = mask.sum() / (h * w)
     top_share = (ys < (y0 + y1) / 2).sum() / len(ys)
-    if top_share < 0.37:  # a triangle holds a quarter of its area in its top half; circles and squares half
+    if alpha[int(round((y0 + y1) / 2)), int(round((x0 + x1) / 2))] < 0.5:  # the middle is background
+        out["shape"] = "ring"
+    elif top_share < 0.37:  # a triangle holds a quarter of its area in its top half; circles and squares half
         out["shape"] = "triangle"
+    elif fill < STAR_FILL_BELOW:
+        out["shape"] = "star"
     else:
         out["shape"] = "square" if fill > 0.89 else "circle"
     return out

@@ -656,7 +656,9 @@ def parser() -> argparse.ArgumentParser:
     td.add_argument("out", help="folder for class images, checkpoints, losses.csv and the output (OUT/model or "
                     "OUT/lora.safetensors)")
     td.add_argument("--instance-images", required=True, metavar="DIR", help="the subject's images (3-5 usually)")
-    td.add_argument("--instance-prompt", required=True, help="their prompt, with the token (e.g. 'a photo of sks dog')")
+    td.add_argument("--instance-prompt", default="",
+                    help="their prompt, with the token (e.g. 'a photo of sks dog'); an image NAME.png with a caption "
+                         "file NAME.txt beside it trains with that caption instead")
     if DreamboothConfig is not None:
         from cli.flags import add_flags
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -87,8 +88,8 @@ def test_class_images_are_drawn_by_the_base_model_cached_and_redrawn_when_the_re
     folder = full_run / "class-images"
     files = sorted(folder.glob("*.png"))
     assert len(files) == FULL.num_class_images
-    made = (folder / MADE).read_text()
-    assert '"prompt": "a square"' in made and '"count": 2' in made and '"steps": 3' in made
+    made = json.loads((folder / MADE).read_text())
+    assert made["prompts"] == ["a square"] and made["count"] == 2 and made["steps"] == 3
     # the base model's own picture for the class prompt, at the file's seed
     pipe = StableDiffusionPipeline.from_pretrained(tiny_source, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
@@ -109,15 +110,87 @@ def test_class_images_are_drawn_by_the_base_model_cached_and_redrawn_when_the_re
     copy = tmp_path / "class-images"
     shutil.copytree(folder, copy)
     copied = {f.name: f.stat().st_mtime_ns for f in copy.iterdir()}
-    again = class_images(tiny_source, copy, FULL, (64, 64), progress=False)
+    again, prompts = class_images(tiny_source, copy, FULL, (64, 64), progress=False)
     assert {f.name: f.stat().st_mtime_ns for f in copy.iterdir()} == copied  # same recipe: nothing touched
-    assert [f.name for f in again] == ["0000.png", "0001.png"]
+    assert [f.name for f in again] == ["0000.png", "0001.png"] and prompts == ["a square"] * 2
     t0 = (copy / "0000.png").stat().st_mtime_ns
-    redrawn = class_images(tiny_source, copy, dataclasses.replace(FULL, class_prompt="a circle"), (64, 64),
-                           progress=False)
-    assert len(redrawn) == 2 and '"prompt": "a circle"' in (copy / MADE).read_text()
+    redrawn, _ = class_images(tiny_source, copy, dataclasses.replace(FULL, class_prompt="a circle"), (64, 64),
+                              progress=False)
+    assert len(redrawn) == 2 and json.loads((copy / MADE).read_text())["prompts"] == ["a circle"]
     assert (copy / "0000.png").stat().st_mtime_ns != t0
     assert not np.array_equal(np.asarray(Image.open(copy / "0001.png")), np.asarray(Image.open(files[1])))
+
+
+def test_caption_files_and_a_class_prompt_file_give_each_image_its_prompt(tiny_source: Path, instances: Path,
+                                                                         tmp_path: Path) -> None:
+    captioned = tmp_path / "captioned"
+    shutil.copytree(instances, captioned)
+    (captioned / "0.txt").write_text("a red sks square\non the left\n")  # whitespace folds to one line
+    (captioned / "2.txt").write_text("a green sks square")
+    prompts_file = tmp_path / "class.txt"
+    prompts_file.write_text("a square\n\na circle\n")  # blank lines skipped
+    shared = tmp_path / "shared-class-images"
+    config = dataclasses.replace(FULL, class_prompt="", class_prompts_file=str(prompts_file), num_class_images=3,
+                                 class_data_dir=str(shared))
+    trainer = Trainer(tiny_source, tmp_path / "run", captioned, config, progress=False)
+    assert trainer.instance_prompts == ["a red sks square on the left", FULL.instance_prompt, "a green sks square"]
+    trainer.prepare()
+    assert [f.name for f in trainer.class_files] == ["0000.png", "0001.png", "0002.png"]
+    assert json.loads((shared / MADE).read_text())["prompts"] == ["a square", "a circle"]
+    tok = trainer.tokenizer
+    def ids(p: str) -> torch.Tensor:
+        return tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids[0]
+    # every example trains with its own prompt: instance captions, class prompts cycling through the file
+    for row, p in zip(trainer.ids["instance"], trainer.instance_prompts, strict=True):
+        assert torch.equal(row, ids(p))
+    for row, p in zip(trainer.ids["class"], ["a square", "a circle", "a square"], strict=True):
+        assert torch.equal(row, ids(p))
+    total, instance, prior = trainer.losses()
+    assert math.isfinite(total.item()) and prior is not None
+    assert trainer.instance_weights is None
+
+    # a mask beside an image (not itself an instance image) weighs the latent pixels it touches, and their
+    # neighbours, 1 + mask_weight
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 8:32] = 255  # image 0's square: latent rows/columns 2..5 of 8 (8x downsampling), +- 1
+    Image.fromarray(mask).save(captioned / "0.mask.png")
+    masked = Trainer(tiny_source, tmp_path / "run3", captioned, dataclasses.replace(config, mask_weight=4.0),
+                     progress=False)
+    assert [f.name for f in masked.instance_files] == ["0.png", "1.png", "2.png"]
+    masked.prepare()
+    weights = masked.instance_weights
+    want = np.ones((3, 8, 8), np.float32)
+    want[0, 1:7, 0:5] = 5.0
+    assert np.array_equal(weights.numpy(), want)
+    assert math.isfinite(masked.losses()[0].item())
+    # another run with the same recipe and --class-data-dir reuses the drawn images
+    stamps = {f.name: f.stat().st_mtime_ns for f in shared.iterdir()}
+    again = Trainer(tiny_source, tmp_path / "run2", captioned, config, progress=False)
+    again.prepare()
+    assert {f.name: f.stat().st_mtime_ns for f in shared.iterdir()} == stamps
+    assert not (tmp_path / "run2" / "class-images").exists()
+
+    # refusals name the file and the problem
+    (captioned / "2.txt").write_text("a green square")
+    with pytest.raises(ValueError, match=r"2\.txt: caption='a green square' does not contain the token 'sks'"):
+        Trainer(tiny_source, tmp_path / "x", captioned, config, progress=False)
+    (captioned / "2.txt").unlink()
+    with pytest.raises(ValueError, match=r"1\.png has no caption file \(1\.txt\) and no --instance-prompt"):
+        Trainer(tiny_source, tmp_path / "x", captioned, dataclasses.replace(config, instance_prompt=""),
+                progress=False)
+    (captioned / "0.mask.png").unlink()
+    with pytest.raises(ValueError, match=r"mask_weight is set but no instance image has a mask \(0\.mask\.png"):
+        Trainer(tiny_source, tmp_path / "x", captioned, dataclasses.replace(config, mask_weight=1.0),
+                progress=False)
+    prompts_file.write_text("a sks square\n")
+    with pytest.raises(ValueError, match=r"class\.txt prompt 1='a sks square' contains the token 'sks'"):
+        Trainer(tiny_source, tmp_path / "x", captioned, config, progress=False)
+    prompts_file.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"class\.txt' has no prompts"):
+        Trainer(tiny_source, tmp_path / "x", captioned, config, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(config, class_prompt="a square")
 
 
 def test_the_prior_loss_is_in_the_total_with_its_weight(full_run: Path, tiny_source: Path, instances: Path,

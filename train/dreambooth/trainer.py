@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 from train.dreambooth import lora
 from train.dreambooth.class_images import class_images
 from train.dreambooth.config import DreamboothConfig
-from train.dreambooth.data import image_files, load_images, to_pixels
+from train.dreambooth.data import captions, image_files, load_images, load_masks, to_pixels
 
 CSV_FIELDS = ("step", "loss", "instance_loss", "prior_loss", "lr")
 
@@ -51,7 +52,12 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         # the instance images are checked before anything slow happens
         self.instance_files = image_files(instance_images)
+        self.instance_prompts = captions(self.instance_files, config.instance_prompt, config.token)
         self.instance_images = load_images(self.instance_files, config.resolution)
+        if config.prior_preservation:
+            config.class_prompts()  # a bad prompt file fails here, before anything slow
+        if config.mask_weight:
+            load_masks(self.instance_files, self.size)  # as does a missing or unreadable mask
         torch.manual_seed(config.seed)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.base / "tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(self.base / "text_encoder", torch_dtype=torch.float32)
@@ -87,9 +93,13 @@ class Trainer:
 
     def _amp_dtype(self):  # type: ignore[no-untyped-def]
         torch, mode = self.torch, self.config.mixed_precision
+        if mode == "bf16":
+            return torch.bfloat16
+        if mode == "fp16" and self.device.type != "cuda":
+            raise ValueError("mixed_precision='fp16' needs a CUDA GPU (this run is on the CPU): use bf16 or no")
         if mode == "no" or self.device.type != "cuda":
             return None
-        if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        if mode == "auto" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float16
 
@@ -102,19 +112,37 @@ class Trainer:
     def prepare(self) -> None:
         """Class images (drawn or reused), latents (VAE posterior means x scaling factor) and prompt ids."""
         torch, c = self.torch, self.config
+        F = torch.nn.functional
         self.class_files: list[Path] = []
         self.class_latents = None
+        self.class_images_s = 0.0
+        """Seconds spent drawing (or finding cached) class images."""
+        prompts = {"instance": self.instance_prompts, "class": []}
         if c.prior_preservation:
-            self.class_files = class_images(self.base, self.out / "class-images", c, self.size, self.progress)
+            folder = Path(c.class_data_dir) if c.class_data_dir else self.out / "class-images"
+            started = time.perf_counter()
+            self.class_files, prompts["class"] = class_images(self.base, folder, c, self.size, self.progress)
+            self.class_images_s = time.perf_counter() - started
             self.class_latents = self._encode(load_images(self.class_files, 0))
         self.instance_latents = self._encode(self.instance_images)
-        self.ids = {name: self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+        self.instance_weights = None
+        """[N, h, w] per latent pixel loss weights of the instance images (with --mask-weight)."""
+        if c.mask_weight:
+            masks = torch.from_numpy(load_masks(self.instance_files, self.size)).float()[:, None]
+            h, w = self.instance_latents.shape[-2:]
+            touched = F.adaptive_max_pool2d(masks, (h, w))  # a latent pixel any mask pixel falls in
+            near = F.max_pool2d(touched, 3, stride=1, padding=1)  # and its neighbours
+            self.instance_weights = (1 + c.mask_weight * near[:, 0]).to(self.device)
+        self.ids = {kind: self.tokenizer(p, padding="max_length", max_length=self.tokenizer.model_max_length,
                                          truncation=True, return_tensors="pt").input_ids.to(self.device)
-                    for name, prompt in (("instance", c.instance_prompt), ("class", c.class_prompt))}
+                    for kind, p in prompts.items() if p}
+        """Token ids per example, [N, 77] for the instance images and the class images."""
         self.embeddings = {}
         if not c.train_text_encoder:  # a frozen text encoder: its outputs are cached too
             with torch.inference_mode():
-                self.embeddings = {k: self.text_encoder(v).last_hidden_state.clone() for k, v in self.ids.items()}
+                self.embeddings = {k: torch.cat([self.text_encoder(v[i:i + 64]).last_hidden_state
+                                                 for i in range(0, len(v), 64)]).clone()
+                                   for k, v in self.ids.items()}
 
     def _encode(self, images: np.ndarray):  # type: ignore[no-untyped-def]
         torch = self.torch
@@ -139,11 +167,12 @@ class Trainer:
         torch, c = self.torch, self.config
         F = torch.nn.functional
         b = c.batch_size
-        latents = self.instance_latents[self._take("order", len(self.instance_latents), b)]
-        kinds = ["instance"]
+        picks = {"instance": self._take("order", len(self.instance_latents), b)}
+        latents = self.instance_latents[picks["instance"]]
         if self.class_latents is not None:
-            latents = torch.cat([latents, self.class_latents[self._take("class_order", len(self.class_latents), b)]])
-            kinds.append("class")
+            picks["class"] = self._take("class_order", len(self.class_latents), b)
+            latents = torch.cat([latents, self.class_latents[picks["class"]]])
+        kinds = list(picks)
         noise = torch.randn(latents.shape, generator=self.generator)
         if c.offset_noise:
             noise = noise + c.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator)
@@ -152,9 +181,9 @@ class Trainer:
                           generator=self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.embeddings:
-            states = torch.cat([self.embeddings[k].expand(b, -1, -1) for k in kinds])
+            states = torch.cat([self.embeddings[k][i] for k, i in picks.items()])
         else:
-            ids = torch.cat([self.ids[k].expand(b, -1) for k in kinds])
+            ids = torch.cat([self.ids[k][i] for k, i in picks.items()])
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             if not self.embeddings:
                 states = self.text_encoder(ids).last_hidden_state
@@ -166,8 +195,18 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
             raise ValueError(f"{self.base}/scheduler: prediction_type={kind!r}; allowed epsilon, v_prediction")
-        instance = F.mse_loss(pred[:b], target[:b])
-        prior = F.mse_loss(pred[b:], target[b:]) if len(kinds) == 2 else None
+        se = F.mse_loss(pred, target, reduction="none").mean(dim=1)  # [B, h, w]
+        if self.instance_weights is not None:  # a weighted mean over each instance image's latent pixels
+            w = torch.cat([self.instance_weights[picks["instance"]], torch.ones_like(se[b:])])
+            per_example = (se * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2))
+        else:
+            per_example = se.mean(dim=(1, 2))
+        if c.snr_gamma:
+            ac = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
+            snr = ac / (1 - ac)
+            per_example = per_example * torch.clamp(snr, max=c.snr_gamma) / (snr + (kind == "v_prediction"))
+        instance = per_example[:b].mean()
+        prior = per_example[b:].mean() if len(kinds) == 2 else None
         total = instance + c.prior_loss_weight * prior if prior is not None else instance
         return total, instance, prior
 
@@ -243,7 +282,10 @@ class Trainer:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self._run_config(), indent=2) + "\n")
+        started = time.perf_counter()
         self.prepare()
+        prepared = time.perf_counter()
+        first_step = self.state["step"]
         for m in self.modules.values():
             m.train()
         log = self.out / "losses.csv"
@@ -273,7 +315,14 @@ class Trainer:
                 bar.close()
                 return None
         bar.close()
-        return self.export()
+        looped = time.perf_counter()
+        path = self.export()
+        (self.out / "timings.json").write_text(json.dumps({
+            "class_images_s": self.class_images_s, "prepare_s": prepared - started, "train_s": looped - prepared, "export_s": time.perf_counter() - looped,
+            "steps": self.state["step"] - first_step, "device": self.device.type,
+            "mixed_precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
+        }, indent=2) + "\n")
+        return path
 
     # output -------------------------------------------------------------------------------------------------------
     def export(self) -> Path:

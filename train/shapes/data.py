@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -24,9 +26,31 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
         draw.ellipse(box, fill=fill)
     elif scene.shape == "square":
         draw.rectangle(box, fill=fill)
+    elif scene.shape == "star":
+        draw.polygon(star_points(cx, cy, w), fill=fill)
+    elif scene.shape == "ring":
+        draw.ellipse(box, fill=fill)
+        r = w / 2 * RING_INNER
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[scene.background])
     else:  # upward equilateral-ish triangle filling the box's width and height
         draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
     return np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX))
+
+
+RING_INNER = 0.6
+"""Hole / outer diameter of the ring (a band of 0.2 w: 3 px for a small ring, 6 px for a large one)."""
+STAR_INNER = 0.382
+"""Inner / outer radius of the five-pointed star (a regular pentagram's outline)."""
+
+
+def star_points(cx: float, cy: float, w: float) -> list[tuple[float, float]]:
+    """A five-pointed star, point up, whose bounding box is about w x w centred on (cx, cy): its width is
+    1.902 R and its height 1.809 R (R the outer radius), so R = 1.1 w / 2 and the centre moves down 0.05 w."""
+    outer = 1.1 * w / 2
+    cy += 0.05 * w
+    return [(cx + r * math.cos(a), cy + r * math.sin(a))
+            for k in range(10)
+            for a, r in [(-math.pi / 2 + k * math.pi / 5, outer if k % 2 == 0 else outer * STAR_INNER)]]
 
 
 def dataset(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
