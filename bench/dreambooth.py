@@ -162,8 +162,9 @@ def train_row(base: Path, out: Path, instances: Path, class_prompts: Path, class
         raise RuntimeError(f"{' '.join(cmd)} failed")
     timings = json.loads((out / "timings.json").read_text())
     output = out / "lora.safetensors" if lora else out / "model"
+    trained = ("unet", "text_encoder") if args.train_text_encoder else ("unet",)
     size = output.stat().st_size if lora else sum(f.stat().st_size for f in output.rglob("*.safetensors")
-                                                   if f.parent.name in ("unet", "text_encoder"))
+                                                   if f.parent.name in trained)
     return {"wall_s": wall, "peak_rss": usage.ru_maxrss * 1024, "output": output, "output_bytes": size,
             "lora": lora, **timings}
 
@@ -197,6 +198,7 @@ def save_grid(path: Path, images: list[np.ndarray], columns: int, scale: int = 2
 
 
 def run(args: argparse.Namespace) -> Path:
+    from model_store import Store
     from proto.kiln.v1 import kiln_pb2 as pb
     from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
     from runtime.client import channel
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> Path:
         shutil.rmtree(store)
     bundles = {"shapes": ["compile", str(base)]}
     for row, t in trained.items():
-        bundles[f"star-{row}"] = (["compile", str(base), "--lora", str(t["output"])] if t["lora"]
+        bundles[f"{SUBJECT}-{row}"] = (["compile", str(base), "--lora", str(t["output"])] if t["lora"]
                                   else ["compile", str(t["output"])])
     for name, cmd in bundles.items():
         workspace.kiln(*cmd, "--name", name, "--store", str(store))
@@ -231,7 +233,8 @@ def run(args: argparse.Namespace) -> Path:
     priors = prompt_set(args.quality_count, args.seed)
     results: dict[str, dict] = {}
     grid: list[np.ndarray] = []
-    with workspace.server(*(store / n / "1" for n in bundles), timeout=120) as target, channel(target) as ch:
+    with workspace.server(*(Store(store).latest(n).path for n in bundles), timeout=120) as target, \
+            channel(target) as ch:
         stub = pb_grpc.KilnStub(ch)
         info = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
         for name in bundles:
@@ -241,7 +244,7 @@ def run(args: argparse.Namespace) -> Path:
                              "prior": score([(s, r) for s, r, _ in prior]),
                              **{size: score([(s, r) for s, r, _ in subject if s.size == size])
                                 for size in ("small", "large")}}
-            if name == f"star-{rows[0]}":
+            if name == f"{SUBJECT}-{rows[0]}":
                 grid = [im for _, _, im in subject[:16]]
             print(f"{name}: subject {100 * results[name]['subject']['all']:.1f}%, "
                   f"prior {100 * results[name]['prior']['all']:.1f}%", flush=True)
@@ -249,9 +252,9 @@ def run(args: argparse.Namespace) -> Path:
     base_prior = results["shapes"]["prior"]["all"]
     table_rows = []
     for name in bundles:
-        t = trained.get(name.removeprefix("star-"))
+        t = trained.get(name.removeprefix(f"{SUBJECT}-"))
         sub, pri = results[name]["subject"], results[name]["prior"]
-        what = "base model (shapes)" if t is None else ROWS[name.removeprefix("star-")][0]
+        what = "base model (shapes)" if t is None else ROWS[name.removeprefix(f"{SUBJECT}-")][0]
         cost = ["-"] * 6 if t is None else [
             str(t["steps"]), f"{t['train_s'] / 60:.1f}", f"{t['class_images_s']:.0f}", f"{t['wall_s'] / 60:.1f}",
             f"{t['peak_rss'] / 2**30:.2f}", f"{t['output_bytes'] / 2**20:.1f}"]
@@ -293,7 +296,7 @@ def run(args: argparse.Namespace) -> Path:
                         "peak RSS (GiB)", "output (MiB)"], table_rows)
         + "\n\ntraining: the optimizer loop; class images: drawing them (the first row with prior preservation "
         "draws them, later rows reuse the cache); process: the whole `kiln train dreambooth` (loading, class "
-        "images, latents, training, export); output: the LoRA file, or the trained UNet + text encoder weights.\n\n"
+        "images, latents, training, export); output: the LoRA file, or the weights that trained (the fp32 UNet).\n\n"
         "Per attribute:\n\n"
         + report.table(["model", "set", *ATTRIBUTES, "all"], detail)
         + "\n\n## Why a ring, not a star\n\nThe fine-tune leaves the VAE frozen, so it can only teach shapes the "
