@@ -267,7 +267,9 @@ def run(args: argparse.Namespace) -> Path:
     if args.grid and grid:
         from PIL import Image
 
-        shown = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(instances.glob("*.png"))]
+        from train.dreambooth.data import image_files
+
+        shown = [np.asarray(Image.open(f).convert("RGB")) for f in image_files(instances)]  # not the masks
         save_grid(workspace.ROOT / args.grid, shown + [np.full_like(shown[0], 255)] * (8 - len(shown)) + grid,
                   columns=8)
     roundtrip = vae_roundtrip(base, args.seed)
