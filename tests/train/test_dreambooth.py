@@ -193,6 +193,23 @@ def test_caption_files_and_a_class_prompt_file_give_each_image_its_prompt(tiny_s
         dataclasses.replace(config, class_prompt="a square")
 
 
+def test_mask_and_min_snr_weights_enter_each_example_loss() -> None:
+    from train.dreambooth.trainer import example_losses
+
+    pred = torch.zeros(2, 4, 2, 2)
+    target = torch.zeros(2, 4, 2, 2)
+    target[0, :, 0, 0] = 2.0  # example 0: squared error 4 on one of its 4 latent pixels, 0 elsewhere
+    target[1] = 1.0  # example 1: squared error 1 everywhere
+    snr = torch.tensor([9.0, 0.5])
+    assert torch.allclose(example_losses(pred, target, None, snr, 0.0, True), torch.tensor([1.0, 1.0]))
+    weights = torch.ones(2, 2, 2)
+    weights[0, 0, 0] = 5.0  # the erring pixel weighs 5: (5 x 4) / (5 + 3)
+    assert torch.allclose(example_losses(pred, target, weights, snr, 0.0, True), torch.tensor([2.5, 1.0]))
+    # Min-SNR, gamma 5: v -> min(SNR, 5) / (SNR + 1), epsilon -> min(SNR, 5) / SNR
+    assert torch.allclose(example_losses(pred, target, None, snr, 5.0, True), torch.tensor([0.5, 0.5 / 1.5]))
+    assert torch.allclose(example_losses(pred, target, None, snr, 5.0, False), torch.tensor([5 / 9, 1.0]))
+
+
 def test_the_prior_loss_is_in_the_total_with_its_weight(full_run: Path, tiny_source: Path, instances: Path,
                                                          tmp_path: Path) -> None:
     rows = {}

@@ -34,6 +34,22 @@ def check_same_run(checkpoint: Path, made_with: dict, now: dict) -> None:
                          "resume with the same flags, or choose a new folder")
 
 
+def example_losses(pred, target, pixel_weights, snr, snr_gamma: float, v_prediction: bool):  # type: ignore[no-untyped-def]
+    """[B] losses: the squared error averaged over channels, then a mean over latent pixels weighted by
+    `pixel_weights` ([B, h, w] or None: equal), then with `snr_gamma` times Min-SNR's min(SNR, gamma) / SNR
+    (epsilon) or / (SNR + 1) (v)."""
+    import torch
+
+    se = torch.nn.functional.mse_loss(pred, target, reduction="none").mean(dim=1)  # [B, h, w]
+    if pixel_weights is None:
+        out = se.mean(dim=(1, 2))
+    else:
+        out = (se * pixel_weights).sum(dim=(1, 2)) / pixel_weights.sum(dim=(1, 2))
+    if snr_gamma:
+        out = out * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
+    return out
+
+
 class Trainer:
     def __init__(self, base: Path, out: Path, instance_images: Path, config: DreamboothConfig,
                  progress: bool = True, device: str | None = None):
@@ -165,7 +181,6 @@ class Trainer:
     def losses(self):  # type: ignore[no-untyped-def]
         """(total, instance MSE, class MSE or None) on the next batch."""
         torch, c = self.torch, self.config
-        F = torch.nn.functional
         b = c.batch_size
         picks = {"instance": self._take("order", len(self.instance_latents), b)}
         latents = self.instance_latents[picks["instance"]]
@@ -195,16 +210,12 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
             raise ValueError(f"{self.base}/scheduler: prediction_type={kind!r}; allowed epsilon, v_prediction")
-        se = F.mse_loss(pred, target, reduction="none").mean(dim=1)  # [B, h, w]
-        if self.instance_weights is not None:  # a weighted mean over each instance image's latent pixels
-            w = torch.cat([self.instance_weights[picks["instance"]], torch.ones_like(se[b:])])
-            per_example = (se * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2))
-        else:
-            per_example = se.mean(dim=(1, 2))
-        if c.snr_gamma:
-            ac = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
-            snr = ac / (1 - ac)
-            per_example = per_example * torch.clamp(snr, max=c.snr_gamma) / (snr + (kind == "v_prediction"))
+        weights = None
+        if self.instance_weights is not None:  # class images weigh every latent pixel 1
+            weights = self.instance_weights[picks["instance"]]
+            weights = torch.cat([weights, torch.ones((len(latents) - b, *weights.shape[1:]), device=self.device)])
+        ac = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
+        per_example = example_losses(pred, target, weights, ac / (1 - ac), c.snr_gamma, kind == "v_prediction")
         instance = per_example[:b].mean()
         prior = per_example[b:].mean() if len(kinds) == 2 else None
         total = instance + c.prior_loss_weight * prior if prior is not None else instance
