@@ -169,8 +169,9 @@ def train_row(base: Path, out: Path, instances: Path, class_prompts: Path, class
             "lora": lora, **timings}
 
 
-def generate_and_read(stub, model: str, items: list[tuple[Scene, str, int]]) -> list[tuple[Scene, dict]]:  # type: ignore[no-untyped-def]
-    """Each prompt through the server at the bundle's defaults; the checker's reading of each image."""
+def generate_and_read(stub, model: str,  # type: ignore[no-untyped-def]
+                      items: list[tuple[Scene, str, int]]) -> list[tuple[Scene, dict, np.ndarray]]:
+    """Each prompt through the server at the bundle's defaults: its scene, the checker's reading, the image."""
     from PIL import Image
 
     from proto.kiln.v1 import kiln_pb2 as pb
@@ -186,12 +187,13 @@ def generate_and_read(stub, model: str, items: list[tuple[Scene, str, int]]) -> 
         return list(pool.map(one, items))
 
 
-def save_grid(path: Path, images: list[np.ndarray], columns: int, scale: int = 2) -> None:
+def save_grid(path: Path, groups: list[list[np.ndarray]], columns: int, scale: int = 2) -> None:
+    """Each group of images starts a new grid row; rows are filled out with white."""
     from PIL import Image
 
-    pad = np.full_like(images[0], 255)
-    rows = [images[i:i + columns] + [pad] * (columns - len(images[i:i + columns]))
-            for i in range(0, len(images), columns)]
+    pad = np.full_like(groups[0][0], 255)
+    rows = [g[i:i + columns] + [pad] * (columns - len(g[i:i + columns]))
+            for g in groups for i in range(0, len(g), columns)]
     grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(
         path, optimize=True)
@@ -270,8 +272,7 @@ def run(args: argparse.Namespace) -> Path:
         from train.dreambooth.data import image_files
 
         shown = [np.asarray(Image.open(f).convert("RGB")) for f in image_files(instances)]  # not the masks
-        save_grid(workspace.ROOT / args.grid, shown + [np.full_like(shown[0], 255)] * (8 - len(shown)) + grid,
-                  columns=8)
+        save_grid(workspace.ROOT / args.grid, [shown, grid], columns=8)
     roundtrip = vae_roundtrip(base, args.seed)
     body = (
         f"The shipped `shapes` model learns a {SUBJECT} (a shape it never saw) under the token `{TOKEN}` from "

@@ -187,7 +187,6 @@ class Trainer:
         if self.class_latents is not None:
             picks["class"] = self._take("class_order", len(self.class_latents), b)
             latents = torch.cat([latents, self.class_latents[picks["class"]]])
-        kinds = list(picks)
         noise = torch.randn(latents.shape, generator=self.generator)
         if c.offset_noise:
             noise = noise + c.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=self.generator)
@@ -217,7 +216,7 @@ class Trainer:
         ac = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
         per_example = example_losses(pred, target, weights, ac / (1 - ac), c.snr_gamma, kind == "v_prediction")
         instance = per_example[:b].mean()
-        prior = per_example[b:].mean() if len(kinds) == 2 else None
+        prior = per_example[b:].mean() if "class" in picks else None
         total = instance + c.prior_loss_weight * prior if prior is not None else instance
         return total, instance, prior
 
