@@ -1,6 +1,6 @@
 """Reads a 64x64 shapes image with plain image analysis (no learned model): background colour, shape colour,
-shape kind (the trained shapes, and the ring and star for fine-tunes), size and position, in the vocabulary of
-`train.shapes.spec`."""
+shape kind (the trained shapes, and `train.shapes.spec.NEW_SHAPES` for fine-tunes), size and position, in the
+vocabulary of `train.shapes.spec`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ LARGE_EXTENT = 23.0
 STAR_FILL_BELOW = 0.5
 """Share of its bounding box a shape covers, below which it is a star (drawn: 0.36-0.43; a circle 0.72-0.82, a
 triangle 0.52-0.57 but told apart first by its top half)."""
+CORNER = 0.25
+"""Side of the bounding box's corner squares, as a share of its shorter side."""
+CROSS_CORNERS_BELOW = 0.08
+"""Mean share of the four corner squares a shape covers, below which it is a cross (drawn: 0.00; a circle
+0.16-0.44; a star covers as little but is told apart first by its fill)."""
+BAR_ASPECT_BELOW = 0.7
+"""Width / height of the bounding box below which a shape is an (upright) bar (drawn: 0.36-0.44; the other shapes
+0.93-1.17)."""
 LEFT_BELOW, RIGHT_ABOVE = 24.5, 39.5
 """Centroid x thresholds halfway between the left (17), centre (32) and right (47) columns."""
 
@@ -55,12 +63,19 @@ def read(image: np.ndarray) -> dict[str, str | None]:
     out["position"] = "left" if cx < LEFT_BELOW else "right" if cx > RIGHT_ABOVE else "centre"
     fill = mask.sum() / (h * w)
     top_share = (ys < (y0 + y1) / 2).sum() / len(ys)
-    if alpha[int(round((y0 + y1) / 2)), int(round((x0 + x1) / 2))] < 0.5:  # the middle is background
+    c = max(1, int(round(CORNER * min(h, w))))
+    corners = np.mean([mask[y0:y0 + c, x0:x0 + c].mean(), mask[y0:y0 + c, x1 + 1 - c:x1 + 1].mean(),
+                       mask[y1 + 1 - c:y1 + 1, x0:x0 + c].mean(), mask[y1 + 1 - c:y1 + 1, x1 + 1 - c:x1 + 1].mean()])
+    if w / h < BAR_ASPECT_BELOW:
+        out["shape"] = "bar"
+    elif alpha[int(round((y0 + y1) / 2)), int(round((x0 + x1) / 2))] < 0.5:  # the middle is background
         out["shape"] = "ring"
     elif top_share < 0.37:  # a triangle holds a quarter of its area in its top half; circles and squares half
         out["shape"] = "triangle"
     elif fill < STAR_FILL_BELOW:
         out["shape"] = "star"
+    elif corners < CROSS_CORNERS_BELOW:
+        out["shape"] = "cross"
     else:
         out["shape"] = "square" if fill > 0.89 else "circle"
     return out

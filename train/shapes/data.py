@@ -28,6 +28,13 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
         draw.rectangle(box, fill=fill)
     elif scene.shape == "star":
         draw.polygon(star_points(cx, cy, w), fill=fill)
+    elif scene.shape == "cross":
+        a = w * CROSS_ARM / 2
+        draw.rectangle((box[0], cy - a, box[2], cy + a), fill=fill)
+        draw.rectangle((cx - a, box[1], cx + a, box[3]), fill=fill)
+    elif scene.shape == "bar":
+        draw.rectangle((cx - w * BAR_WIDTH / 2, cy - w * BAR_HEIGHT / 2, cx + w * BAR_WIDTH / 2,
+                        cy + w * BAR_HEIGHT / 2), fill=fill)  # upright: a wide one would leave the image
     elif scene.shape == "ring":
         draw.ellipse(box, fill=fill)
         r = w / 2 * RING_INNER
@@ -39,6 +46,11 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
 
 RING_INNER = 0.6
 """Hole / outer diameter of the ring (a band of 0.2 w: 3 px for a small ring, 6 px for a large one)."""
+CROSS_ARM = 0.4
+"""Arm width / span of the cross (a plus sign: arms 6.4 px wide for a small cross, 12 px for a large one)."""
+BAR_WIDTH, BAR_HEIGHT = 0.5, 1.3
+"""The upright bar's width and height as shares of the size's nominal width (a small bar is 8 x 21 px, a large one
+15 x 39): its mean side is 0.9 of the nominal width, so it reads as the same size as a circle of that size."""
 STAR_INNER = 0.382
 """Inner / outer radius of the five-pointed star (a regular pentagram's outline)."""
 

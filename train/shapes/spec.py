@@ -18,10 +18,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 """The shapes the shapes model is trained on."""
-NEW_SHAPES = ("ring", "star")
+NEW_SHAPES = ("ring", "star", "cross", "bar")
 """Shapes drawn and read (bench/checker.py) but never in the shapes model's training data: subjects for a
-fine-tune (Dreambooth) to teach it. The ring is the one the model can learn: its frozen VAE carries it (a
-five-pointed star's points do not survive the VAE's encode/decode: `python -m bench dreambooth` measures both)."""
+fine-tune (Dreambooth) to teach it. The bar is the one the frozen VAE carries at both sizes (a star's points, a
+small cross's corners and, less so, a small ring's hole do not survive its encode/decode: `python -m bench
+dreambooth` measures each)."""
 SIZES = ("small", "large")
 POSITIONS = ("left", "centre", "right")
 
