@@ -83,8 +83,8 @@ ROWS = {
     "full-no-prior": ("full fine-tune, no prior preservation", []),
     "lora": ("LoRA, prior preservation", ["--prior-preservation", "--lora"]),
     "lora-no-prior": ("LoRA, no prior preservation", ["--lora"]),
-    "full-no-mask": ("full fine-tune, prior preservation, no mask weighting", ["--prior-preservation",
-                                                                              "--mask-weight", "0"]),
+    "full-mask": ("full fine-tune, prior preservation, mask weighting 8", ["--prior-preservation",
+                                                                           "--mask-weight", "8"]),
 }
 """Row name -> (what it is, the flags that make it)."""
 
@@ -125,8 +125,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-steps", type=int, default=1500, help="optimizer steps of the LoRA runs")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA runs")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    p.add_argument("--mask-weight", type=float, default=8.0,
-                   help="weight of the latent pixels on and next to the subject (its mask) in the instance loss")
+    p.add_argument("--mask-weight", type=float, default=0.0,
+                   help="weight of the latent pixels on and next to the subject (its mask) in the instance loss "
+                        "(the full-mask row uses 8)")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR weighting (0: plain MSE)")
     p.add_argument("--prior-loss-weight", type=float, default=1.5,
                    help="weight of the class images' loss in the rows with prior preservation")
@@ -273,24 +274,19 @@ def run(args: argparse.Namespace) -> Path:
                            f"{100 * (pri['all'] - base_prior):+.1f}", *cost])
     detail = [[name, kind, *(f"{100 * results[name][kind][a]:.1f}%" for a in (*ATTRIBUTES, "all"))]
               for name in bundles for kind in ("subject", "prior")]
-    if args.grid and grid:
-        from PIL import Image
-
-        from train.dreambooth.data import image_files
-
-        shown = [np.asarray(Image.open(f).convert("RGB")) for f in image_files(instances)]  # not the masks
-        save_grid(workspace.ROOT / args.grid, [shown, grid], columns=8)
     roundtrip = vae_roundtrip(base, args.seed)
     body = (
         f"The shipped `shapes` model learns a {SUBJECT} (a shape it never saw) under the token `{TOKEN}` from "
         f"{len(INSTANCES)} instance images, each with its caption (`bench/dreambooth.py` `INSTANCES`: "
         + "; ".join(f"\"{subject_prompt(s)}\"" for s in INSTANCES) + "). "
         f"Prior preservation: {args.class_images} class images the base model drew (diffusers' pipeline, 20 steps, "
-        "guidance 2) for as many captions of random scenes of its own shapes, trained in every batch with weight 1. "
+        "guidance 2) for as many captions of random scenes of its own shapes, trained in every batch with "
+        f"weight {args.prior_loss_weight:g}. "
         f"Batch {args.batch_size} instance (+ {args.batch_size} class) images, AdamW, constant learning rate "
         f"(full {args.full_lr:g}, LoRA {args.lora_lr:g} rank {args.rank} on the UNet's attention projections), "
-        f"Min-SNR weighting (gamma {args.snr_gamma:g}), prior loss weight {args.prior_loss_weight:g}, mask weighting {args.mask_weight:g} (each instance image's "
-        "mask: the pixels its shape touches; the latent pixels under it and their neighbours weigh 1 + that), "
+        f"Min-SNR weighting (gamma {args.snr_gamma:g}), mask weighting {args.mask_weight:g} (the full-mask row: 8; "
+        "each instance image's mask is the pixels its shape touches; the latent pixels under it and their neighbours "
+        "weigh 1 + the mask weight), "
         "offset noise 0.25 as the base was trained, fp32 on the CPU; "
         + ("the text encoder trains too (all of it, or its LoRA)" if args.train_text_encoder
            else "the text encoder stays frozen") + ".\n\n"
@@ -322,4 +318,12 @@ def run(args: argparse.Namespace) -> Path:
         f"pixels) mostly does, but a fine-tune with these 5 images learned it for 13% of small rings (commit "
         f"8573cc0). The {SUBJECT} is the new shape the VAE carries at both sizes as well as the trained shapes."
     )
-    return report.write(args.out, "Dreambooth: a new shape on the shapes model", body)
+    path = report.write(args.out, "Dreambooth: a new shape on the shapes model", body)
+    if args.grid and grid:  # after the result file, which names the commit: the grid is a tracked file
+        from PIL import Image
+
+        from train.dreambooth.data import image_files
+
+        shown = [np.asarray(Image.open(f).convert("RGB")) for f in image_files(instances)]  # not the masks
+        save_grid(workspace.ROOT / args.grid, [shown, grid], columns=8)
+    return path
