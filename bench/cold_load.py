@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,8 +40,13 @@ PRECISIONS = {
 }
 """Bundle name suffix and compile flags (int8: calibrated small and fast: loading does not depend on it)."""
 ENGINES = ("onnxruntime", "openvino")
-SITUATIONS = {"first start": (False, False), "restart": (True, False), "reload": (True, True)}
-"""(hash cache warm, page cache warm) per situation."""
+SITUATIONS = {"first start": (False, False, "empty"), "restart": (True, False, "warm"), "reload": (True, True, "warm"),
+              "first start, no graph cache": (False, False, "off"), "restart, no graph cache": (True, False, "off"),
+              "reload, no graph cache": (True, True, "off")}
+"""(hash cache warm, page cache warm, graph cache) per situation. Graph cache (ONNX Runtime's optimized graphs,
+OpenVINO's compiled models; `kiln serve`'s default, `--no-graph-cache` turns it off): `empty` (the load writes
+it), `warm` (written by an earlier load; dropped from the page cache with the bundle where the situation says
+so), `off`."""
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -95,16 +101,21 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--engine", choices=ENGINES, required=True)
     p.add_argument("--hash-cache", type=Path, required=True, help="hash cache folder (empty: a cold cache)")
     p.add_argument("--page-cache", choices=["warm", "cold"], required=True)
+    p.add_argument("--graph-cache", default="", help="graph cache folder (as `kiln serve` keeps under --cache-dir); "
+                                                     "empty: off")
     args = p.parse_args(argv)
 
     t_import = time.perf_counter()
     from model_store import BundleRef, HashCache, Manifest
+    from runtime.graph_cache import GRAPHS_DIR, OPENVINO_DIR, GraphCache
     from runtime.model import open_bundle_dir
     from runtime.sessions_openvino import OpenVinoConfig
 
     import_s = time.perf_counter() - t_import
     files = bundle_files(args.bundle)
-    (read_through if args.page_cache == "warm" else drop_page_cache)(files)
+    graph_root = Path(args.graph_cache) if args.graph_cache else None
+    cached = [f for f in graph_root.rglob("*") if f.is_file()] if graph_root and graph_root.is_dir() else []
+    (read_through if args.page_cache == "warm" else drop_page_cache)(files + cached)
     rss0 = _rss("VmRSS")
     ref = BundleRef(args.bundle, Manifest.read(args.bundle))
     t0 = time.perf_counter()
@@ -113,9 +124,12 @@ def worker(argv: list[str]) -> int:
     cache.save()
     t1 = time.perf_counter()
     model = open_bundle_dir(ref.path, ref.manifest, engine=args.engine,  # then this
-                            openvino=OpenVinoConfig() if args.engine == "openvino" else None)
+                            openvino=OpenVinoConfig(cache_dir=str(graph_root / OPENVINO_DIR) if graph_root else "")
+                            if args.engine == "openvino" else None,
+                            graphs=GraphCache(graph_root / GRAPHS_DIR) if graph_root else None)
     t2 = time.perf_counter()
-    result = {"verify_s": t1 - t0, "open_s": t2 - t1, "files_hashed": cache.hashed, "bytes_hashed": cache.hashed_bytes,
+    result = {"graph_cache": sorted({getattr(s, "graph_cache", "") for s in model.sessions.values()} - {""}),
+              "verify_s": t1 - t0, "open_s": t2 - t1, "files_hashed": cache.hashed, "bytes_hashed": cache.hashed_bytes,
               "files": len(files), "bytes": sum(f.stat().st_size for f in files), "import_s": import_s,
               "rss_added_bytes": _rss("VmRSS") - rss0, "peak_rss_added_bytes": _rss("VmHWM") - rss0,
               "components": sorted(model.sessions)}
@@ -123,13 +137,15 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
-def load_once(path: Path, engine: str, situation: str, hash_cache: Path) -> dict:
-    """One load in a fresh worker process; `hash_cache` is used for the warm-cache situations."""
-    warm_hashes, warm_pages = SITUATIONS[situation]
+def load_once(path: Path, engine: str, situation: str, hash_cache: Path, graph_cache: Path) -> dict:
+    """One load in a fresh worker process; `hash_cache` and `graph_cache` (this bundle's and engine's) are used for
+    the warm-cache situations."""
+    warm_hashes, warm_pages, graphs = SITUATIONS[situation]
     with tempfile.TemporaryDirectory(dir=workspace.WORK, prefix="cold-load-") as empty:
         cmd = [sys.executable, "-m", "bench.cold_load", "--worker", "--bundle", str(path), "--engine", engine,
                "--hash-cache", str(hash_cache if warm_hashes else empty),
-               "--page-cache", "warm" if warm_pages else "cold"]
+               "--page-cache", "warm" if warm_pages else "cold",
+               "--graph-cache", {"off": "", "empty": str(Path(empty) / "graphs"), "warm": str(graph_cache)}[graphs]]
         out = subprocess.run(cmd, check=True, cwd=workspace.ROOT, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -153,13 +169,17 @@ def run(args: argparse.Namespace) -> Path:
         cache = HashCache(hash_cache)
         BundleRef(path, Manifest.read(path)).check_files(hashes=True, cache=cache)
         cache.save()
+    graph_caches = {(p, e): workspace.WORK / "cold-load" / f"graphs-{p}-{e}" for p in precisions for e in engines}
+    for (p, e), folder in graph_caches.items():  # the warm graph caches, written by one load each (not timed)
+        shutil.rmtree(folder, ignore_errors=True)
+        load_once(bundles[p], e, "reload", hash_cache, folder)
     results: dict[tuple[str, str, str], list[dict]] = {}
     load_before = os.getloadavg()[0]
     for r in range(args.repeats):
         for p in precisions:
             for e in engines:
                 for s in situations:
-                    res = load_once(bundles[p], e, s, hash_cache)
+                    res = load_once(bundles[p], e, s, hash_cache, graph_caches[p, e])
                     results.setdefault((p, e, s), []).append(res)
                     print(f"[cold-load] {r + 1}/{args.repeats} {p} {e} {s}: verify {res['verify_s']:.2f} s "
                           f"({res['files_hashed']} files hashed), open {res['open_s']:.2f} s, RSS +"
@@ -175,7 +195,9 @@ def _report(args: argparse.Namespace, bundles: dict[str, Path], results: dict[tu
         verify, opened = [x["verify_s"] for x in runs], [x["open_s"] for x in runs]
         total = [a + b for a, b in zip(verify, opened, strict=True)]
         hashed = {x["files_hashed"] for x in runs}
+        graphs = sorted({g for x in runs for g in x["graph_cache"]} - {"off"}) or ["-"]
         rows.append([p, e, s, f"{med(verify):.2f}", "/".join(str(h) for h in sorted(hashed)) + f" of {runs[0]['files']}",
+                     "/".join(graphs),
                      f"{med(opened):.2f}", f"{med(total):.2f}", f"{min(total):.2f}-{max(total):.2f}",
                      f"{med([x['rss_added_bytes'] for x in runs]) / 2**30:.2f}",
                      f"{med([x['peak_rss_added_bytes'] for x in runs]) / 2**30:.2f}"])
@@ -187,12 +209,17 @@ def _report(args: argparse.Namespace, bundles: dict[str, Path], results: dict[tu
         "total). **verify**: `BundleRef.check_files(hashes=True)` through a `HashCache` as `kiln serve` uses it "
         "(sizes, then sha256 of every file the cache does not know); **open**: `open_bundle_dir` (sessions, "
         "tokenizer, schedule); load = verify + open, i.e. `runtime.model.load_bundle`. Situations: **first start** "
-        "= empty hash cache, the bundle's files dropped from the page cache; **restart** = hash cache warm, files "
-        "dropped from the page cache; **reload** = hash cache warm, files in the page cache (a pool reloading an "
-        "evicted model). RSS added: the process's VmRSS after open minus before verify; peak: VmHWM minus the "
-        "same. Engines at their serving defaults (ONNX Runtime: all graph optimisations, threads = cores; "
-        "OpenVINO: its default precision, bf16 on AMX CPUs, no model cache).\n\n"
-        + report.table(["precision", "engine", "situation", "verify s", "files hashed", "open s", "load s",
+        "= empty hash cache and graph cache (the load writes the graph cache, as `kiln serve` does by default), "
+        "the bundle's files dropped from the page cache; **restart** = hash cache and graph cache warm, the "
+        "bundle's and the cached graphs' files dropped from the page cache; **reload** = both caches warm, files "
+        "in the page cache (a pool reloading an evicted model); **no graph cache**: the same with the graph cache "
+        "off (`kiln serve --no-graph-cache`, and every Kiln before it). Graph cache: ONNX Runtime's optimized "
+        "graphs (runtime/graph_cache.py), OpenVINO's compiled models (its `CACHE_DIR`); **graphs** says what the "
+        "sessions did: `written` (optimized and cached), `hit` (opened the cached one). RSS added: the process's "
+        "VmRSS after open minus before verify; peak: VmHWM minus the same. Engines at their serving defaults "
+        "(ONNX Runtime: all graph optimisations, threads = cores; OpenVINO: its default precision, bf16 on AMX "
+        "CPUs).\n\n"
+        + report.table(["precision", "engine", "situation", "verify s", "files hashed", "graphs", "open s", "load s",
                         "load s range", "RSS added GiB", "peak RSS added GiB"], rows)
         + "\n\nProcess start to first image (interpreter, imports, load, one 512x512 generation) and warm latency "
           "per engine and precision: [latency-cold-sd-v1.md](latency-cold-sd-v1.md); not repeated here.\n\n"

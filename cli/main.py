@@ -173,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = {}
     if args.cache_dir:
         extra["cache_dir"] = None if args.cache_dir == "none" else Path(args.cache_dir)
+    extra["graph_cache"] = not args.no_graph_cache
     tls = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         from runtime.tls import ServerTls
@@ -688,6 +689,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", metavar="DIR",
                    help="where the sha256 of verified bundle files are remembered so restarts do not hash them again "
                         "(default: $KILN_CACHE_DIR, else ~/.cache/kiln; none: hash at every start)")
+    s.add_argument("--no-graph-cache", action="store_true",
+                   help="do not keep ONNX Runtime's optimized graphs and OpenVINO's compiled models in the cache dir "
+                        "(default: kept, so a restart skips graph optimization; about a bundle's size on disk)")
     s.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
                    help="who runs the graphs (openvino: CPU, bf16 on AMX; reads fp32/int8/int4 bundles, not nf4 or fp16; pip extra kiln[openvino])")
     s.add_argument("--openvino-precision", default="default", choices=["default", "bf16", "f32"],

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store import BundleRef, HashCache, Manifest, ManifestError, Store
+from model_store.manifest import ComponentEntry
 from runtime.adapters import ADAPTERS_DIR, COMPONENTS, Adapter, LoraFeeds, load_adapters, lora_input_shapes
 from runtime.cpu import int8_session_configs
 from runtime.device import GPU_PROVIDERS, ProviderSpec, provider_names
+from runtime.graph_cache import GraphCache, GraphKey, config_key
 from runtime.samplers.schedule import NoiseSchedule
 from runtime.sessions import ModelSession, OrtSession
 from runtime.sessions_openvino import OpenVinoConfig, OpenVinoSession, UnreadableGraph, require_openvino
@@ -108,20 +110,25 @@ def manifest_decoders(manifest: Manifest) -> dict[str, Decoder]:
 
 
 def load_bundle(ref: BundleRef, providers: ProviderSpec | None = None, threads: int = 0, engine: str = "onnxruntime",
-                openvino: OpenVinoConfig | None = None, hashes: HashCache | None = None) -> LoadedModel:
+                openvino: OpenVinoConfig | None = None, hashes: HashCache | None = None,
+                graphs: GraphCache | None = None) -> LoadedModel:
     """Verify every file of a bundle against its manifest (size and sha256; `hashes` remembers the sha256 of files
-    already verified), then open its components; raises ManifestError naming the first file that differs."""
+    already verified), then open its components; raises ManifestError naming the first file that differs.
+    `graphs`: ONNX Runtime's optimized graphs are cached there (runtime/graph_cache.py), keyed on the verified
+    sha256 of the files they came from."""
     ref.check_files(hashes=True, cache=hashes if hashes is not None else HashCache(persist=False))
-    return open_bundle_dir(ref.path, ref.manifest, providers, threads, engine, openvino)
+    return open_bundle_dir(ref.path, ref.manifest, providers, threads, engine, openvino, graphs)
 
 
 def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = None, threads: int = 0,
-                    engine: str = "onnxruntime", openvino: OpenVinoConfig | None = None) -> LoadedModel:
+                    engine: str = "onnxruntime", openvino: OpenVinoConfig | None = None,
+                    graphs: GraphCache | None = None) -> LoadedModel:
     """Sessions over a bundle folder's files as `m` describes them (the compiler uses it before publishing).
 
     `engine` picks who runs the graphs; with "openvino", `openvino` configures it (default: OpenVINO's precision,
     `threads` threads) and `providers` is unused. Raises UnreadableGraph naming the component and ops OpenVINO
-    cannot convert, OpenVinoMissing when openvino is not installed."""
+    cannot convert, OpenVinoMissing when openvino is not installed. `graphs`: cache ONNX Runtime's optimized
+    graphs there, keyed on the manifest's sha256 of each component's files (so only a verified folder may use it)."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} must be one of {', '.join(ENGINES)}")
     missing = [c for c in REQUIRED if c not in m.components]
@@ -146,8 +153,13 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
         }
     else:
         exact = int8_session_configs(m)  # full-range int8 on a CPU whose int8 kernels saturate: runtime/cpu.py
-        sessions = {name: OrtSession(name, path / c.file, providers, threads, config=exact.get(name))
+        sessions = {name: OrtSession(name, path / c.file, providers, threads, config=exact.get(name),
+                                     graphs=(graphs, graph_key(m, c, exact.get(name))) if graphs else None)
                     for name, c in m.components.items()}
+        if graphs is not None:
+            states = {name: getattr(s, "graph_cache", "off") for name, s in sessions.items()}
+            log.info("%s %s: optimized graphs from the cache: %s", m.name, m.version,
+                     ", ".join(f"{name} {state}" for name, state in states.items()))
     try:
         tokenizer = _tokenizer(path, m.tokenizer)
         second = m.tokenizer.get("second")  # SDXL's second tokenizer, described the same way
@@ -160,6 +172,13 @@ def open_bundle_dir(path: Path, m: Manifest, providers: ProviderSpec | None = No
                         tokenizer_2=tokenizer_2)
     model.attach_adapters(path.parent / ADAPTERS_DIR)  # a bundle outside a store: none beside it
     return model
+
+
+def graph_key(m: Manifest, c: ComponentEntry, config: dict[str, str] | None) -> GraphKey:
+    """What a component's optimized graph is cached under: its files' manifest sha256 and the session entries."""
+    digests = {f.path: f.sha256 for f in m.files}
+    files = [c.file] + ([c.external_data] if c.external_data else [])
+    return GraphKey(tuple(digests[f] for f in files), "ORT_ENABLE_ALL", config_key(config))
 
 
 def _tokenizer(path: Path, section: dict) -> PromptTokenizer:

@@ -6,6 +6,8 @@ same ONNX bundle by implementing it.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +17,9 @@ import numpy as np
 
 from runtime.adapters import DOWN, UP
 from runtime.device import ProviderSpec, binding_device, provider_names
+from runtime.graph_cache import GraphCache, GraphKey, write_options
+
+log = logging.getLogger(__name__)
 
 
 class ModelSession(Protocol):
@@ -65,24 +70,45 @@ class OrtSession:
 
     def __init__(self, name: str, path: Path, providers: ProviderSpec | None = None, threads: int = 0,
                  io_binding: bool | None = None, resident: Sequence[str] = RESIDENT_INPUTS,
-                 config: Mapping[str, str] | None = None):
-        """`config`: further session config entries (runtime/cpu.py's exact int8 kernels)."""
+                 config: Mapping[str, str] | None = None, graphs: tuple[GraphCache, GraphKey] | None = None):
+        """`config`: further session config entries (runtime/cpu.py's exact int8 kernels). `graphs`: where this
+        graph's optimized form is cached and its key (runtime/graph_cache.py); CPU sessions only."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        # No busy-waiting between ops: the intra-op threads otherwise spin on the cores the gRPC and event-loop
-        # threads need between model calls. On the tiny model at 8 clients that lifted the batching server's
-        # requests/s by about 15% (`python -m bench throughput --arch tiny --clients 8`, A/B, medians of 3);
-        # on SD-sized ops the wake-up cost is noise.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        _use_shared_cpu_arena(options)
-        for key, value in (config or {}).items():
-            options.add_session_config_entry(key, value)
         self.name = name
-        self._session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.graph_cache = "off"
+        """`hit` (opened the cached optimized graph), `written` (optimized it and cached the result) or `off`."""
+        if graphs is not None and set(provider_names(providers)) != {"CPUExecutionProvider"}:
+            graphs = None
+        session = None
+        if graphs is not None and (cached := graphs[0].lookup(graphs[1])) is not None:
+            options = self._options(threads, config, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            try:
+                session = ort.InferenceSession(str(cached), options, providers=["CPUExecutionProvider"])
+                self.graph_cache = "hit"
+            except Exception as e:  # a damaged entry: optimize again and replace it
+                log.warning("%s: the cached optimized graph %s failed to open (%s); optimizing %s again", name,
+                            cached.parent, e, path)
+                graphs[0].discard(graphs[1])
+        if session is None:
+            options = self._options(threads, config, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            if graphs is not None:
+                staging: Path | None = graphs[0].staging()
+                assert staging is not None
+                write_options(options, staging)
+                try:
+                    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                except Exception as e:  # e.g. the cache's disk is full: serve without caching (a bad graph fails below)
+                    log.warning("%s: could not cache its optimized graph (%s); opening it without the cache", name, e)
+                    shutil.rmtree(staging, ignore_errors=True)
+                    staging = None
+                    options = self._options(threads, config, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+                if staging is not None:
+                    written = graphs[0].publish(staging, graphs[1])
+                    self.graph_cache = "written" if written is not None else "off"
+            if session is None:
+                session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self._session = session
         wanted = provider_names(providers)[0]
         if wanted not in self._session.get_providers():
             # ONNX Runtime falls back to the CPU with only a log line when e.g. the CUDA or cuDNN libraries are missing
@@ -102,6 +128,24 @@ class OrtSession:
         self._resident: dict[str, tuple[np.ndarray, object]] = {}
         self.uploads = 0
         """Inputs copied to the device through IO binding (a resident input is not counted again)."""
+
+    @staticmethod
+    def _options(threads: int, config: Mapping[str, str] | None, level):  # type: ignore[no-untyped-def]
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        # No busy-waiting between ops: the intra-op threads otherwise spin on the cores the gRPC and event-loop
+        # threads need between model calls. On the tiny model at 8 clients that lifted the batching server's
+        # requests/s by about 15% (`python -m bench throughput --arch tiny --clients 8`, A/B, medians of 3);
+        # on SD-sized ops the wake-up cost is noise.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        _use_shared_cpu_arena(options)
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
+        return options
 
     @property
     def providers(self) -> list[str]:

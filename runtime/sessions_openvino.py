@@ -59,6 +59,11 @@ _core_lock = threading.Lock()
 _core: Any = None
 
 
+def _blobs(cache_dir: str) -> set[str]:
+    """The compiled-model files in an OpenVINO CACHE_DIR."""
+    return {p.name for p in Path(cache_dir).glob("*.blob")} if cache_dir else set()
+
+
 def require_openvino() -> Any:
     """One `openvino.Core` per process (it owns the plugins and their thread pools); OpenVinoMissing without it."""
     global _core
@@ -86,6 +91,7 @@ class OpenVinoSession:
     def __init__(self, name: str, path: Path, config: OpenVinoConfig | None = None):
         config = config or OpenVinoConfig()
         core = require_openvino()
+        blobs = _blobs(config.cache_dir)
         try:
             # from the path, not a read ov.Model: CACHE_DIR then keys the blob on the file instead of hashing weights
             self._compiled = core.compile_model(str(path), "CPU", config.properties())
@@ -96,6 +102,8 @@ class OpenVinoSession:
             ) from None
         self.name = name
         self.config = config
+        self.graph_cache = "off" if not config.cache_dir else "written" if _blobs(config.cache_dir) - blobs else "hit"
+        """With a `cache_dir`: `written` (compiled, and OpenVINO wrote its blob) or `hit` (read a blob); else `off`."""
         self.input_names = tuple(p.get_any_name() for p in self._compiled.inputs)
         self.output_names = tuple(p.get_any_name() for p in self._compiled.outputs)
         self._outputs = list(self._compiled.outputs)

@@ -21,6 +21,7 @@ from proto.kiln.v1 import kiln_pb2, kiln_pb2_grpc
 from runtime.accounts.accounts import Accounts, AccountsConfig
 from runtime.device import DeviceConfig, available_providers, provider_names
 from runtime.engine import Engine, EngineConfig
+from runtime.graph_cache import GRAPHS_DIR, OPENVINO_DIR, GraphCache
 from runtime.model import LoadedModel, load_bundle
 from runtime.pool.config import PoolConfig
 from runtime.pool.pool import ModelPool, PoolHooks
@@ -93,6 +94,10 @@ class ServeConfig:
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     """Where verified files' sha256 are remembered (`--cache-dir`; default $KILN_CACHE_DIR, else ~/.cache/kiln),
     so a restart does not hash the store again; None: hash every file at every start."""
+    graph_cache: bool = True
+    """Keep ONNX Runtime's optimized graphs (`CACHE/graphs/`) and OpenVINO's compiled models (`CACHE/openvino/`)
+    in `cache_dir`, so a restart or a pool reload opens them without optimizing or compiling again
+    (`--no-graph-cache`: optimize at every open). Costs disk: about the bundle's size again per CPU kind."""
     tracing: TracingConfig = field(default_factory=TracingConfig)
     """OpenTelemetry tracing over OTLP (`--otlp-endpoint`, `--otlp-insecure`, `--otlp-service-name`); off without
     an endpoint."""
@@ -132,7 +137,10 @@ class KilnServer:
         self.config = config
         from runtime.sessions_openvino import OpenVinoConfig, require_openvino
 
-        ov = OpenVinoConfig(precision=config.openvino_precision, threads=config.threads)
+        caching = config.graph_cache and config.cache_dir is not None
+        ov = OpenVinoConfig(precision=config.openvino_precision, threads=config.threads,
+                            cache_dir=str(config.cache_dir / OPENVINO_DIR) if caching and config.cache_dir else "")
+        graphs = GraphCache(config.cache_dir / GRAPHS_DIR) if caching and config.cache_dir else None
         if "openvino" in (config.inference_engine, *config.pool.engines().values()):
             require_openvino()  # a missing engine is not per bundle: say so at start
         providers = config.device.resolve(available_providers()) if config.inference_engine == "onnxruntime" or \
@@ -142,7 +150,7 @@ class KilnServer:
         self.hashes = HashCache(config.cache_dir, persist=config.cache_dir is not None)
 
         def open_bundle(ref, engine: str) -> LoadedModel:  # type: ignore[no-untyped-def]
-            model = load_bundle(ref, providers, config.threads, engine, ov, self.hashes)
+            model = load_bundle(ref, providers, config.threads, engine, ov, self.hashes, graphs)
             self.hashes.save()
             return model
 

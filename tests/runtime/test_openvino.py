@@ -174,3 +174,17 @@ def test_sdxl_pipeline_on_openvino_gives_onnxruntime_image(openvino, tiny_sdxl_s
     diff = np.abs(got[0].astype(int) - want[0].astype(int))
     assert want[0].std() > 5
     assert diff.max() <= 2, f"uint8 image differs by up to {diff.max()}"
+
+
+def test_a_cache_dir_keeps_compiled_models_and_a_second_open_reads_them(openvino, tiny_bundle: Path,  # type: ignore[no-untyped-def]
+                                                                       tmp_path: Path) -> None:
+    m = Manifest.read(tiny_bundle)
+    config = OpenVinoConfig(precision="f32", cache_dir=str(tmp_path / "ov"))
+    inputs = feeds(m)["unet"]
+    first = OpenVinoSession("unet", tiny_bundle / m.components["unet"].file, config)
+    assert first.graph_cache == "written" and list((tmp_path / "ov").glob("*.blob"))
+    second = OpenVinoSession("unet", tiny_bundle / m.components["unet"].file, config)
+    assert second.graph_cache == "hit"
+    for k, want in first.run(inputs).items():
+        np.testing.assert_array_equal(second.run(inputs)[k], want)
+    assert OpenVinoSession("unet", tiny_bundle / m.components["unet"].file, OpenVinoConfig()).graph_cache == "off"
