@@ -82,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     image = pipe.run(params, latents=latents)[0][0]
     t_done = time.perf_counter()
     rss_cold = peak_rss_bytes()
-    warm = []
+    warm, stages = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        pipe.run(params, latents=latents)
+        images, gen = pipe.run(params, latents=latents)
         warm.append(time.perf_counter() - t0)
+        pipe.encode_png(gen, 0, images[0])  # timed in the stages, not in the warm latency (peers make no PNG)
+        stages.append(gen.timings)
     phases = {"interpreter_s": _AGE_AT_TOP + (t_import - _T_TOP), "import_s": t_load - t_import,
               "load_s": t_first - t_load, "first_image_s": t_done - t_first}
     png = args.out.with_suffix(".png")
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
         "cold_start_s": round(sum(phases.values()), 3), "phases": {k: round(v, 3) for k, v in phases.items()},
         "warm_s": [round(t, 3) for t in warm], "median_warm_s": round(statistics.median(warm), 3) if warm else None,
+        "stages": {k: round(statistics.median(t.get(k, 0.0) for t in stages), 4)
+                   for k in sorted({k for t in stages for k in t})},
         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_first_image_bytes": rss_cold,
         "torch_imported": "torch" in sys.modules, "image": str(png),
     }

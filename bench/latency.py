@@ -207,6 +207,10 @@ SAMPLER_NOTES = {"euler": "Euler: diffusers' EulerDiscreteScheduler",
                  "turbo": "SDXL-Turbo's: EulerAncestralDiscreteScheduler, trailing timesteps"}
 
 
+STAGES = ("tokenize", "text_encode", "prepare", "denoise", "decode", "png")
+"""Kiln's pipeline stages in the cold-start report's breakdown, in order."""
+
+
 def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], bundles: dict[str, Path]) -> Path:
     from bench import peers
 
@@ -224,6 +228,18 @@ def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], 
         ])
     phases = "; ".join(f"{v}: " + ", ".join(f"{k.removesuffix('_s')} {x:.1f}" for k, x in r["phases"].items())
                        for v, r in results.items())
+    stage_rows = [[f"Kiln `{v}`", f"{r['median_warm_s']:.2f}"]
+                  + [f"{r['stages'].get(k, 0.0):.3f}" for k in STAGES]
+                  + [f"{r['stages'].get('denoise', 0.0) / args.steps:.2f}",
+                     f"{r['median_warm_s'] - sum(r['stages'].get(k, 0.0) for k in STAGES if k != 'png'):.3f}"]
+                  for v, r in results.items() if "stages" in r]
+    stages = ("\n\nWhere Kiln's warm time goes (medians over the warm runs, s; `runtime/pipeline.py`'s stage timers): "
+              "tokenize; text encode (one text-encoder call); prepare (starting latents, sampler); denoise (every "
+              "UNet call and sampler update; per step: that over the steps); decode (the VAE decoder); png (encoding "
+              "the image with its parameters chunk, outside the warm time, as the peers make no PNG); rest: warm "
+              "time minus the timed stages.\n\n"
+              + report.table(["variant", "warm s", *STAGES, "denoise per step", "rest"], stage_rows)
+              if stage_rows else "")
     body = (
         f"Model: `{args.arch}` architecture (random weights), {size}x{size}, {args.steps} steps, sampler "
         f"`{args.sampler}` ({SAMPLER_NOTES[args.sampler]}), guidance {args.guidance:g} "
@@ -235,6 +251,7 @@ def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], 
         "own virtual environments (bench/peers). Threads: 2 (the machine's cores).\n\n"
         + report.table(["variant", "warm s (median)", "speed vs diffusers", "cold start s", "cold vs diffusers",
                         "peak RSS GiB", "image vs diffusers"], rows)
+        + stages
         + f"\n\nCold-start phases (s): {phases}.\n"
         + "\nBundles: " + ", ".join(f"`{v}` = {bundles[v].parent.name}/{bundles[v].name}" for v in bundles) + "\n"
     )
