@@ -41,8 +41,8 @@ PRECISIONS = {
 """Bundle name suffix and compile flags (int8: calibrated small and fast: loading does not depend on it)."""
 ENGINES = ("onnxruntime", "openvino")
 SITUATIONS = {"first start": (False, False, "empty"), "restart": (True, False, "warm"), "reload": (True, True, "warm"),
-              "first start, no graph cache": (False, False, "off"), "restart, no graph cache": (True, False, "off"),
-              "reload, no graph cache": (True, True, "off")}
+              "first start (no graph cache)": (False, False, "off"), "restart (no graph cache)": (True, False, "off"),
+              "reload (no graph cache)": (True, True, "off")}
 """(hash cache warm, page cache warm, graph cache) per situation. Graph cache (ONNX Runtime's optimized graphs,
 OpenVINO's compiled models; `kiln serve`'s default, `--no-graph-cache` turns it off): `empty` (the load writes
 it), `warm` (written by an earlier load; dropped from the page cache with the bundle where the situation says
