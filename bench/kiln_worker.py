@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--sampler", default="euler")
+    p.add_argument("--guidance-end", type=float, default=1.0, help="GenerateRequest.guidance_end")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--latents", type=Path, required=True)
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         openvino = OpenVinoConfig(precision=args.openvino_precision or "default", threads=args.threads)
     model = load_bundle(BundleRef(args.bundle, manifest), threads=args.threads, engine=args.engine, openvino=openvino)
     request = pb.GenerateRequest(model=manifest.name, prompt=args.prompt, width=args.size, height=args.size,
-                                 steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed)
+                                 steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed,
+                                 guidance_end=args.guidance_end)
     params = validate(request, manifest.defaults, manifest.limits)
     latents = np.load(args.latents)
     pipe = Pipeline(model)

@@ -63,7 +63,14 @@ COLD_VARIANTS = {
     "diffusers": None, "optimum": None, "openvino": None, "openvino-static": None,
 }
 """Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers
-(bench/peers)."""
+(bench/peers). A Kiln variant with `+ge` and a fraction appended (`kiln-int8+ge0.5`) runs its requests with
+classifier-free guidance on that fraction of the steps only (GenerateRequest.guidance_end)."""
+GUIDANCE_END = "+ge"
+
+
+def _base(variant: str) -> str:
+    """The variant without its `+geF` suffix."""
+    return variant.partition(GUIDANCE_END)[0]
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -170,7 +177,7 @@ def run_cold(args: argparse.Namespace) -> Path:
     from bench import peers
 
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in COLD_VARIANTS]
+    unknown = [v for v in variants if _base(v) not in COLD_VARIANTS or (v != _base(v) and not COLD_VARIANTS[_base(v)])]
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; choose from {', '.join(COLD_VARIANTS)}")
     if args.sampler not in COLD_SAMPLERS:
@@ -179,17 +186,17 @@ def run_cold(args: argparse.Namespace) -> Path:
     source = workspace.source_model(args.arch, args.source)
     size = args.size or 512
     latents = peers.latents(source, size, 1)
-    bundles = {v: _kiln_bundle(source, args.arch, v, args) for v in variants if COLD_VARIANTS[v]}
+    bundles = {v: _kiln_bundle(source, args.arch, _base(v), args) for v in variants if COLD_VARIANTS[_base(v)]}
     results: dict[str, dict] = {}
     path = Path()
     for v in variants:
         print(f"[latency] {v} ...", file=sys.stderr, flush=True)
-        if COLD_VARIANTS[v] is None:
+        if COLD_VARIANTS[_base(v)] is None:
             results[v] = peers.measure(v, source, size=size, steps=args.steps, guidance=args.guidance, seed=1,
                                        repeats=args.repeats, sampler=args.sampler)
             path = _cold_report(args, size, results, bundles)
             continue
-        _, _, engine, ov_precision = COLD_VARIANTS[v]  # type: ignore[misc]
+        _, _, engine, ov_precision = COLD_VARIANTS[_base(v)]  # type: ignore[misc]
         out = workspace.WORK / "latency" / f"{v}-{args.arch}-{size}px-{args.steps}steps-{args.sampler}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "bench.kiln_worker", "--bundle", str(bundles[v]), "--engine", engine,
@@ -197,6 +204,8 @@ def run_cold(args: argparse.Namespace) -> Path:
                "--sampler", args.sampler, "--latents", str(latents), "--repeats", str(args.repeats), "--out", str(out)]
         if ov_precision:
             cmd += ["--openvino-precision", ov_precision]
+        if v != _base(v):
+            cmd += ["--guidance-end", v.rpartition(GUIDANCE_END)[2]]
         subprocess.run(cmd, check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
         results[v] = json.loads(out.read_text())
         path = _cold_report(args, size, results, bundles)  # after every variant: a cut-short run keeps its rows

@@ -25,6 +25,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="4,8,20", help="comma-separated step counts, one table row each")
     p.add_argument("--sampler", default="", help="comma-separated samplers, rows each (default: the bundle's default)")
     p.add_argument("--guidance", type=float, default=None, help="default: the bundle's default")
+    p.add_argument("--guidance-end", default="1",
+                   help="comma-separated fractions of the steps that run guided (GenerateRequest.guidance_end), "
+                        "rows each; default 1: every step")
     p.add_argument("--count", type=int, default=240, help="prompts (each with its own seed)")
     p.add_argument("--seed", type=int, default=0, help="chooses the prompt set")
     p.add_argument("--precision", default="fp32",
@@ -80,17 +83,19 @@ def run(args: argparse.Namespace) -> Path:
             info = served[name]
             guidance = info.default_guidance_scale if args.guidance is None else args.guidance
             for sampler in (args.sampler or info.default_sampler).split(","):
-                for steps in (int(s) for s in args.steps.split(",")):
-                    def one(item, name=name, sampler=sampler, steps=steps, guidance=guidance):  # type: ignore[no-untyped-def]
+                for steps, end in ((int(s), float(e)) for s in args.steps.split(",")
+                                   for e in args.guidance_end.split(",")):
+                    def one(item, name=name, sampler=sampler, steps=steps, guidance=guidance, end=end):  # type: ignore[no-untyped-def]
                         scene, prompt, seed = item
                         req = pb.GenerateRequest(model=name, prompt=prompt, steps=steps, sampler=sampler,
-                                                 guidance_scale=guidance, seed=seed)
+                                                 guidance_scale=guidance, seed=seed, guidance_end=end)
                         art = [r.artifact for r in stub.Generate(req, timeout=600)
                                if r.WhichOneof("event") == "artifact"]
                         return scene, checker.read(np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB")))
 
                     tome = f", ToMe {name.removeprefix('shapes-tome')}" if name.startswith("shapes-tome") else ""
-                    label = f"shapes {_precision_label(info.precision)}{tome}, {sampler}, {steps} steps"
+                    label = f"shapes {_precision_label(info.precision)}{tome}, {sampler}, {steps} steps" + (
+                        f", guidance on the first {end:g} of the steps" if end < 1 else "")
                     try:
                         first = one(prompts[0])
                     except grpc.RpcError as e:  # e.g. turbo above its 4 steps: a row saying why

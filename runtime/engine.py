@@ -150,8 +150,8 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """UNet batch rows this request takes in a step."""
-        return self.gen.params.num_images * (2 if self.gen.params.guided else 1)
+        """UNet batch rows this request takes in its next step (2 per image while guided)."""
+        return self.gen.params.num_images * (2 if self.gen.guided_now else 1)
 
     def batch_key(self) -> tuple[int, tuple[int, ...], tuple[tuple[str, float], ...]]:
         """Requests with equal keys can share a UNet call: the same loaded model, latent shape and LoRA adapters

@@ -58,6 +58,8 @@ class Generation:
     """SDXL: the same prompts through the second tokenizer."""
     pooled: np.ndarray | None = None
     """SDXL: the second text encoder's pooled, projected output per UNet row (the UNet's `text_embeds`)."""
+    cond_rows: tuple[np.ndarray, np.ndarray | None] | None = None
+    """`embeddings` and `pooled` of the conditional rows alone, for the steps after guidance_end."""
     sampler: Sampler | None = None
     latents: np.ndarray | None = None
     noise_fn: NoiseFn | None = None
@@ -89,6 +91,11 @@ class Generation:
             yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    @property
+    def guided_now(self) -> bool:
+        """Whether the next denoising step runs guided (both rows); `GenerateRequest.guidance_end`."""
+        return self.params.guided_at(self.steps_done)
 
     @property
     def denoised(self) -> bool:
@@ -190,18 +197,24 @@ class Pipeline:
         x = gen.sampler.scale_model_input(gen.latents, gen.step)
         if gen.unet_extra is not None:
             x = np.concatenate([x, gen.unet_extra], axis=1)
-        if gen.params.guided:
+        embeddings, pooled = gen.embeddings, gen.pooled
+        if gen.guided_now:
             x = np.concatenate([x, x])
+        elif gen.params.guided:  # past guidance_end: the conditional rows alone ([uncond x n, cond x n])
+            if gen.cond_rows is None:  # one array for every remaining step (a GPU session keeps it resident)
+                n = gen.params.num_images
+                gen.cond_rows = embeddings[n:].copy(), pooled[n:].copy() if pooled is not None else None
+            embeddings, pooled = gen.cond_rows
         t = np.full((x.shape[0],), gen.sampler.timesteps[gen.step], dtype=np.float32)
-        feed = {"sample": x.astype(np.float32), "timestep": t, "encoder_hidden_states": gen.embeddings}
-        if gen.pooled is not None:  # SDXL's added conditioning: each row its own sizes
-            feed["text_embeds"] = gen.pooled
+        feed = {"sample": x.astype(np.float32), "timestep": t, "encoder_hidden_states": embeddings}
+        if pooled is not None:  # SDXL's added conditioning: each row its own sizes
+            feed["text_embeds"] = pooled
             feed["time_ids"] = np.repeat(time_ids(gen.params)[None], x.shape[0], axis=0)
         return feed
 
     def apply_unet_output(self, gen: Generation, out: np.ndarray) -> None:
         assert gen.sampler is not None and gen.latents is not None and gen.noise_fn is not None
-        if gen.params.guided:
+        if gen.guided_now:
             uncond, cond = np.split(out, 2)
             out = uncond + np.float32(gen.params.guidance_scale) * (cond - uncond)
         noise = None

@@ -71,6 +71,8 @@ class GenerationParams:
     size_conditioning: tuple[int, int, int, int, int, int] | None = None
     """SDXL: (original height, original width, crop top, crop left, target height, target width), the UNet's
     `time_ids` in diffusers' order, every default filled in; None for other models."""
+    guidance_end: float = 1.0
+    """The fraction of the denoising steps, the first ones, that run classifier-free guidance; 1: all of them."""
 
     @property
     def mode(self) -> str:
@@ -87,8 +89,20 @@ class GenerationParams:
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance runs only when the scale is above 1 (as in diffusers)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs only when the scale is above 1 (as in diffusers), on some step."""
+        return self.guidance_scale > 1.0 and self.guided_steps > 0
+
+    @property
+    def guided_steps(self) -> int:
+        """How many of the denoising steps, from the first one run, are guided: ceil(guidance_end x steps)."""
+        if self.guidance_scale <= 1.0:
+            return 0
+        n = self.denoising_steps
+        return min(n, math.ceil(self.guidance_end * n - 1e-6))
+
+    def guided_at(self, done: int) -> bool:
+        """Whether the denoising step after `done` steps runs guided (both rows)."""
+        return done < self.guided_steps
 
 
 def new_request_id() -> str:
@@ -162,6 +176,9 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
     max_g = limits["max_guidance_scale"]
     check(math.isfinite(guidance) and 0.0 <= guidance <= max_g, "guidance_scale",
           f"guidance_scale={guidance} must be between 0 and {max_g:g}")
+    guidance_end = round(float(request.guidance_end), 6) if request.HasField("guidance_end") else 1.0
+    check(math.isfinite(guidance_end) and 0.0 <= guidance_end <= 1.0, "guidance_end",
+          f"guidance_end={guidance_end} must be between 0 and 1 (the fraction of the steps that run guided)")
 
     sampler = request.sampler or defaults["sampler"]
     check(sampler in SAMPLERS, "sampler", f"sampler={_quoted(sampler)} is not one of: {', '.join(SAMPLERS)}")
@@ -224,7 +241,7 @@ def validate(request, defaults: dict, limits: dict, request_id: str = "",  # typ
         width=width,
         height=height,
         steps=steps,
-        guidance_scale=float(guidance),
+        guidance_scale=float(guidance), guidance_end=guidance_end,
         sampler=sampler,
         seed=request.seed if request.HasField("seed") else secrets.randbits(32),
         num_images=num_images,

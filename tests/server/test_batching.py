@@ -57,8 +57,9 @@ def pngs(responses: list[pb.GenerateResponse]) -> list[bytes]:
     return [r.artifact.data for r in responses if r.WhichOneof("event") == "artifact"]
 
 
-# varied on purpose: guided and not (2 rows vs 1 per image), samplers with and without multistep state and
-# ancestral noise, different step counts (requests leave the batch at different steps), two images in one
+# varied on purpose: guided and not (2 rows vs 1 per image), guided for its first 2 steps only (guidance_end: 2
+# rows, then 1), samplers with and without multistep state and ancestral noise, different step counts (requests
+# leave the batch at different steps), two images in one
 REQUESTS = [
     pb.GenerateRequest(model="tiny", prompt="a red circle", seed=1, steps=4, sampler="euler", request_id="r0"),
     pb.GenerateRequest(model="tiny", prompt="a blue square", seed=2, steps=6, sampler="euler_a", request_id="r1",
@@ -66,7 +67,7 @@ REQUESTS = [
     pb.GenerateRequest(model="tiny", prompt="a green triangle", seed=3, steps=3, sampler="dpmpp_2m_karras",
                        num_images=2, request_id="r2"),
     pb.GenerateRequest(model="tiny", prompt="a yellow circle", negative_prompt="blurry", seed=4, steps=5,
-                       guidance_scale=4.0, sampler="euler", request_id="r3"),
+                       guidance_scale=4.0, sampler="euler", request_id="r3", guidance_end=0.4),
 ]
 
 
@@ -104,7 +105,8 @@ def test_batched_requests_give_the_same_png_bytes_as_alone(tiny_store, tiny_mode
     # all four started together (max_wait), then left as their steps ran out: 3, 4, 5, 6 steps
     sizes = [len(b.request_ids) for b in batches]
     assert sizes == [4, 4, 4, 3, 2, 1], sizes
-    assert batches[0].rows == 2 + 1 + 4 + 2
+    assert batches[0].rows == batches[1].rows == 2 + 1 + 4 + 2
+    assert batches[2].rows == 2 + 1 + 4 + 1  # r3 past its guidance_end (2 of 5 steps guided): its conditional row
     # rows stay in arrival order (whichever order the four RPCs reached the server); r2 (3 steps) leaves first
     assert batches[1].request_ids == batches[2].request_ids == batches[0].request_ids
     assert batches[3].request_ids == tuple(r for r in batches[0].request_ids if r != "r2")

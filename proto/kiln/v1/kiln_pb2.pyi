@@ -15,7 +15,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_SUCCESS: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder", "size_conditioning", "omit_progress")
+    __slots__ = ("model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "seed", "num_images", "request_id", "preview_every", "init_image", "mask_image", "strength", "mask_blur", "loras", "decoder", "size_conditioning", "omit_progress", "guidance_end")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class GenerateRequest(_message.Message):
     DECODER_FIELD_NUMBER: _ClassVar[int]
     SIZE_CONDITIONING_FIELD_NUMBER: _ClassVar[int]
     OMIT_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_END_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -56,7 +57,8 @@ class GenerateRequest(_message.Message):
     decoder: str
     size_conditioning: SizeConditioning
     omit_progress: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ..., omit_progress: _Optional[bool] = ...) -> None: ...
+    guidance_end: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., sampler: _Optional[str] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every: _Optional[int] = ..., init_image: _Optional[bytes] = ..., mask_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_blur: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraSelection, _Mapping]]] = ..., decoder: _Optional[str] = ..., size_conditioning: _Optional[_Union[SizeConditioning, _Mapping]] = ..., omit_progress: _Optional[bool] = ..., guidance_end: _Optional[float] = ...) -> None: ...
 
 class SizeConditioning(_message.Message):
     __slots__ = ("original_width", "original_height", "crop_left", "crop_top", "target_width", "target_height")
