@@ -28,14 +28,17 @@ def test_cold_load_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path:
 
     text = out.read_text()
     assert text.startswith("# Cold load per precision and engine (tiny)") and "- kiln commit: " in text
-    rows = re.findall(r"^\| fp32 \| (\w+) \| ([a-z ]+) \| ([\d.]+) \| (\d+) of (\d+) \| ([\d.]+) \| ([\d.]+) \| "
-                      r"([\d.]+)-([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text, re.M)
+    rows = re.findall(r"^\| fp32 \| (\w+) \| ([a-z ()]+) \| ([\d.]+) \| (\d+) of (\d+) \| ([a-z/-]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \| ([\d.]+)-([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text, re.M)
     assert {(r[0], r[1]) for r in rows} == {(e, s) for e in cold_load.ENGINES for s in cold_load.SITUATIONS}, text
     files = len(cold_load.bundle_files(cold_load.bundle("tiny", "fp32")))
-    for engine, situation, verify, hashed, of, opened, load, lo, hi, rss, peak in rows:
+    for engine, situation, verify, hashed, of, graphs, opened, load, lo, hi, rss, peak in rows:
         assert int(of) == files
         # a cold hash cache hashes every file; a warm one none (the size checks remain)
-        assert int(hashed) == (files if situation == "first start" else 0), (engine, situation, hashed)
+        assert int(hashed) == (files if situation.startswith("first start") else 0), (engine, situation, hashed)
+        # the graph cache: written by a first start, read by a restart or reload, not there without it
+        want = "-" if "no graph cache" in situation else "written" if situation == "first start" else "hit"
+        assert graphs == want, (engine, situation, graphs)
         assert float(opened) > 0 and abs(float(load) - float(verify) - float(opened)) < 0.015
         assert float(lo) == float(hi) == float(load)  # one repeat
         assert float(peak) >= float(rss)
