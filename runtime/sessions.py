@@ -93,19 +93,20 @@ class OrtSession:
         if session is None:
             options = self._options(threads, config, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             if graphs is not None:
-                staging: Path | None = graphs[0].staging()
-                assert staging is not None
-                write_options(options, staging)
+                staging: Path | None = None
                 try:
+                    staging = graphs[0].staging()
+                    write_options(options, staging)
                     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                except Exception as e:  # e.g. the cache's disk is full: serve without caching (a bad graph fails below)
-                    log.warning("%s: could not cache its optimized graph (%s); opening it without the cache", name, e)
-                    shutil.rmtree(staging, ignore_errors=True)
-                    staging = None
-                    options = self._options(threads, config, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-                if staging is not None:
                     written = graphs[0].publish(staging, graphs[1])
                     self.graph_cache = "written" if written is not None else "off"
+                except Exception as e:  # e.g. a read-only or full cache disk: serve without it (a bad graph fails below)
+                    log.warning("%s: could not cache its optimized graph in %s (%s); serving it without the cache",
+                                name, graphs[0].root, e)
+                    if staging is not None:
+                        shutil.rmtree(staging, ignore_errors=True)
+                    if session is None:
+                        options = self._options(threads, config, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
             if session is None:
                 session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         self._session = session

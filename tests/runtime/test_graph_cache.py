@@ -92,3 +92,13 @@ def test_kiln_serve_keeps_graphs_in_its_cache_dir_unless_told_not_to(tiny_store:
         else:
             state = "written" if run == "first" else "hit"
             assert f"optimized graphs from the cache: text_encoder {state}, unet {state}" in log, log
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tiny_bundle: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")  # mkdir fails (as root too, unlike permissions)
+    model = _load(tiny_bundle, GraphCache(blocked / "graphs"))
+    assert {s.graph_cache for s in model.sessions.values()} == {"off"}
+    assert "could not cache its optimized graph" in caplog.text
+    np.testing.assert_array_equal(_image(model), _image(_load(tiny_bundle, None)))
