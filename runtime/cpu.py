@@ -206,13 +206,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flag_set() -> frozenset[str]:
+    """Every flag /proc/cpuinfo lists for this CPU (x86 `flags`, Arm `Features`); empty where there is none."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def cpu_flags(names: Iterable[str] = FLAGS) -> dict[str, bool]:
     """Which of `names` /proc/cpuinfo lists for this CPU (all False where there is no /proc/cpuinfo)."""
-    flags: set[str] = set()
-    for line in _cpuinfo().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = cpu_flag_set()
     return {n: n in flags for n in names}
 
 

@@ -30,6 +30,9 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from runtime.cpu import cpu_flag_set, cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +49,7 @@ OPENVINO_DIR = "openvino"
 
 def _cpu_identity() -> str:
     """The CPU's model name and full flag list (ONNX Runtime picks kernels and layouts from them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-
-        return f"{platform.machine()} {platform.processor()}"
-    model = flags = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = " ".join(sorted(value.split()))
-        if model and flags:
-            break
-    return f"{model}|{flags}"
+    return f"{cpu_model()}|{' '.join(sorted(cpu_flag_set()))}"
 
 
 @dataclass(frozen=True)
@@ -76,12 +63,15 @@ class GraphKey:
     config: tuple[tuple[str, str], ...] = ()
     """Session config entries that change the graph, sorted."""
 
-    def digest(self) -> str:
+    def fields(self) -> dict[str, Any]:
+        """The key with what it takes from this process: ONNX Runtime's version and the CPU."""
         import onnxruntime as ort
 
-        fields = {"files": list(self.files_sha256), "level": self.level, "config": [list(c) for c in self.config],
-                  "onnxruntime": ort.__version__, "cpu": _cpu_identity()}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return {"files_sha256": list(self.files_sha256), "level": self.level, "config": dict(self.config),
+                "onnxruntime": ort.__version__, "cpu": _cpu_identity()}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.fields(), sort_keys=True).encode()).hexdigest()
 
 
 class GraphCache:
@@ -107,11 +97,7 @@ class GraphCache:
     def publish(self, staging: Path, key: GraphKey) -> Path | None:
         """Move a written entry into place; None (and the staging folder removed) when another process was first
         or the folder cannot be renamed."""
-        import onnxruntime as ort
-
-        (staging / KEY_FILE).write_text(json.dumps({"files_sha256": list(key.files_sha256), "level": key.level,
-                                                    "config": dict(key.config), "onnxruntime": ort.__version__,
-                                                    "cpu": _cpu_identity()}, indent=2) + "\n")
+        (staging / KEY_FILE).write_text(json.dumps(key.fields(), indent=2) + "\n")
         target = self.entry(key)
         try:
             os.rename(staging, target)

@@ -137,10 +137,10 @@ class KilnServer:
         self.config = config
         from runtime.sessions_openvino import OpenVinoConfig, require_openvino
 
-        caching = config.graph_cache and config.cache_dir is not None
+        cache = config.cache_dir if config.graph_cache else None
         ov = OpenVinoConfig(precision=config.openvino_precision, threads=config.threads,
-                            cache_dir=str(config.cache_dir / OPENVINO_DIR) if caching and config.cache_dir else "")
-        graphs = GraphCache(config.cache_dir / GRAPHS_DIR) if caching and config.cache_dir else None
+                            cache_dir=str(cache / OPENVINO_DIR) if cache else "")
+        graphs = GraphCache(cache / GRAPHS_DIR) if cache else None
         if "openvino" in (config.inference_engine, *config.pool.engines().values()):
             require_openvino()  # a missing engine is not per bundle: say so at start
         providers = config.device.resolve(available_providers()) if config.inference_engine == "onnxruntime" or \
