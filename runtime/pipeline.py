@@ -273,7 +273,7 @@ class Pipeline:
             text = parameters_text(
                 p.prompt, p.negative_prompt, p.steps, p.sampler, p.guidance_scale, p.image_seed(index),
                 p.width, p.height, self.model.name, self.model.version,
-                p.strength if p.init_image is not None else None,
+                p.strength if p.init_image is not None else None, p.guidance_end, p.decoder,
             )
             return encode_png(image, text)
 

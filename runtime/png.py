@@ -15,16 +15,21 @@ SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M"
 def parameters_text(
     prompt: str, negative_prompt: str, steps: int, sampler: str, guidance_scale: float, seed: int,
     width: int, height: int, model: str, model_version: str, strength: float | None = None,
+    guidance_end: float = 1.0, decoder: str = "full",
 ) -> str:
     """`prompt\\nNegative prompt: ...\\nSteps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, ...`, with
-    `Denoising strength: S` after the size for img2img and inpainting."""
+    `Denoising strength: S` after the size for img2img and inpainting, `CFG end: F` after the CFG scale when
+    guidance stopped before the last step (GenerateRequest.guidance_end < 1), and `Decoder: tiny` when the tiny
+    decoder drew the image: every setting that changes the image is in its text."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(
         f"Steps: {steps}, Sampler: {SAMPLER_LABELS.get(sampler, sampler)}, CFG scale: {guidance_scale:g}, "
-        f"Seed: {seed}, Size: {width}x{height}, "
+        + (f"CFG end: {guidance_end:g}, " if guidance_end < 1.0 else "")
+        + f"Seed: {seed}, Size: {width}x{height}, "
         + (f"Denoising strength: {strength:g}, " if strength is not None else "")
+        + (f"Decoder: {decoder}, " if decoder != "full" else "")
         + f"Model: {model}, Model version: {model_version}, Generator: kiln"
     )
     return "\n".join(lines)

@@ -27,6 +27,9 @@ class Txt2Img(_Request):
     n_iter: int = Field(1, description="calls in a row; seeds continue from one call to the next")
     override_settings: dict[str, Any] | None = Field(None, description="`sd_model_checkpoint` picks the model")
     send_images: bool = True
+    guidance_end: float | None = Field(
+        None, description="Kiln's own field (AUTOMATIC1111 has none): classifier-free guidance on this fraction of the "
+                          "steps only, 0..1 (the rest run the prompt alone: faster, images differ); unset: 1, every step")
 
 
 class Img2Img(Txt2Img):

@@ -139,6 +139,8 @@ def _grpc_request(req: Txt2Img, model: str) -> pb.GenerateRequest:
         height=req.height or 0, steps=req.steps or 0, sampler=sampler, num_images=req.batch_size)
     if req.cfg_scale is not None:
         message.guidance_scale = req.cfg_scale
+    if req.guidance_end is not None:
+        message.guidance_end = req.guidance_end
     if req.seed != -1:
         message.seed = req.seed
     return message

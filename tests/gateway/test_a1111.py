@@ -108,6 +108,20 @@ def test_samplers_and_schedulers_map_to_kiln(gateway: GatewayProcess) -> None:
     assert r.status_code == 422 and r.json()["field"] == "scheduler"
 
 
+def test_guidance_end_is_kilns_own_field(gateway: GatewayProcess, server) -> None:
+    """AUTOMATIC1111 has no guidance_end; the gateway takes Kiln's under that name, and the server checks it."""
+    fields = {"prompt": "a red circle", "seed": 7, "steps": 4, "cfg_scale": 7, "width": 64, "height": 64,
+              "sampler_name": "Euler a"}
+    r = httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json={**fields, "guidance_end": 0.5}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "CFG scale: 7, CFG end: 0.5, Seed: 7" in json.loads(r.json()["info"])["infotexts"][0]
+    want = direct(server.target, prompt="a red circle", seed=7, steps=4, guidance_scale=7, guidance_end=0.5,
+                  sampler="euler_a", width=64, height=64)
+    assert base64.b64decode(r.json()["images"][0]) == want[0]
+    r = httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json={**fields, "guidance_end": 1.5}, timeout=120)
+    assert r.status_code == 422 and r.json()["field"] == "guidance_end", r.text
+
+
 def test_server_refusals_name_automatic1111_fields(gateway: GatewayProcess) -> None:
     r = httpx.post(f"{gateway.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 13, "cfg_scale": 999,
                                                             "batch_size": 99})

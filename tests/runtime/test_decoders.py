@@ -53,6 +53,22 @@ def test_tiny_and_full_decoders_draw_different_images(vae_store: Path) -> None:
     assert np.abs(full.astype(int) - tiny.astype(int)).mean() > 10
 
 
+def test_tiny_decoder_is_named_in_the_png(vae_store: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    model = load_latest(vae_store, "swapped")
+    pipe = Pipeline(model)
+    texts = {}
+    for decoder in ("full", "tiny"):
+        request = pb.GenerateRequest(model="swapped", prompt="a red circle", seed=3, steps=2, decoder=decoder)
+        images, gen = pipe.run(validate(request, model.manifest.defaults, model.manifest.limits,
+                                        decoders=tuple(model.decoders)))
+        texts[decoder] = Image.open(io.BytesIO(pipe.encode_png(gen, 0, images[0]))).text["parameters"]
+    assert "Decoder:" not in texts["full"] and ", Decoder: tiny, Model: swapped," in texts["tiny"]
+
+
 @pytest.mark.parametrize(("decoder", "decoders", "message"), [
     ("tiny", ("full",), "decoder='tiny': model 'm' has no tiny decoder; its decoders: full (compile it with "
                         "--tiny-decoder to add one)"),

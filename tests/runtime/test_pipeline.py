@@ -63,3 +63,8 @@ def test_stages_are_timed_and_png_carries_parameters(tiny_model) -> None:  # typ
         f"Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 11, Size: 72x64, Model: tiny, "
         f"Model version: {tiny_model.version}, Generator: kiln"
     )
+    # settings that change the image and are off by default are written only when set
+    p = params(tiny_model, seed=11, steps=3, guidance_scale=6.5, width=72, height=64, guidance_end=0.5)
+    images, gen = pipe.run(p)
+    text = Image.open(io.BytesIO(pipe.encode_png(gen, 0, images[0]))).text["parameters"]
+    assert "CFG scale: 6.5, CFG end: 0.5, Seed: 11, Size: 72x64, Model: tiny," in text
