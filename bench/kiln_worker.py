@@ -4,6 +4,10 @@ The Kiln twin of bench/peers/run_peer.py, with the same JSON fields, so the `lat
 peers in one table: `python -m bench.kiln_worker --bundle DIR [--engine openvino] --size 512 --steps 4 --guidance 7.5
 --latents X.npy --repeats 3 --out R.json`. Cold start runs from the kernel's start of this process to the first image:
 interpreter start, importing the runtime (which never imports torch), opening the bundle's sessions, one generation.
+
+`--cache-dir DIR` opens the bundle as `kiln serve --cache-dir DIR` does: verified sha256s remembered in DIR, ONNX
+Runtime's optimized graphs and OpenVINO's compiled models cached under it (runtime/graph_cache.py). `--prime` only
+opens the bundle (filling those caches, as a server's first start does) and writes how long that took.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--sampler", default="euler")
     p.add_argument("--guidance-end", type=float, default=1.0, help="GenerateRequest.guidance_end")
+    p.add_argument("--decoder", default="full", choices=["full", "tiny"], help="GenerateRequest.decoder")
+    p.add_argument("--cache-dir", type=Path, help="hash, graph and OpenVINO caches, as `kiln serve --cache-dir`")
+    p.add_argument("--prime", action="store_true", help="open the bundle (filling --cache-dir) and stop")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--latents", type=Path, required=True)
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
@@ -61,23 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from model_store import BundleRef, Manifest
+    from model_store.integrity import HashCache
     from proto.kiln.v1 import kiln_pb2 as pb
+    from runtime.graph_cache import GRAPHS_DIR, OPENVINO_DIR, GraphCache
     from runtime.model import load_bundle
     from runtime.pipeline import Pipeline
     from runtime.validate import validate
 
     t_load = time.perf_counter()
     manifest = Manifest.read(args.bundle)
+    cache = args.cache_dir
     openvino = None
     if args.engine == "openvino":
         from runtime.sessions_openvino import OpenVinoConfig
 
-        openvino = OpenVinoConfig(precision=args.openvino_precision or "default", threads=args.threads)
-    model = load_bundle(BundleRef(args.bundle, manifest), threads=args.threads, engine=args.engine, openvino=openvino)
+        openvino = OpenVinoConfig(precision=args.openvino_precision or "default", threads=args.threads,
+                                  cache_dir=str(cache / OPENVINO_DIR) if cache else "")
+    hashes = HashCache(cache, persist=cache is not None)
+    model = load_bundle(BundleRef(args.bundle, manifest), threads=args.threads, engine=args.engine, openvino=openvino,
+                        hashes=hashes, graphs=GraphCache(cache / GRAPHS_DIR) if cache else None)
+    hashes.save()
+    graph_cache = {name: getattr(s, "graph_cache", "off") for name, s in model.sessions.items()}
+    if args.prime:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"load_s": round(time.perf_counter() - t_load, 3),
+                                        "graph_cache": graph_cache}, indent=2) + "\n")
+        return 0
     request = pb.GenerateRequest(model=manifest.name, prompt=args.prompt, width=args.size, height=args.size,
                                  steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance, seed=args.seed,
-                                 guidance_end=args.guidance_end)
-    params = validate(request, manifest.defaults, manifest.limits)
+                                 guidance_end=args.guidance_end, decoder=args.decoder)
+    params = validate(request, manifest.defaults, manifest.limits, decoders=tuple(model.decoders))
     latents = np.load(args.latents)
     pipe = Pipeline(model)
     t_first = time.perf_counter()
@@ -104,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages": {k: round(statistics.median(t.get(k, 0.0) for t in stages), 4)
                    for k in sorted({k for t in stages for k in t})},
         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_first_image_bytes": rss_cold,
-        "torch_imported": "torch" in sys.modules, "image": str(png),
+        "torch_imported": "torch" in sys.modules, "image": str(png), "graph_cache": graph_cache,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -41,6 +41,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default="",
                    help="cold-start mode: comma-separated, from " + ", ".join(COLD_VARIANTS) + "; each runs in a fresh "
                         "process (cold start, warm runs, peak RSS); peers in their own virtual environments")
+    p.add_argument("--restart", action="store_true",
+                   help="cold-start mode: Kiln's cold start is a restart's, as `kiln serve --cache-dir` restarts: each "
+                        "Kiln variant first opens its bundle once in a fresh cache folder (a first start, which "
+                        "verifies the files and writes ONNX Runtime's optimized graphs / OpenVINO's compiled models), "
+                        "then the measured process opens it from those caches")
     p.add_argument("--calibration-prompts", type=int, default=2, help="int8 bundles of the cold-start mode")
     p.add_argument("--calibration-size", type=int, help="int8 bundles of the cold-start mode (default: the model's)")
     p.add_argument("--fidelity-size", type=int, help="int8 bundles of the cold-start mode (default: the model's)")
@@ -63,14 +68,39 @@ COLD_VARIANTS = {
     "diffusers": None, "optimum": None, "openvino": None, "openvino-static": None,
 }
 """Cold-start mode variants: Kiln bundles (compiled once, cached) run by bench/kiln_worker.py; the rest are peers
-(bench/peers). A Kiln variant with `+ge` and a fraction appended (`kiln-int8+ge0.5`) runs its requests with
-classifier-free guidance on that fraction of the steps only (GenerateRequest.guidance_end)."""
-GUIDANCE_END = "+ge"
+(bench/peers). A Kiln variant takes modifiers after `+` (MODIFIERS), e.g. `kiln-openvino-int8+ge0.5+tiny`."""
+MODIFIERS = {
+    "geF": "classifier-free guidance on the first F of the steps only (GenerateRequest.guidance_end = F)",
+    "tiny": "the tiny (TAESD-design) decoder draws the image (GenerateRequest.decoder = tiny): its bundle is compiled "
+            "with `--tiny-decoder` of a random-weight AutoencoderTiny (bench/workspace.py tiny_decoder)",
+}
 
 
 def _base(variant: str) -> str:
-    """The variant without its `+geF` suffix."""
-    return variant.partition(GUIDANCE_END)[0]
+    """The variant without its `+` modifiers."""
+    return variant.partition("+")[0]
+
+
+def _modifiers(variant: str) -> dict[str, str]:
+    """A Kiln variant's modifiers, keyed as MODIFIERS: {"geF": "0.5", "tiny": ""}; SystemExit naming one that is
+    not there."""
+    mods: dict[str, str] = {}
+    for m in variant.split("+")[1:]:
+        if m == "tiny":
+            mods["tiny"] = ""
+        elif m.startswith("ge") and _is_fraction(m[2:]):
+            mods["geF"] = m[2:]
+        else:
+            raise SystemExit(f"--variants {variant}: unknown modifier +{m}; modifiers: "
+                             + "; ".join(f"+{k}: {v}" for k, v in MODIFIERS.items()))
+    return mods
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -156,8 +186,11 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def _kiln_bundle(source: Path, arch: str, variant: str, args: argparse.Namespace) -> Path:
-    suffix, flags, _, _ = COLD_VARIANTS[variant]  # type: ignore[misc]
+    suffix, flags, _, _ = COLD_VARIANTS[_base(variant)]  # type: ignore[misc]
     flags = list(flags)
+    if "tiny" in _modifiers(variant):
+        suffix += "-tiny"
+        flags += ["--tiny-decoder", str(workspace.tiny_decoder(source))]
     if "--precision" in flags:  # as bench/precision.py compiles them, so its cached bundles serve here too
         flags += ["--default-steps", str(args.steps), "--calibration-prompts", str(args.calibration_prompts),
                   "--calibration-steps", str(args.steps), "--fidelity-prompts", "1", "--allow-low-fidelity"]
@@ -171,6 +204,7 @@ def run_cold(args: argparse.Namespace) -> Path:
     """Every variant in a fresh process, one at a time: cold start (process start to first image), warm latency
     (median of --repeats) and peak RSS; images compared with diffusers' (same latents, same Euler sampler)."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -186,7 +220,9 @@ def run_cold(args: argparse.Namespace) -> Path:
     source = workspace.source_model(args.arch, args.source)
     size = args.size or 512
     latents = peers.latents(source, size, 1)
-    bundles = {v: _kiln_bundle(source, args.arch, _base(v), args) for v in variants if COLD_VARIANTS[_base(v)]}
+    for v in variants:
+        _modifiers(v)  # unknown modifiers stop the run before anything is compiled
+    bundles = {v: _kiln_bundle(source, args.arch, v, args) for v in variants if COLD_VARIANTS[_base(v)]}
     results: dict[str, dict] = {}
     path = Path()
     for v in variants:
@@ -204,10 +240,22 @@ def run_cold(args: argparse.Namespace) -> Path:
                "--sampler", args.sampler, "--latents", str(latents), "--repeats", str(args.repeats), "--out", str(out)]
         if ov_precision:
             cmd += ["--openvino-precision", ov_precision]
-        if v != _base(v):
-            cmd += ["--guidance-end", v.rpartition(GUIDANCE_END)[2]]
+        prime = None
+        if args.restart:  # the first start, in a fresh cache folder; its load time is reported beside the restart's
+            cache = workspace.WORK / "latency" / f"cache-{v}"
+            shutil.rmtree(cache, ignore_errors=True)
+            cmd += ["--cache-dir", str(cache)]
+            subprocess.run([*cmd, "--prime"], check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
+            prime = json.loads(out.read_text())
+        mods = _modifiers(v)
+        if "geF" in mods:
+            cmd += ["--guidance-end", mods["geF"]]
+        if "tiny" in mods:
+            cmd += ["--decoder", "tiny"]
         subprocess.run(cmd, check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
         results[v] = json.loads(out.read_text())
+        if prime is not None:
+            results[v]["first_start_load_s"] = prime["load_s"]
         path = _cold_report(args, size, results, bundles)  # after every variant: a cut-short run keeps its rows
     return path
 
@@ -236,7 +284,17 @@ def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], 
             f"{r['peak_rss_bytes'] / 2**30:.2f}", diff,
         ])
     phases = "; ".join(f"{v}: " + ", ".join(f"{k.removesuffix('_s')} {x:.1f}" for k, x in r["phases"].items())
+                       + (f" (first start's load {r['first_start_load_s']:.1f})" if "first_start_load_s" in r else "")
                        for v, r in results.items())
+    restart = ("Kiln's cold start is a restart's (`--restart`): each Kiln variant first opened its bundle once in a "
+               "fresh cache folder (as `kiln serve --cache-dir` does at its first start: sha256 of every file "
+               "remembered, ONNX Runtime's optimized graphs and OpenVINO's compiled models written), then the measured "
+               "process opened it from those caches; the first start's load time is in the phases below. "
+               if args.restart else "")
+    model = (f"`{args.source}` (a local diffusers folder)" if args.source
+             else f"`{args.arch}` architecture (random weights)")
+    mods = sorted({m for v in results if v not in peers.LABELS for m in _modifiers(v)})
+    modifiers = ("Variant modifiers: " + "; ".join(f"`+{m}`: {MODIFIERS[m]}" for m in mods) + ".\n\n") if mods else ""
     stage_rows = [[f"Kiln `{v}`", f"{r['median_warm_s']:.2f}"]
                   + [f"{r['stages'].get(k, 0.0):.3f}" for k in STAGES]
                   + [f"{r['stages'].get('denoise', 0.0) / args.steps:.2f}",
@@ -250,14 +308,14 @@ def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], 
               + report.table(["variant", "warm s", *STAGES, "denoise per step", "rest"], stage_rows)
               if stage_rows else "")
     body = (
-        f"Model: `{args.arch}` architecture (random weights), {size}x{size}, {args.steps} steps, sampler "
+        f"Model: {model}, {size}x{size}, {args.steps} steps, sampler "
         f"`{args.sampler}` ({SAMPLER_NOTES[args.sampler]}), guidance {args.guidance:g} "
         f"({'batch 2 per UNet call' if args.guidance > 1 else 'no classifier-free guidance: batch 1 per UNet call'}), "
         "1 image, the same starting latents everywhere. Each variant runs "
         f"in a fresh process, one at a time: cold start = process start to the first image (interpreter, imports, "
         f"loading, one generation; exports made beforehand and cached), then {args.repeats} warm runs (median). "
         "Peak RSS is the process's VmHWM. Kiln runs in-process (bench/kiln_worker.py, no gRPC); peers run in their "
-        "own virtual environments (bench/peers). Threads: 2 (the machine's cores).\n\n"
+        f"own virtual environments (bench/peers). Threads: 2 (the machine's cores). {restart}\n\n" + modifiers
         + report.table(["variant", "warm s (median)", "speed vs diffusers", "cold start s", "cold vs diffusers",
                         "peak RSS GiB", "image vs diffusers"], rows)
         + stages

@@ -6,6 +6,7 @@ does not carry the compiler's memory into its measurements.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -41,6 +42,23 @@ def source_model(arch: str | None, source: str | None, seed: int = 0) -> Path:
     return path
 
 
+def tiny_decoder(source: Path, seed: int = 0) -> Path:
+    """A diffusers AutoencoderTiny folder (TAESD's architecture, diffusers' defaults, with as many blocks as `source`'s
+    VAE has, so it fits its latents) with random weights, made once in a child process and cached: what `kiln compile
+    --tiny-decoder` takes. Its speed is TAESD's; its images are noise."""
+    vae = json.loads((source / "vae" / "config.json").read_text())
+    blocks, channels = len(vae["block_out_channels"]), int(vae.get("latent_channels", 4))
+    path = WORK / "models" / f"taesd-random-{blocks}blocks-{channels}ch-seed{seed}"
+    if not (path / "config.json").exists():
+        config = {"latent_channels": channels, "encoder_block_out_channels": [64] * blocks,
+                  "decoder_block_out_channels": [64] * blocks, "num_encoder_blocks": [1] + [3] * (blocks - 1),
+                  "num_decoder_blocks": [3] * (blocks - 1) + [1]}
+        code = ("import json, sys, torch; from diffusers import AutoencoderTiny; torch.manual_seed(int(sys.argv[2])); "
+                "AutoencoderTiny(**json.loads(sys.argv[3])).save_pretrained(sys.argv[1])")
+        subprocess.run([sys.executable, "-c", code, str(path), str(seed), json.dumps(config)], cwd=ROOT, check=True)
+    return path
+
+
 def bundle(source: Path, name: str, *compile_args: str) -> Path:
     """The latest bundle called `name` compiled from `source` with `compile_args` (e.g. `--precision int8`),
     compiling one if there is none (or the cached one came from another source, another precision or another
@@ -55,6 +73,7 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
 
     precision = arg("--precision", "fp32")
     tome, slicing = float(arg("--tome", "0")), arg("--attention-slicing", "off")
+    tiny = "--tiny-decoder" in compile_args
     try:
         ref = store.latest(name)
         if (ref.manifest.source["path"] == str(source.resolve())
@@ -62,6 +81,7 @@ def bundle(source: Path, name: str, *compile_args: str) -> Path:
                 and ref.manifest.compile_config.get("precision", "fp32") == precision
                 and ref.manifest.compile_config.get("tome", 0.0) == tome
                 and ref.manifest.compile_config.get("attention_slicing", "off") == slicing
+                and ("vae_decoder_tiny" in ref.manifest.components) == tiny
                 and ref.manifest.tool_versions == recorded_versions(
                     exporter_identity(ref.manifest.opset, bool(ref.manifest.compile_config["fusions"])),
                     precision != "fp32")):
