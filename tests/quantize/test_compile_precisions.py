@@ -3,6 +3,7 @@ the fidelity gate (including a deliberately broken quantization), and serving th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def _compile(source: Path, store: Path, name: str, precision: str, **quantize: o
     return compile_model(source, store, config, progress=False).path
 
 
+def _seeded(store: Path, fp32_store: Path) -> Path:
+    """`store`, holding a copy of the session's fp32 bundle of the same source: a compile there reuses its exported
+    graphs (compiler/reuse.py, tested in tests/compiler/test_reuse.py) instead of exporting them again, as a user's
+    second precision does; what these tests check starts at the quantize stage."""
+    shutil.copytree(fp32_store, store)
+    return store
+
+
 def _ops(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n in onnx.load(str(path), load_external_data=False).graph.node:
@@ -48,8 +57,8 @@ def _optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def int8_store(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("int8-store")
+def int8_store(tiny_source: Path, tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = _seeded(tmp_path_factory.mktemp("int8") / "store", tiny_store)
     _compile(tiny_source, store, "tiny-int8", "int8")
     return store
 
@@ -107,7 +116,7 @@ def test_int8_graphs_and_manifest(int8_store: Path, tiny_bundle: Path, tmp_path:
         assert c.precision == "fp32" or c.fidelity["passed"]
 
 
-def test_fidelity_size_sets_the_gates_image_size(tiny_source: Path, tmp_path: Path) -> None:
+def test_fidelity_size_sets_the_gates_image_size(tiny_source: Path, tiny_store: Path, tmp_path: Path) -> None:
     """`fidelity_size` (SDXL's 1024 default would make the gate run for an hour on 2 cores): the gate's fp32
     reference and quantized images are made at that size, and the manifest says which."""
     import quantize.stage as stage
@@ -122,7 +131,8 @@ def test_fidelity_size_sets_the_gates_image_size(tiny_source: Path, tmp_path: Pa
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(stage, "run_pipeline", recording)
-        bundle = _compile(tiny_source, tmp_path, "tiny-int8-96", "int8", fidelity_size=96, calibration_size=64)
+        bundle = _compile(tiny_source, _seeded(tmp_path / "store", tiny_store), "tiny-int8-96", "int8",
+                          fidelity_size=96, calibration_size=64)
     m = Manifest.read(bundle)
     assert m.fidelity["size"] == 96 and m.defaults["width"] == 64
     # calibration at 64, then the reference, the text encoder's, the UNet's and the bundle's images at 96
@@ -135,7 +145,7 @@ def test_int8_bundle_serves_over_grpc(int8_store: Path, tmp_path: Path) -> None:
 
     server = start_server(int8_store, tmp_path / "serve.log")
     try:
-        info = list_models(server.target).models[0]
+        info = next(i for i in list_models(server.target).models if i.name == "tiny-int8")
         assert info.precision["unet"] == "int8" and info.precision["text_encoder"] == "int8"
         assert info.HasField("fidelity") and info.fidelity.psnr_db > FAST["min_psnr"] and not info.fidelity.low_fidelity
         result = generate(server.target, pb.GenerateRequest(model="tiny-int8", prompt="a red circle", seed=3),
@@ -146,8 +156,8 @@ def test_int8_bundle_serves_over_grpc(int8_store: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("precision", "op"), [("nf4", "MatMulBnb4"), ("int4", "MatMulNBits")])
-def test_4bit_bundles(precision: str, op: str, tiny_source: Path, tmp_path: Path) -> None:
-    bundle = _compile(tiny_source, tmp_path / "store", f"tiny-{precision}", precision)
+def test_4bit_bundles(precision: str, op: str, tiny_source: Path, tiny_store: Path, tmp_path: Path) -> None:
+    bundle = _compile(tiny_source, _seeded(tmp_path / "store", tiny_store), f"tiny-{precision}", precision)
     m = Manifest.read(bundle)
     for name in ("text_encoder", "unet"):
         c = m.components[name]
@@ -164,8 +174,8 @@ def test_4bit_bundles(precision: str, op: str, tiny_source: Path, tmp_path: Path
     _generates(bundle, tmp_path)
 
 
-def test_fp16_bundle_runs_on_cpu(tiny_source: Path, tmp_path: Path) -> None:
-    bundle = _compile(tiny_source, tmp_path / "store", "tiny-fp16", "fp16")
+def test_fp16_bundle_runs_on_cpu(tiny_source: Path, tiny_store: Path, tmp_path: Path) -> None:
+    bundle = _compile(tiny_source, _seeded(tmp_path / "store", tiny_store), "tiny-fp16", "fp16")
     m = Manifest.read(bundle)
     assert set(m.precision.values()) == {"fp16"} and not any(c.gpu_only for c in m.components.values())
     unet = onnx.load(str(bundle / "unet.onnx"))
@@ -187,8 +197,8 @@ def _generates(bundle: Path, tmp_path: Path) -> None:
     m = Manifest.read(bundle)
     server = start_server(bundle.parent.parent, tmp_path / "serve.log")
     try:
-        info = list_models(server.target).models[0]
-        assert info.name == m.name and dict(info.precision) == m.precision
+        info = next(i for i in list_models(server.target).models if i.name == m.name)
+        assert dict(info.precision) == m.precision
         result = generate(server.target, pb.GenerateRequest(model=m.name, prompt="a blue square", seed=1),
                           tmp_path / "out", timeout=60, progress=False)
         image = np.asarray(Image.open(result.paths[0]).convert("RGB"))
@@ -208,7 +218,8 @@ def _absurd_scales(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def test_gate_fails_a_broken_quantization(tiny_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gate_fails_a_broken_quantization(tiny_source: Path, tiny_store: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     original = int8.quantize_static
 
     def broken(model_path: Path, out_path: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -218,7 +229,7 @@ def test_gate_fails_a_broken_quantization(tiny_source: Path, tmp_path: Path, mon
         return info
 
     monkeypatch.setattr(int8, "quantize_static", broken)
-    store = tmp_path / "store"
+    store = _seeded(tmp_path / "store", tiny_store)
     with pytest.raises(FidelityError, match=r"unet \(int8\): relative error [0-9.e+]+ is above max_rel_error=0.25") as e:
         _compile(tiny_source, store, "broken", "unet=int8")
     assert "--allow-low-fidelity" in str(e.value)
@@ -236,9 +247,10 @@ def test_gate_fails_a_broken_quantization(tiny_source: Path, tmp_path: Path, mon
     assert info.fidelity.low_fidelity and info.fidelity.failures[0].startswith("unet (int8)")
 
 
-def test_vae_falls_back_to_fp32_when_int8_fails_the_gate(tiny_source: Path, tmp_path: Path) -> None:
+def test_vae_falls_back_to_fp32_when_int8_fails_the_gate(tiny_source: Path, tiny_store: Path, tmp_path: Path) -> None:
     # a PSNR floor no int8 component can reach: the VAE (plan entry `int8?`) falls back, the rest is reported
-    bundle = _compile(tiny_source, tmp_path / "store", "strict", "int8", min_psnr=98, allow_low_fidelity=True)
+    bundle = _compile(tiny_source, _seeded(tmp_path / "store", tiny_store), "strict", "int8", min_psnr=98,
+                      allow_low_fidelity=True)
     m = Manifest.read(bundle)
     for name in ("vae_decoder", "vae_encoder"):
         c = m.components[name]
@@ -260,12 +272,13 @@ def test_gpu_only_bundle_is_refused_on_cpu_with_a_clear_error(tiny_bundle: Path)
 
 
 @pytest.mark.parametrize("precision", ["int8", "nf4", "fp16"])
-def test_sdxl_bundles(precision: str, tiny_sdxl_source: Path, tmp_path: Path) -> None:
+def test_sdxl_bundles(precision: str, tiny_sdxl_source: Path, tiny_sdxl_store: Path, tmp_path: Path) -> None:
     """SDXL through the quantize stage: the second text encoder follows the first's plan (and is gated like it),
     the UNet's added-conditioning inputs are calibrated and fed, SDXL's VAE stays fp32 in an fp16 plan (it
     overflows fp16; diffusers' SDXL pipelines upcast it), and `kiln serve` generates with the result."""
     # 4-bit blocks of the tiny random text encoders drift ~0.27 relative (above the 0.25 default)
-    bundle = _compile(tiny_sdxl_source, tmp_path / "store", f"sdxl-{precision}", precision, max_rel_error=0.5)
+    bundle = _compile(tiny_sdxl_source, _seeded(tmp_path / "store", tiny_sdxl_store), f"sdxl-{precision}",
+                      precision, max_rel_error=0.5)
     m = Manifest.read(bundle)
     want = {"int8": {"text_encoder": "int8", "text_encoder_2": "int8", "unet": "int8"},
             "nf4": {"text_encoder": "nf4", "text_encoder_2": "nf4", "unet": "nf4"},
