@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from compiler.compile import compile_model
 from compiler.config import CompileConfig
 from compiler.verify import ParityError
-from model_store import Manifest, Store, sha256_file
+from model_store import BundleRef, Manifest, Store, sha256_file
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -53,10 +54,11 @@ def test_unet_fusions_use_cpu_attention_kernels_only(tiny_bundle: Path) -> None:
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {17}
 
 
-def test_fused_unet_matches_unfused_export(tiny_source: Path, tmp_path: Path) -> None:
+def test_fused_unet_matches_unfused_export(tiny_source: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     plain = compile_model(tiny_source, tmp_path, CompileConfig(name="plain", fusions=False), progress=False)
     assert plain.manifest.components["unet"].op_counts.get("Attention", 0) == 0
-    fused = compile_model(tiny_source, tmp_path, CompileConfig(name="fused"), progress=False)
+    fused = BundleRef(tiny_bundle, Manifest.read(tiny_bundle))  # the session's bundle: fusions are the default
+    assert fused.manifest.components["unet"].op_counts.get("Attention", 0) > 0
     rng = np.random.default_rng(0)
     feed = {
         "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
@@ -144,14 +146,16 @@ def test_request_defaults_come_from_config_then_kiln_json_then_builtin(tiny_sour
         compile_model(src, tmp_path / "s", CompileConfig(name="e"), progress=False)
 
 
-def test_tome_and_slicing_switches_change_the_unet_and_the_bundle_identity(tiny_source: Path, tmp_path: Path) -> None:
+def test_tome_and_slicing_switches_change_the_unet_and_the_bundle_identity(tiny_source: Path, tiny_store: Path,
+                                                                          tmp_path: Path) -> None:
     """`--tome` and `--attention-slicing` on a real compile: a fresh UNet export (never a donor's plain one),
     the passes recorded, parity verified against the token-merged PyTorch UNet, a new config hash, and a
     bundle whose UNet still serves any size."""
     from runtime.model import load_bundle
 
     store = tmp_path / "store"
-    plain = compile_model(tiny_source, store, CompileConfig(name="plain"), progress=False).manifest
+    shutil.copytree(tiny_store, store)  # the session's plain fp32 bundle, a donor for what ToMe does not change
+    plain = Store(store).latest("tiny").manifest
     merged = compile_model(tiny_source, store, CompileConfig(name="merged", tome=0.5, attention_slicing="auto"),
                            progress=False)
     m = merged.manifest
