@@ -1,23 +1,26 @@
-"""`python -m bench latency --variants ...` (cold-start mode) end to end on the tiny model, Kiln variants only: the
-`+geF` and `+tiny` modifiers reach the worker's requests, `--restart` measures a restart over the caches a first
-start wrote, and the report names its model and modifiers. The session's tiny bundle stands in for the bench's
-fp32 one; the `+tiny` variant compiles its own (the tiny model with a random TAESD-design decoder)."""
+"""`python -m bench latency --variants ...` (cold-start mode) on the tiny model, Kiln variants only: `--restart`
+measures a restart over the caches a first start wrote, the `+geF` modifier reaches the worker's request, the
+`+tiny` modifier compiles with a random TAESD-design decoder that fits the source and draws with it, and the report
+names its model and modifiers. Session bundles stand in for the bench's own, so nothing is compiled here."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from bench import latency, workspace
+from bench import kiln_worker, latency, workspace
 from bench.__main__ import main
 from model_store import Store
 
 
-def test_latency_cold_modifiers_and_restart(tiny_source: Path, tiny_store: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_cold_start_with_guidance_end(tiny_source: Path, tiny_store: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
     (work / "models" / "tiny-seed0").symlink_to(tiny_source, target_is_directory=True)
@@ -27,29 +30,55 @@ def test_latency_cold_modifiers_and_restart(tiny_source: Path, tiny_store: Path,
     out = tmp_path / "latency.md"
 
     assert main(["latency", "--arch", "tiny", "--size", "64", "--steps", "2", "--repeats", "1", "--restart",
-                 "--variants", "kiln-fp32+ge0.5,kiln-fp32+tiny", "--out", str(out)]) == 0
+                 "--variants", "kiln-fp32+ge0.5", "--out", str(out)]) == 0
 
     text = out.read_text()
     assert "Model: `tiny` architecture (random weights), 64x64, 2 steps" in text
     assert "Kiln's cold start is a restart's (`--restart`)" in text
-    assert "`+geF`: classifier-free guidance on the first F" in text and "`+tiny`: the tiny" in text
-    for v in ("kiln-fp32+ge0.5", "kiln-fp32+tiny"):
-        assert re.search(rf"^\| Kiln `{re.escape(v)}` \| [\d.]+ \|", text, re.M), text
-        assert re.search(rf"{re.escape(v)}: interpreter [\d.]+, import [\d.]+, load [\d.]+, first_image [\d.]+ "
-                         rf"\(first start's load [\d.]+\)", text), text
-        result = json.loads((work / "latency" / f"{v}-tiny-64px-2steps-euler.json").read_text())
-        # the measured process opened every component from the graph cache its first start wrote
-        assert set(result["graph_cache"].values()) == {"hit"}, result["graph_cache"]
-        assert result["stages"]["decode"] > 0 and not result["torch_imported"]
+    assert "Variant modifiers: `+geF`: classifier-free guidance on the first F" in text
+    assert re.search(r"^\| Kiln `kiln-fp32\+ge0\.5` \| [\d.]+ \|", text, re.M), text
+    assert re.search(r"kiln-fp32\+ge0\.5: interpreter [\d.]+, import [\d.]+, load [\d.]+, first_image [\d.]+ "
+                     r"\(first start's load [\d.]+\)", text), text
+    result = json.loads((work / "latency" / "kiln-fp32+ge0.5-tiny-64px-2steps-euler.json").read_text())
+    # the measured process opened every component from the graph cache its first start wrote
+    assert set(result["graph_cache"].values()) == {"hit"}, result["graph_cache"]
+    assert (work / "latency" / "cache-kiln-fp32+ge0.5" / "graphs").is_dir()
+    assert result["stages"]["denoise"] > 0 and not result["torch_imported"]
+    assert [p.name for p in (work / "store").iterdir()] == ["bench-tiny"]  # nothing compiled
 
-    tiny = Store(work / "store").latest("bench-tiny-tiny")
-    assert "vae_decoder_tiny" in tiny.manifest.components
-    assert "vae_decoder_tiny" not in Store(work / "store").latest("bench-tiny").manifest.components
-    assert f"`kiln-fp32+tiny` = bench-tiny-tiny/{tiny.path.name}" in text
-    # the two requests differ as the modifiers say: a different decoder draws a different image
-    images = [(work / "latency" / f"{v}-tiny-64px-2steps-euler.png").read_bytes()
-              for v in ("kiln-fp32+ge0.5", "kiln-fp32+tiny")]
-    assert images[0] != images[1]
+
+def test_worker_draws_with_the_decoder_asked_for(vae_store: Path, tmp_path: Path) -> None:
+    """kiln_worker --decoder: the tiny decoder of a bundle that has one draws a different image than the full one,
+    from the same latents, and much of the time is the decoder's."""
+    bundle = Store(vae_store).latest("swapped").path
+    latents = tmp_path / "latents.npy"
+    np.save(latents, np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32))
+    images = {}
+    for decoder in ("full", "tiny"):
+        out = tmp_path / f"{decoder}.json"
+        assert kiln_worker.main(["--bundle", str(bundle), "--size", "64", "--steps", "2", "--latents", str(latents),
+                                 "--repeats", "1", "--decoder", decoder, "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["stages"]["decode"] > 0
+        images[decoder] = np.asarray(Image.open(result["image"]), dtype=int)
+    assert np.abs(images["full"] - images["tiny"]).mean() > 10
+
+
+def test_tiny_modifier_compiles_a_tiny_decoder_that_fits(tiny_source: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from compiler.source.vae import check_tiny_decoder
+
+    monkeypatch.setattr(workspace, "WORK", tmp_path / "work")
+    compiled: list[tuple[str, tuple[str, ...]]] = []
+    monkeypatch.setattr(workspace, "bundle", lambda source, name, *flags: compiled.append((name, flags)) or tmp_path)
+    args = argparse.Namespace(steps=4, calibration_prompts=2, calibration_size=None, fidelity_size=None)
+    latency._kiln_bundle(tiny_source, "tiny", "kiln-int8+ge0.5+tiny", args)
+    (name, flags), = compiled
+    assert name == "bench-tiny-int8-tiny" and flags[:2] == ("--precision", "int8")
+    taesd = Path(flags[flags.index("--tiny-decoder") + 1])
+    # a random AutoencoderTiny with as many blocks as the tiny model's VAE: the compiler's own check accepts it
+    check_tiny_decoder(taesd, json.loads((tiny_source / "vae" / "config.json").read_text()))
+    assert workspace.tiny_decoder(tiny_source) == taesd  # made once, then reused
 
 
 @pytest.mark.parametrize("variant", ["kiln-fp32+ge0", "kiln-fp32+ge1.5", "kiln-fp32+small", "kiln-int8+gex"])
