@@ -300,11 +300,17 @@ def _cold_report(args: argparse.Namespace, size: int, results: dict[str, dict], 
                   + [f"{r['stages'].get('denoise', 0.0) / args.steps:.2f}",
                      f"{r['median_warm_s'] - sum(r['stages'].get(k, 0.0) for k in STAGES if k != 'png'):.3f}"]
                   for v, r in results.items() if "stages" in r]
+    stage_rows += [[f"Kiln `{v}`, first image", f"{r['phases']['first_image_s']:.2f}"]
+                   + [f"{r['first_image_stages'].get(k, 0.0):.3f}" for k in STAGES if k != "png"] + ["-"]
+                   + [f"{r['first_image_stages'].get('denoise', 0.0) / args.steps:.2f}",
+                      f"{r['phases']['first_image_s'] - sum(r['first_image_stages'].values()):.3f}"]
+                   for v, r in results.items() if "first_image_stages" in r]
     stages = ("\n\nWhere Kiln's warm time goes (medians over the warm runs, s; `runtime/pipeline.py`'s stage timers): "
               "tokenize; text encode (one text-encoder call); prepare (starting latents, sampler); denoise (every "
               "UNet call and sampler update; per step: that over the steps); decode (the VAE decoder); png (encoding "
               "the image with its parameters chunk, outside the warm time, as the peers make no PNG); rest: warm "
-              "time minus the timed stages.\n\n"
+              "time minus the timed stages. The `first image` rows split the cold start's first generation the "
+              "same way (each session's first call included; no PNG made).\n\n"
               + report.table(["variant", "warm s", *STAGES, "denoise per step", "rest"], stage_rows)
               if stage_rows else "")
     body = (

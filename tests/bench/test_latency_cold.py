@@ -44,6 +44,8 @@ def test_restart_cold_start_with_guidance_end(tiny_source: Path, tiny_store: Pat
     assert set(result["graph_cache"].values()) == {"hit"}, result["graph_cache"]
     assert (work / "latency" / "cache-kiln-fp32+ge0.5" / "graphs").is_dir()
     assert result["stages"]["denoise"] > 0 and not result["torch_imported"]
+    assert result["first_image_stages"]["denoise"] > 0
+    assert re.search(r"^\| Kiln `kiln-fp32\+ge0\.5`, first image \| [\d.]+ \|", text, re.M), text
     assert [p.name for p in (work / "store").iterdir()] == ["bench-tiny"]  # nothing compiled
 
 
