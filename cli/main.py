@@ -692,8 +692,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no-graph-cache", action="store_true",
                    help="do not keep ONNX Runtime's optimized graphs and OpenVINO's compiled models in the cache dir "
                         "(default: kept, so a restart skips graph optimization; about a bundle's size on disk)")
-    s.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino"],
-                   help="who runs the graphs (openvino: CPU, bf16 on AMX; reads fp32/int8/int4 bundles, not nf4 or fp16; pip extra kiln[openvino])")
+    s.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "openvino", "auto"],
+                   help="who runs the graphs (openvino: CPU, bf16 on AMX; reads fp32/int8/int4 bundles, not nf4 or fp16; "
+                        "pip extra kiln[openvino]; auto: per bundle, OpenVINO where the CPU has AMX and it reads the "
+                        "bundle, else ONNX Runtime)")
     s.add_argument("--openvino-precision", default="default", choices=["default", "bf16", "f32"],
                    help="OpenVINO engine: inference precision (default: OpenVINO's, bf16 on AMX CPUs)")
     b = s.add_argument_group("step-level batching (README: Performance)")

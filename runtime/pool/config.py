@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from runtime.pool.memory import parse_budget
 
-ENGINES = ("onnxruntime", "openvino")
+ENGINES = ("onnxruntime", "openvino", "auto")
+"""`auto`: chosen per bundle version at load (runtime/engine_choice.py)."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class PoolConfig:
     """Look for store changes every this many seconds instead of waiting for file-system events (for network file
     systems that send none); 0: file-system events."""
     model_engine: tuple[str, ...] = ()
-    """Per-model inference engine, NAME=ENGINE (onnxruntime or openvino), comma-separated; other models use --engine."""
+    """Per-model inference engine, NAME=ENGINE (onnxruntime, openvino or auto), comma-separated; other models use
+    --engine."""
 
     def __post_init__(self) -> None:
         parse_budget(self.memory_budget)  # raises ValueError naming the value

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from model_store import BundleRef
 from model_store.aliases import AliasError, ModelRef
+from runtime.engine_choice import AUTO, choose_engine
 from runtime.errors import FailedPrecondition, NotFound
 from runtime.model import LoadedModel
 from runtime.pool.card import BundleCard
@@ -90,13 +91,16 @@ class PoolHooks:
 
 class ModelPool:
     def __init__(self, root: Path, config: PoolConfig, opener: Opener, default_engine: str = "onnxruntime",
-                 sizer: Sizer = measured_size, hooks: PoolHooks | None = None):
+                 sizer: Sizer = measured_size, hooks: PoolHooks | None = None, gpu: bool = False):
+        """`default_engine` (and PoolConfig's per-model engines) may be `auto`: each version's engine is then
+        chosen when it is loaded (runtime/engine_choice.py); `gpu`: ONNX Runtime runs on a GPU."""
         self.catalog = Catalog(root)
         self.config = config
         self.budget = config.budget
         self.opener = opener
         self.default_engine = default_engine
         self.engines = config.engines()
+        self.gpu = gpu
         self.sizer = sizer
         self.hooks = hooks or PoolHooks()
         self.slots: dict[Key, Slot] = {}
@@ -109,6 +113,7 @@ class ModelPool:
         self._switching: dict[str, asyncio.Task] = {}
         self._replaced: dict[str, set[str]] = {}
         """name -> versions a newer one replaced, unloaded as soon as they are idle."""
+        self._auto_logged: set[Key] = set()
 
     # --- what is served ----------------------------------------------------------------------------------------
     @property
@@ -116,7 +121,20 @@ class ModelPool:
         return sorted(self.current)
 
     def engine_for(self, name: str) -> str:
+        """The engine configured for `name`: onnxruntime, openvino, or auto (see `engine_of`)."""
         return self.engines.get(name, self.default_engine)
+
+    def engine_of(self, card: BundleCard) -> str:
+        """The engine that runs `card`'s version: the configured one, or for `auto` the one chosen for its
+        precisions on this machine (logged with the reason the first time)."""
+        engine = self.engine_for(card.name)
+        if engine != AUTO:
+            return engine
+        engine, why = choose_engine(card.manifest.precision.values(), self.gpu)
+        if card.key not in self._auto_logged:
+            self._auto_logged.add(card.key)
+            log.info("model %s version %s: engine auto -> %s (%s)", card.name, card.version, engine, why)
+        return engine
 
     def resolve(self, text: str) -> BundleCard:
         """The version a request's `model` names: NAME (the version it serves now), NAME@VERSION, NAME@ALIAS, or an
@@ -174,7 +192,7 @@ class ModelPool:
         it back with `release`; cancelling while waiting takes nothing."""
         slot = self.slots.get(card.key)
         if slot is None:
-            slot = self.slots[card.key] = Slot(card, self.engine_for(card.name))
+            slot = self.slots[card.key] = Slot(card, self.engine_of(card))
         if slot.model is not None and not slot.draining:
             slot.users += 1
             return slot
@@ -373,7 +391,8 @@ class ModelPool:
         for model in models:
             ref = BundleRef(model.path, model.manifest)
             self.catalog.extra[model.name] = ref
-            slot = self.slots[(model.name, model.version)] = Slot(self.catalog.card(ref), self.engine_for(model.name))
+            card = self.catalog.card(ref)
+            slot = self.slots[(model.name, model.version)] = Slot(card, self.engine_of(card))
             slot.model, slot.last_used = model, time.time()
             slot.bytes = self._sizes[slot.key] = slot.card.file_bytes
 

@@ -74,8 +74,10 @@ class ServeConfig:
     insecure_open: bool = False
     """Allow binding a non-loopback address without accounts."""
     inference_engine: str = "onnxruntime"
-    """Who runs the bundles' graphs: `onnxruntime` (any execution provider) or `openvino` (CPU; bf16 on AMX by
-    default; it reads fp32, int8 and int4 bundles, fused or not, but not nf4 (MatMulBnb4) or fp16)."""
+    """Who runs the bundles' graphs: `onnxruntime` (any execution provider), `openvino` (CPU; bf16 on AMX by
+    default; it reads fp32, int8 and int4 bundles, fused or not, but not nf4 (MatMulBnb4) or fp16), or `auto`:
+    chosen per bundle when it loads, OpenVINO where the CPU has AMX, openvino is installed and it reads the bundle,
+    else ONNX Runtime (runtime/engine_choice.py; ListModels and the load log say which)."""
     openvino_precision: str = "default"
     """With the OpenVINO engine: `default` (OpenVINO's choice: bf16 on AMX CPUs), `bf16` or `f32`."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -110,7 +112,7 @@ class ServeConfig:
                              f"{self.shutdown_grace_s}")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} must be 0 (one per core) or more")
-        if self.device.gpu and self.inference_engine != "onnxruntime":
+        if self.device.gpu and self.inference_engine not in ("onnxruntime", "auto"):
             raise ValueError(f"device={self.device.device} needs the onnxruntime engine; engine="
                              f"{self.inference_engine!r} runs on the CPU only")
         if self.accounts is None and not self.insecure_open and not _is_loopback(self.host):
@@ -143,8 +145,8 @@ class KilnServer:
         graphs = GraphCache(cache / GRAPHS_DIR) if cache else None
         if "openvino" in (config.inference_engine, *config.pool.engines().values()):
             require_openvino()  # a missing engine is not per bundle: say so at start
-        providers = config.device.resolve(available_providers()) if config.inference_engine == "onnxruntime" or \
-            "onnxruntime" in config.pool.engines().values() else None
+        engines = {config.inference_engine, *config.pool.engines().values()}
+        providers = config.device.resolve(available_providers()) if engines & {"onnxruntime", "auto"} else None
         if providers and config.device.device != "cpu":
             log.info("device %s: execution providers %s", config.device.device, ", ".join(provider_names(providers)))
         self.hashes = HashCache(config.cache_dir, persist=config.cache_dir is not None)
@@ -166,7 +168,8 @@ class KilnServer:
             hooks.loaded, hooks.evicted = self.metrics.model_loaded, self.metrics.model_evicted
             self.engine.on_unet_batch = self.metrics.unet_batch_rows
             self.engine.on_queued = self.metrics.queued_for
-        self.pool = ModelPool(config.store, config.pool, open_bundle, config.inference_engine, hooks=hooks)
+        self.pool = ModelPool(config.store, config.pool, open_bundle, config.inference_engine, hooks=hooks,
+                              gpu=config.device.gpu)
         self.pool.adopt(list((models or {}).values()))
         if self.metrics is not None:
             self.metrics.watch(lambda: self.engine.queued, lambda: self.engine.running, lambda: len(self.pool.loaded))

@@ -73,7 +73,7 @@ class KilnServicer(pb_grpc.KilnServicer):
         info.versions.extend(pool.catalog.versions(name))
         info.loaded_versions.extend(s.card.version for s in slots)
         info.aliases.update(pool.catalog.aliases_of(name))
-        info.engine = pool.engine_for(name)
+        info.engine = current.engine if current is not None else pool.engine_of(card)
         info.load_seconds = current.load_s if current is not None else 0.0
         return info
 
