@@ -33,7 +33,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32",
                    help="comma-separated precisions, one bundle each (e.g. fp32,int8,nf4,int4)")
     p.add_argument("--tome", default="", help="comma-separated token-merging ratios: fp32 bundles compiled with --tome")
+    p.add_argument("--engine", default="onnxruntime",
+                   help="comma-separated `kiln serve --engine` values (onnxruntime, openvino): a server and rows each")
     p.add_argument("--out", default="quality", help="result file name under bench/results/")
+
+
+ENGINE_LABELS = {"openvino": "OpenVINO (`kiln serve --engine openvino`: its default precision, bf16 on AMX CPUs)"}
 
 
 def prompt_set(count: int, seed: int) -> list[tuple[Scene, str, int]]:
@@ -54,29 +59,16 @@ def score(rows: list[tuple[Scene, dict]]) -> dict[str, float]:
     return {k: right[k] / len(rows) for k in (*ATTRIBUTES, "all")}
 
 
-def _precision_label(precision: dict[str, str]) -> str:
-    """`fp32`, or e.g. `int8 (vae_decoder fp32)`: the UNet's precision and the components that differ."""
-    main = precision.get("unet", "fp32")
-    others = [f"{k} {v}" for k, v in sorted(precision.items()) if v != main]
-    return main + (f" ({', '.join(others)})" if others else "")
-
-
-def run(args: argparse.Namespace) -> Path:
+def _rows(args: argparse.Namespace, names: dict[str, Path], prompts: list, engine: str, table_rows: list,
+          results: dict[str, dict[str, float]]) -> float:
+    """The rows of one `kiln serve --engine ENGINE` over every bundle, sampler, step count and guidance end; returns
+    the guidance scale used."""
     from proto.kiln.v1 import kiln_pb2 as pb
     from proto.kiln.v1 import kiln_pb2_grpc as pb_grpc
     from runtime.client import channel
 
-    source = workspace.source_model("shapes", args.source)
-    names = {}
-    for precision in args.precision.split(","):
-        name = "shapes" if precision == "fp32" else f"shapes-{precision}"
-        names[name] = workspace.bundle(source, name, "--precision", precision)
-    for ratio in filter(None, args.tome.split(",")):
-        names[f"shapes-tome{ratio}"] = workspace.bundle(source, f"shapes-tome{ratio}", "--tome", ratio)
-    prompts = prompt_set(args.count, args.seed)
-    table_rows = []
-    results: dict[str, dict[str, float]] = {}
-    with workspace.server(*names.values(), timeout=120) as target, channel(target) as ch:
+    extra = ("--engine", engine) if engine != "onnxruntime" else ()
+    with workspace.server(*names.values(), timeout=120, extra=extra) as target, channel(target) as ch:
         stub = pb_grpc.KilnStub(ch)
         served = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
         for name in names:
@@ -94,7 +86,8 @@ def run(args: argparse.Namespace) -> Path:
                         return scene, checker.read(np.asarray(Image.open(io.BytesIO(art[0].data)).convert("RGB")))
 
                     tome = f", ToMe {name.removeprefix('shapes-tome')}" if name.startswith("shapes-tome") else ""
-                    label = f"shapes {_precision_label(info.precision)}{tome}, {sampler}, {steps} steps" + (
+                    on = f", on {ENGINE_LABELS[engine]}" if engine != "onnxruntime" else ""
+                    label = f"shapes {_precision_label(info.precision)}{tome}{on}, {sampler}, {steps} steps" + (
                         f", guidance on the first {end:g} of the steps" if end < 1 else "")
                     try:
                         first = one(prompts[0])
@@ -109,6 +102,34 @@ def run(args: argparse.Namespace) -> Path:
                     results[label] = acc = score(rows)
                     table_rows.append([label, *(f"{100 * acc[a]:.1f}%" for a in (*ATTRIBUTES, "all"))])
                     print(f"{label}: all {100 * acc['all']:.1f}%", flush=True)
+    return guidance
+
+
+def _precision_label(precision: dict[str, str]) -> str:
+    """`fp32`, or e.g. `int8 (vae_decoder fp32)`: the UNet's precision and the components that differ."""
+    main = precision.get("unet", "fp32")
+    others = [f"{k} {v}" for k, v in sorted(precision.items()) if v != main]
+    return main + (f" ({', '.join(others)})" if others else "")
+
+
+def run(args: argparse.Namespace) -> Path:
+    engines = [e for e in args.engine.split(",") if e]
+    unknown = [e for e in engines if e not in ("onnxruntime", "openvino")]
+    if unknown:
+        raise SystemExit(f"--engine {','.join(unknown)}: choose from onnxruntime, openvino")
+
+    source = workspace.source_model("shapes", args.source)
+    names = {}
+    for precision in args.precision.split(","):
+        name = "shapes" if precision == "fp32" else f"shapes-{precision}"
+        names[name] = workspace.bundle(source, name, "--precision", precision)
+    for ratio in filter(None, args.tome.split(",")):
+        names[f"shapes-tome{ratio}"] = workspace.bundle(source, f"shapes-tome{ratio}", "--tome", ratio)
+    prompts = prompt_set(args.count, args.seed)
+    table_rows = []
+    results: dict[str, dict[str, float]] = {}
+    for engine in engines:
+        guidance = _rows(args, names, prompts, engine, table_rows, results)
     body = (
         f"{len(prompts)} prompts (distinct scenes, seeded with `--seed {args.seed}`, four caption templates, each "
         f"with its own image seed) through `kiln serve` over gRPC; guidance {guidance:g}. Each image is read "
