@@ -20,7 +20,7 @@ def parameters_text(
     """`prompt\\nNegative prompt: ...\\nSteps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, ...`, with
     `Denoising strength: S` after the size for img2img and inpainting, `CFG end: F` after the CFG scale when
     guidance stopped before the last step (GenerateRequest.guidance_end < 1), and `Decoder: tiny` when the tiny
-    decoder drew the image: every setting that changes the image is in its text."""
+    decoder drew the image (both are off by default, so written only when set)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
