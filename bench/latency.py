@@ -73,6 +73,9 @@ MODIFIERS = {
     "geF": "classifier-free guidance on the first F of the steps only (GenerateRequest.guidance_end = F)",
     "tiny": "the tiny (TAESD-design) decoder draws the image (GenerateRequest.decoder = tiny): its bundle is compiled "
             "with `--tiny-decoder` of a random-weight AutoencoderTiny (bench/workspace.py tiny_decoder)",
+    "static": "OpenVINO variants: static-shape compiled models, one per input shape (`kiln serve "
+              "--openvino-static-shapes`), compiled when a call first brings the shape (with `--restart`, the first "
+              "start runs the request once, so the restart reads them from its cache)",
 }
 
 
@@ -86,8 +89,8 @@ def _modifiers(variant: str) -> dict[str, str]:
     not there."""
     mods: dict[str, str] = {}
     for m in variant.split("+")[1:]:
-        if m == "tiny":
-            mods["tiny"] = ""
+        if m in ("tiny", "static"):
+            mods[m] = ""
         elif m.startswith("ge") and _is_fraction(m[2:]):
             mods["geF"] = m[2:]
         else:
@@ -220,8 +223,9 @@ def run_cold(args: argparse.Namespace) -> Path:
     source = workspace.source_model(args.arch, args.source)
     size = args.size or 512
     latents = peers.latents(source, size, 1)
-    for v in variants:
-        _modifiers(v)  # unknown modifiers stop the run before anything is compiled
+    for v in variants:  # unknown modifiers stop the run before anything is compiled
+        if "static" in _modifiers(v) and COLD_VARIANTS[_base(v)][2] != "openvino":  # type: ignore[index]
+            raise SystemExit(f"--variants {v}: +static is for OpenVINO variants (kiln-openvino...)")
     bundles = {v: _kiln_bundle(source, args.arch, v, args) for v in variants if COLD_VARIANTS[_base(v)]}
     results: dict[str, dict] = {}
     path = Path()
@@ -240,6 +244,13 @@ def run_cold(args: argparse.Namespace) -> Path:
                "--sampler", args.sampler, "--latents", str(latents), "--repeats", str(args.repeats), "--out", str(out)]
         if ov_precision:
             cmd += ["--openvino-precision", ov_precision]
+        mods = _modifiers(v)
+        if "geF" in mods:
+            cmd += ["--guidance-end", mods["geF"]]
+        if "tiny" in mods:
+            cmd += ["--decoder", "tiny"]
+        if "static" in mods:
+            cmd += ["--openvino-static-shapes"]
         prime = None
         if args.restart:  # the first start, in a fresh cache folder; its load time is reported beside the restart's
             cache = workspace.WORK / "latency" / f"cache-{v}"
@@ -247,11 +258,6 @@ def run_cold(args: argparse.Namespace) -> Path:
             cmd += ["--cache-dir", str(cache)]
             subprocess.run([*cmd, "--prime"], check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
             prime = json.loads(out.read_text())
-        mods = _modifiers(v)
-        if "geF" in mods:
-            cmd += ["--guidance-end", mods["geF"]]
-        if "tiny" in mods:
-            cmd += ["--decoder", "tiny"]
         subprocess.run(cmd, check=True, cwd=workspace.ROOT, stdout=subprocess.DEVNULL)
         results[v] = json.loads(out.read_text())
         if prime is not None:

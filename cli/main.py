@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          shutdown_grace_s=args.shutdown_grace, lame_duck_s=args.lame_duck, accounts=accounts,
                          insecure_open=args.insecure_open,
                          engine=engine, inference_engine=args.engine, openvino_precision=args.openvino_precision,
-                         device=device, **extra)
+                         openvino_static_shapes=args.openvino_static_shapes, device=device, **extra)
     gateway = None
     if args.gateway_port is not None:  # the HTTP gateway beside the server, in the same process (a single box)
         from gateway.config import GatewayConfig
@@ -698,6 +698,9 @@ def parser() -> argparse.ArgumentParser:
                         "bundle, else ONNX Runtime)")
     s.add_argument("--openvino-precision", default="default", choices=["default", "bf16", "f32"],
                    help="OpenVINO engine: inference precision (default: OpenVINO's, bf16 on AMX CPUs)")
+    s.add_argument("--openvino-static-shapes", action="store_true",
+                   help="OpenVINO engine: compile a static-shape model per input shape when a request first brings it "
+                        "(faster calls, no first-call penalty; a compile and a model's memory per shape)")
     b = s.add_argument_group("step-level batching (README: Performance)")
     b.add_argument("--no-batching", action="store_true",
                    help="one UNet call per request per step instead of one per model and image size")

@@ -80,6 +80,9 @@ class ServeConfig:
     else ONNX Runtime (runtime/engine_choice.py; ListModels and the load log say which)."""
     openvino_precision: str = "default"
     """With the OpenVINO engine: `default` (OpenVINO's choice: bf16 on AMX CPUs), `bf16` or `f32`."""
+    openvino_static_shapes: bool = False
+    """With the OpenVINO engine: one static-shape compiled model per input shape, compiled when a request first
+    brings it and kept in the cache dir (`--openvino-static-shapes`; runtime/sessions_openvino.py)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Step-level batching and the queue limit (`--max-batch`, `--max-wait-ms`, `--max-queue`, `--no-batching`)."""
     device: DeviceConfig = field(default_factory=DeviceConfig)
@@ -141,6 +144,7 @@ class KilnServer:
 
         cache = config.cache_dir if config.graph_cache else None
         ov = OpenVinoConfig(precision=config.openvino_precision, threads=config.threads,
+                            static_shapes=config.openvino_static_shapes,
                             cache_dir=str(cache / OPENVINO_DIR) if cache else "")
         graphs = GraphCache(cache / GRAPHS_DIR) if cache else None
         if "openvino" in (config.inference_engine, *config.pool.engines().values()):

@@ -93,3 +93,12 @@ def test_modifiers_parse() -> None:
     assert latency._modifiers("kiln-openvino-int8+ge0.5+tiny") == {"geF": "0.5", "tiny": ""}
     assert latency._base("kiln-openvino-int8+ge0.5+tiny") == "kiln-openvino-int8"
     assert latency._modifiers("kiln-int8") == {}
+
+
+def test_static_modifier_is_for_openvino_variants(tiny_source: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    assert latency._modifiers("kiln-openvino-int8+static+ge0.5") == {"static": "", "geF": "0.5"}
+    monkeypatch.setattr(workspace, "WORK", tmp_path / "work")
+    monkeypatch.setattr(workspace, "source_model", lambda arch, source: tiny_source)
+    with pytest.raises(SystemExit, match=r"--variants kiln-int8\+static: \+static is for OpenVINO variants"):
+        main(["latency", "--arch", "tiny", "--variants", "kiln-int8+static"])

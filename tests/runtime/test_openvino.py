@@ -188,3 +188,33 @@ def test_a_cache_dir_keeps_compiled_models_and_a_second_open_reads_them(openvino
     for k, want in first.run(inputs).items():
         np.testing.assert_array_equal(second.run(inputs)[k], want)
     assert OpenVinoSession("unet", tiny_bundle / m.components["unet"].file, OpenVinoConfig()).graph_cache == "off"
+
+
+def test_static_shapes_compile_per_shape_and_match_dynamic(openvino, tiny_bundle: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """static_shapes: one compiled model per input-shape signature, made on the first call that brings it (and
+    cached in CACHE_DIR), with the dynamic model's outputs; the pipeline's image is ONNX Runtime's."""
+    m = Manifest.read(tiny_bundle)
+    path = tiny_bundle / m.components["unet"].file
+    dynamic = OpenVinoSession("unet", path, OpenVinoConfig(precision="f32"))
+    config = OpenVinoConfig(precision="f32", cache_dir=str(tmp_path / "ov"), static_shapes=True)
+    static = OpenVinoSession("unet", path, config)
+    assert static.static_shapes == [] and static.graph_cache == "pending" and static.inference_precision == ""
+    assert static.input_names == dynamic.input_names and static.output_names == dynamic.output_names
+    two = feeds(m)["unet"]
+    one = {k: v[:1] for k, v in two.items()}
+    for inputs in (two, one, two):
+        for k, want in dynamic.run(inputs).items():
+            np.testing.assert_allclose(static.run(inputs)[k], want, rtol=0, atol=1e-5)
+    assert sorted(s["sample"] for s in static.static_shapes) == [(1, 4, 8, 8), (2, 4, 8, 8)]  # two, not three
+    assert static.graph_cache == "written" and static.inference_precision == "f32"
+    again = OpenVinoSession("unet", path, config)
+    again.run(one)
+    assert again.graph_cache == "hit"  # the shape's compiled model came from CACHE_DIR
+
+    model = load_bundle(BundleRef(tiny_bundle, m), engine="openvino",
+                        openvino=OpenVinoConfig(precision="f32", static_shapes=True))
+    ort = load_bundle(BundleRef(tiny_bundle, m))
+    p = params(ort, seed=3, steps=4, guidance_scale=5.0, guidance_end=0.5)  # batch-2 and batch-1 UNet calls
+    got, want = Pipeline(model).run(p)[0][0], Pipeline(ort).run(p)[0][0]
+    assert want.std() > 5 and np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    assert {s["sample"][0] for s in model.sessions["unet"].static_shapes} == {1, 2}

@@ -23,19 +23,22 @@ def test_openvino_engine_serves_a_plain_bundle(tiny_source: Path, tiny_store: Pa
     compile_model(tiny_source, store, CompileConfig(name="plain", fusions=False), progress=False)
     ov = start_server(store, tmp_path / "ov.log", "--engine", "openvino", "--openvino-precision", "f32")
     ort = start_server(store, tmp_path / "ort.log")
+    static = start_server(store, tmp_path / "static.log", "--engine", "openvino", "--openvino-precision", "f32",
+                          "--openvino-static-shapes")
     try:
         images = []
-        for server in (ov, ort):
+        for server in (ov, static, ort):
             out = tmp_path / f"{server.target.replace(':', '_')}.png"
             r = kiln("generate", "--target", server.target, "--model", "plain", "--prompt", "a red circle",
                      "--seed", "3", "--steps", "3", "--out", str(out), "--quiet")
             assert r.returncode == 0, r.stderr
             images.append(np.asarray(Image.open(io.BytesIO(out.read_bytes())), dtype=np.int16))
-        assert np.abs(images[0] - images[1]).max() <= 8
+        assert np.abs(images[0] - images[2]).max() <= 8 and np.abs(images[1] - images[2]).max() <= 8
         assert "loaded plain version" in ov.log()
     finally:
         ov.stop()
         ort.stop()
+        static.stop()
 
 
 def test_auto_engine_picks_per_bundle_and_says_so(tiny_source: Path, tiny_store: Path, tmp_path: Path) -> None:
