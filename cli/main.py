@@ -700,7 +700,7 @@ def parser() -> argparse.ArgumentParser:
                    help="OpenVINO engine: inference precision (default: OpenVINO's, bf16 on AMX CPUs)")
     s.add_argument("--openvino-static-shapes", action="store_true",
                    help="OpenVINO engine: compile a static-shape model per input shape when a request first brings it "
-                        "(faster calls, no first-call penalty; a compile and a model's memory per shape)")
+                        "(faster calls; a compile or cache read at a shape's first request, and a model's memory per shape)")
     b = s.add_argument_group("step-level batching (README: Performance)")
     b.add_argument("--no-batching", action="store_true",
                    help="one UNet call per request per step instead of one per model and image size")

@@ -38,9 +38,9 @@ class OpenVinoConfig:
     """Folder where OpenVINO keeps compiled models (`CACHE_DIR`) so the next start skips compilation; empty: none."""
     static_shapes: bool = False
     """Compile one static-shape model per input-shape signature (batch rows, latent size), the first time a call
-    brings it, instead of one dynamic-shape model: faster calls and no first-call penalty per shape, for a compile
-    per new shape (kept in `cache_dir`) and a compiled model's memory per shape. Measured on SD v1's int8 UNet, 2-core
-    Xeon with AMX: 1.54 s per call against 1.85 s, first call 1.59 s against 4.43 s (README: Performance)."""
+    brings it, instead of one dynamic-shape model: faster calls, for a compile (or a `cache_dir` read) per new shape
+    at the first request that brings it and a compiled model's memory per shape. SD v1's int8 UNet on a 2-core Xeon
+    with AMX: 1.57 s per guided step against 1.81-1.95 s (bench/results/latency-static-sd-v1.md)."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
