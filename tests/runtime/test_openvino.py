@@ -134,6 +134,9 @@ def test_unreadable_graph_names_component_and_op(openvino, tiny_bundle: Path, tm
     _unreadable_unet(bundle / "unet.onnx")
     with pytest.raises(UnreadableGraph, match=r"component unet \(unet\.onnx\).*com\.microsoft\.MatMulBnb4"):
         open_bundle_dir(bundle, Manifest.read(bundle), engine="openvino")
+    # with static shapes too: the model is read (and refused) at load, before any shape is compiled
+    with pytest.raises(UnreadableGraph, match=r"component unet \(unet\.onnx\).*com\.microsoft\.MatMulBnb4"):
+        open_bundle_dir(bundle, Manifest.read(bundle), engine="openvino", openvino=OpenVinoConfig(static_shapes=True))
     # ONNX Runtime reads it: the refusal is OpenVINO's, not a broken file
     OrtSession("unet", bundle / "unet.onnx")
 
