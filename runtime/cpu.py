@@ -206,8 +206,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def cpu_flag_set() -> frozenset[str]:
-    """Every flag /proc/cpuinfo lists for this CPU (x86 `flags`, Arm `Features`); empty where there is none."""
+    """Every flag /proc/cpuinfo lists for this CPU (x86 `flags`, Arm `Features`); empty where there is none.
+    Parsed once (graph-cache keys and `--engine auto` ask for it per component and per model)."""
     for line in _cpuinfo().splitlines():
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())

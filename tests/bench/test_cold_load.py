@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import cold_load, workspace
+from bench import cold_load
 from bench.__main__ import main
 
 
-def test_cold_load_scenario_small(tiny_source: Path, tiny_store: Path, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cold_load_scenario_small(bench_tiny_workspace: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino", reason="the openvino rows need the kiln[openvino] extra")
-    work = tmp_path / "work"
-    (work / "models").mkdir(parents=True)
-    (work / "models" / "tiny-seed0").symlink_to(tiny_source, target_is_directory=True)
-    (work / "store").mkdir()
-    (work / "store" / "bench-tiny").symlink_to(tiny_store / "tiny", target_is_directory=True)
-    monkeypatch.setattr(workspace, "WORK", work)
+    work = bench_tiny_workspace
     out = tmp_path / "cold.md"
 
     assert main(["cold-load", "--arch", "tiny", "--precisions", "fp32", "--repeats", "1", "--out", str(out)]) == 0

@@ -19,14 +19,8 @@ from bench.__main__ import main
 from model_store import Store
 
 
-def test_restart_cold_start_with_guidance_end(tiny_source: Path, tiny_store: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    work = tmp_path / "work"
-    (work / "models").mkdir(parents=True)
-    (work / "models" / "tiny-seed0").symlink_to(tiny_source, target_is_directory=True)
-    (work / "store").mkdir()
-    (work / "store" / "bench-tiny").symlink_to(tiny_store / "tiny", target_is_directory=True)
-    monkeypatch.setattr(workspace, "WORK", work)
+def test_restart_cold_start_with_guidance_end(bench_tiny_workspace: Path, tmp_path: Path) -> None:
+    work = bench_tiny_workspace
     out = tmp_path / "latency.md"
 
     assert main(["latency", "--arch", "tiny", "--size", "64", "--steps", "2", "--repeats", "1", "--restart",
